@@ -1,0 +1,1 @@
+"""Sparse-to-dense post-training stages: `python -m stages <stage> ...`."""

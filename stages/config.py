@@ -1,0 +1,262 @@
+"""Typed, validated configuration. Everything is checked before any model is loaded.
+
+A config is a preset name (``tiny``, ``qwen3-1.7b``, ...) from ``stages/configs/`` or a YAML path,
+plus ``--set key.path=value`` overrides. Unknown keys, wrong types and impossible values are errors
+that name the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESETS = Path(__file__).parent / "configs"
+STAGES = ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyArch(Strict):
+    """A Qwen3-architecture model built from scratch (embedded default only)."""
+
+    hidden_size: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads}")
+        return self
+
+
+class ModelSpec(Strict):
+    """Where a base model comes from: ``bootstrap`` (tiny, built here) or a hub id / local path / URI."""
+
+    source: str = "bootstrap"
+    arch: TinyArch | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _arch_for_bootstrap(self):
+        if self.source == "bootstrap" and self.arch is None:
+            raise ValueError("source 'bootstrap' needs an 'arch'")
+        return self
+
+
+class Models(Strict):
+    teacher: ModelSpec
+    student: ModelSpec
+
+
+class TaskConfig(Strict):
+    """``arithmetic``: built-in procedural additions with a column trace. ``math_jsonl``: files of
+    ``{"problem", "answer"}`` lines, answers checked with math-verify."""
+
+    kind: str = Field("arithmetic", description="arithmetic | math_jsonl | 'package.module:factory' (a plugin)")
+    seed: int = 1234
+    min_digits: int = Field(2, ge=1, le=12)
+    max_digits: int = Field(4, ge=1, le=12)
+    # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
+    sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "eval"], int] = Field(
+        default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000, "eval": 200}
+    )
+    files: dict[Literal["teacher_rl", "prompts", "student_rl", "eval"], str] = Field(default_factory=dict)
+    prompt_template: str = "{problem}\nPut the final answer in \\boxed{{}}.\n"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits {self.min_digits} > max_digits {self.max_digits}")
+        if any(v < 0 for v in self.sizes.values()):
+            raise ValueError("split sizes must be >= 0")
+        if self.kind not in ("arithmetic", "math_jsonl") and ":" not in self.kind:
+            raise ValueError(f"kind '{self.kind}' is not arithmetic, math_jsonl or 'module:factory'")
+        if self.kind == "math_jsonl":
+            missing = {"teacher_rl", "prompts", "eval"} - set(self.files)
+            if missing:
+                raise ValueError(f"math_jsonl needs files for splits {sorted(missing)}")
+        return self
+
+
+class Sampling(Strict):
+    """One temperature for sampling and for the trainer's log-probs (a mismatch biases every ratio)."""
+
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(256, gt=0, description="sequences generated at once")
+
+
+class Optim(Strict):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class Bootstrap(Strict):
+    """Embedded default only: supervised traces (a fraction corrupted) make imperfect base models."""
+
+    teacher_steps: int = Field(600, ge=0)
+    student_steps: int = Field(300, ge=0)
+    batch_size: int = Field(64, gt=0)
+    student_batch_size: int | None = Field(None, gt=0, description="default: batch_size")
+    noise: float = Field(0.3, ge=0, le=1)
+    teacher_optim: Optim = Optim(lr=3e-3, warmup_steps=20)
+    student_optim: Optim = Optim(lr=3e-3, warmup_steps=20)
+
+
+Aggregation = Literal["token-mean", "seq-mean", "dr_grpo"]
+
+
+class GRPOConfig(Strict):
+    """GRPO (stages teacher_rl, student_rl and the direct_grpo baseline share this)."""
+
+    steps: int | None = Field(100, ge=0, description="None: only for direct_grpo, = the workflow's student steps")
+    prompts_per_step: int = Field(16, gt=0)
+    group_size: int = Field(8, ge=2)
+    epochs: int = Field(1, gt=0, description="optimizer passes over each batch of rollouts")
+    minibatches: int = Field(1, gt=0)
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.28, ge=0)
+    normalize_std: bool = True
+    aggregation: Aggregation = "token-mean"
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy")
+    optim: Optim = Optim(lr=1e-4)
+
+
+class WarmupConfig(Strict):
+    """Forward KL(teacher || student), full vocabulary, on teacher rollouts."""
+
+    steps: int = Field(50, ge=0)
+    prompts_per_step: int = Field(32, gt=0)
+    c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
+    c2_every: int = Field(10, gt=0)
+    optim: Optim = Optim(lr=1e-3)
+
+
+class DistillConfig(Strict):
+    """On-policy reverse KL on student rollouts with the teacher's dense per-token reward."""
+
+    steps: int = Field(50, ge=0)
+    prompts_per_step: int = Field(32, gt=0)
+    form: Literal["sampled", "full"] = "sampled"
+    kl_coef: float = Field(1.0, gt=0, description="d_t = log p_T - kl_coef * log p_S (sampled form)")
+    discount: float = Field(0.0, ge=0, le=1, description="0: per-token reward; >0 sums discounted future d's")
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.28, ge=0)
+    aggregation: Aggregation = "token-mean"
+    optim: Optim = Optim(lr=1e-3)
+
+
+class EvalConfig(Strict):
+    problems: int = Field(200, gt=0)
+    samples: int = Field(8, gt=0, description="k in avg@k / pass@k")
+    greedy: bool = True
+    c2_prompts: int = Field(64, gt=0, description="student rollouts used to measure KL(student||teacher)")
+
+
+class Tracking(Strict):
+    enabled: bool = True
+    experiment: str = "sparse-to-dense"
+
+
+class Workflow(Strict):
+    stages: list[Literal["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]] = list(STAGES)
+    baseline: bool = True
+
+
+class Config(Strict):
+    name: str = "custom"
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    torch_threads: int | None = Field(None, gt=0)
+    logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
+    checkpoint_every: int = Field(25, gt=0, description="steps between resumable training states")
+    task: TaskConfig = TaskConfig()
+    models: Models
+    sampling: Sampling = Sampling()
+    bootstrap: Bootstrap = Bootstrap()
+    teacher_rl: GRPOConfig = GRPOConfig()
+    kl_warmup: WarmupConfig = WarmupConfig()
+    onpolicy_distill: DistillConfig = DistillConfig()
+    student_rl: GRPOConfig = GRPOConfig()
+    direct_grpo: GRPOConfig = GRPOConfig(steps=None)
+    eval: EvalConfig = EvalConfig()
+    workflow: Workflow = Workflow()
+    tracking: Tracking = Tracking()
+
+    def student_step_budget(self) -> int:
+        """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""
+        budget = {"kl_warmup": self.kl_warmup.steps, "onpolicy_distill": self.onpolicy_distill.steps,
+                  "student_rl": self.student_rl.steps or 0}
+        return sum(v for k, v in budget.items() if k in self.workflow.stages)
+
+    def stage_hash(self, stage: str, inputs: dict[str, str]) -> str:
+        """Hash of what determines a stage's outputs: shared settings, its own section, its inputs."""
+        shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"})
+        own = getattr(self, stage).model_dump() if hasattr(self, stage) else {}
+        if stage == "direct_grpo" and own.get("steps") is None:
+            own["steps"] = self.student_step_budget()
+        if stage == "bootstrap":
+            own = {"bootstrap": own, "models": self.models.model_dump()}
+        blob = json.dumps({"stage": stage, "shared": shared, "own": own, "inputs": inputs}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
+    """Load a preset or YAML file, apply ``key.path=value`` overrides (values parsed as YAML), validate."""
+    path = Path(preset_or_path)
+    if (PRESETS / f"{preset_or_path}.yaml").exists():
+        path = PRESETS / f"{preset_or_path}.yaml"
+    elif path.suffix not in (".yaml", ".yml"):
+        if not path.exists():
+            names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+            raise ConfigError(f"unknown preset '{preset_or_path}' (presets: {', '.join(names)})")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc or '<root>'}: {err['msg']}" + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""))
+        raise ConfigError(f"invalid config {path.name}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,67 @@
+"""Stage 2a: forward-KL warmup of the student towards the RL'd teacher on TEACHER rollouts.
+
+    loss = mean over completion tokens of  KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
+
+Prompts only (no answers). It brings the student within a small KL of the teacher (the paper's
+condition C2), measured as KL(student || teacher) on student rollouts before and after; it stops
+early once that falls below ``kl_warmup.c2_target``.
+
+    python -m stages kl_warmup --config tiny --root runs/demo \
+        --teacher runs/demo/teacher_rl/model --student runs/demo/bootstrap/student
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .evaluation import evaluate, student_teacher_kl
+from .losses import aggregate, forward_kl
+from .models import check_compatible
+from .rollout import hidden_states, map_positions
+from .runtime import StageRun, Trainer
+
+
+def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+    cfg, w = run.cfg, run.cfg.kl_warmup
+    teacher, t_tok = run.load_model(teacher_uri, "teacher")
+    student, tok = run.load_model(student_uri, "student")
+    check_compatible(t_tok, tok, teacher, student)
+    teacher.requires_grad_(False).eval()
+    prompts = run.task.problems("prompts")
+    trainer = Trainer(run, "student", student, w.optim, w.steps)
+    resumed = trainer.restore()
+    run.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
+    run.log_dataset("prompts", prompts)
+    if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
+        trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
+    T = cfg.sampling.temperature
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+
+    def step_fn(step: int) -> dict:
+        batch = run.batch_of(prompts, w.prompts_per_step, step)
+        t0 = time.perf_counter()
+        ro = run.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
+        with torch.no_grad():
+            ht = hidden_states(teacher, ro)[:, :-1]
+        hs = hidden_states(student, ro)[:, :-1]
+        kl = map_positions(lambda a, b: forward_kl(s_head(a) / T, t_head(b) / T), cfg.logprob_chunk, hs, ht)
+        loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
+        norm = trainer.update(loss)
+        run.record_rollouts(step, batch, run.decode(tok, ro))
+        out = {"loss": float(loss.detach()), "forward_kl": float(loss.detach()), "grad_norm": norm,
+               "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
+        if (step + 1) % w.c2_every == 0:
+            out["c2"] = student_teacher_kl(run, student, teacher, tok, prompts, label=f"c2-{step}")
+            out["stop"] = w.c2_target is not None and out["c2"] < w.c2_target
+        return out
+
+    with run.tracker.running():
+        history = trainer.fit(step_fn)
+        c2_after = student_teacher_kl(run, student, teacher, tok, prompts)
+        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval"), "after").items()}
+        run.metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2_after}
+        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
+                     "stopped_early": trainer.step < w.steps}
+        return run.publish({"model": student}, tok, history=history)

@@ -1,0 +1,149 @@
+"""Loss and advantage functions: pure tensor functions, the math next to the code.
+
+Shapes: ``[B, T]`` per-token tensors, ``mask`` is 1 on tokens that count (completion tokens) and 0 on
+prompt and padding. Log-probs are natural-log probabilities of the chosen tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Aggregation = Literal["token-mean", "seq-mean", "dr_grpo"]
+
+
+def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages. ``rewards`` is [groups, group_size].
+
+    A_ij = r_ij - mean_j(r_i)                                  (Dr. GRPO: ``normalize_std=False``)
+    A_ij = (r_ij - mean_j(r_i)) / (std_j(r_i) + eps)           (GRPO; std with Bessel's correction)
+
+    A group whose rewards are all equal gets A = 0: it carries no signal.
+    """
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not normalize_std:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: Aggregation, max_len: int | None = None) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar.
+
+    token-mean: sum_bt l*m / sum_bt m                  (DAPO; TRL's and verl's default; ours)
+    seq-mean:   mean_b( sum_t l*m / sum_t m )           (original GRPO; rows with no token count 0)
+    dr_grpo:    sum_bt l*m / (B * max_len)              (Dr. GRPO; max_len defaults to T)
+    """
+    mask = mask.to(per_token.dtype)
+    total = (per_token * mask).sum()
+    if mode == "token-mean":
+        return total / mask.sum().clamp(min=1.0)
+    if mode == "seq-mean":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return per_seq.mean()
+    if mode == "dr_grpo":
+        return total / (per_token.shape[0] * (max_len or per_token.shape[1]))
+    raise ValueError(f"unknown aggregation '{mode}'")
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref) on tokens sampled from pi:
+    k3 = exp(ref - logp) - (ref - logp) - 1  (>= 0, unbiased)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    aggregation: Aggregation = "token-mean",
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped importance-sampled policy-gradient loss (PPO/GRPO form).
+
+    rho_t = exp(logp_t - old_logp_t)           (old = the sampler's log-probs: importance correction)
+    l_t   = -min(rho_t * A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) * A_t) [+ kl_coef * k3_t]
+
+    ``advantages`` is [B, 1] (one per sequence, GRPO) or [B, T] (per token, on-policy distillation).
+    Returns the aggregated loss and diagnostics (clip fraction, mean ratio, KL).
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.expand_as(logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    stats = {}
+    m = mask.to(logp.dtype)
+    n = m.sum().clamp(min=1.0)
+    if ref_logp is not None and kl_coef > 0:
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + kl_coef * kl
+        stats["kl_ref"] = float((kl * m).sum() / n)
+    with torch.no_grad():
+        stats["clip_frac"] = float(((clipped < unclipped).to(m.dtype) * m).sum() / n)
+        stats["ratio_mean"] = float((ratio * m).sum() / n)
+    return aggregate(per_token, mask, aggregation, max_len), stats
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position forward KL over the full vocabulary, [..., V] -> [...]:
+
+    KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
+
+    Used by the warmup on teacher-generated sequences (mode-covering).
+    """
+    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position reverse KL over the full vocabulary, [..., V] -> [...]:
+
+    KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
+
+    Back-propagated directly (analytic on-policy distillation), and the C2 diagnostic.
+    """
+    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+
+
+def reverse_kl_advantages(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float = 1.0,
+    discount: float = 0.0,
+) -> torch.Tensor:
+    """Dense per-token reward of sampled-token on-policy distillation, used as the advantage.
+
+    d_t = log p_T(x_t) - kl_coef * log p_S(x_t)        (x_t sampled from the student)
+    A_t = d_t                                          (discount = 0, the default)
+    A_t = sum_{s >= t} discount^(s-t) d_s              (discount > 0; masked positions contribute 0)
+
+    E_{x~p_S}[-d] with kl_coef = 1 is the reverse KL, so maximising A lowers KL(p_S || p_T).
+    Inputs are detached: the gradient flows through the importance ratio in :func:`policy_loss`.
+    """
+    m = mask.to(teacher_logp.dtype)
+    d = (teacher_logp.detach() - kl_coef * student_logp.detach()) * m
+    if discount == 0.0:
+        return d
+    out = torch.zeros_like(d)
+    running = torch.zeros_like(d[:, 0])
+    for t in range(d.shape[1] - 1, -1, -1):
+        running = d[:, t] + discount * running
+        out[:, t] = running
+    return out * m
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood per target token: -sum_t m_t log p(x_t) / sum_t m_t."""
+    return aggregate(-logp, mask, "token-mean")

@@ -1,0 +1,87 @@
+"""Models and tokenizers: Hugging Face checkpoint folders in and out, the tiny Qwen3 factory,
+and the teacher/student compatibility check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from .config import ModelSpec, TinyArch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
+
+
+class TokenizerMismatch(ValueError):
+    """Teacher and student do not share a tokenizer; per-token rewards would compare different tokens."""
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer (printable ASCII + newline) as a real HF fast tokenizer."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_qwen3(arch: TinyArch, tokenizer, seed: int) -> Qwen3ForCausalLM:
+    """Random-init Qwen3-architecture model (same code path as the real Qwen3 checkpoints)."""
+    cfg = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        head_dim=arch.hidden_size // arch.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(cfg)
+
+
+def load(path: str | Path, spec: ModelSpec | None = None, dtype: str = "float32"):
+    """Load (model, tokenizer) from a local HF folder or a hub id."""
+    trust = bool(spec and spec.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), trust_remote_code=trust)
+    return model, tok
+
+
+def save(model, tokenizer, path: str | Path) -> None:
+    """Save as a from_pretrained-loadable folder (safetensors + config + tokenizer)."""
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+
+
+def check_compatible(teacher_tok, student_tok, teacher_model=None, student_model=None) -> None:
+    """Fail loudly unless both sides tokenize identically and index the same vocabulary."""
+    problems = []
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        diff = len(set(tv.items()) ^ set(sv.items()))
+        problems.append(f"vocabularies differ ({len(tv)} vs {len(sv)} entries, {diff} differing token->id pairs)")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(teacher_tok, name) != getattr(student_tok, name):
+            problems.append(f"{name}: teacher {getattr(teacher_tok, name)} vs student {getattr(student_tok, name)}")
+    if getattr(teacher_tok, "chat_template", None) != getattr(student_tok, "chat_template", None):
+        problems.append("chat templates differ")
+    if teacher_model is not None and student_model is not None:
+        t_rows = teacher_model.get_output_embeddings().weight.shape[0]
+        s_rows = student_model.get_output_embeddings().weight.shape[0]
+        if t_rows != s_rows:
+            problems.append(f"output vocab sizes differ: teacher {t_rows} vs student {s_rows}")
+    if problems:
+        raise TokenizerMismatch("teacher and student must share one tokenizer: " + "; ".join(problems))

@@ -1,0 +1,83 @@
+"""Stage 2b: on-policy distillation. The student samples; the teacher scores every token.
+
+Sampled-token form (default; tinker-cookbook / verl policy-gradient style):
+    d_t = log p_T(x_t) - kl_coef * log p_S(x_t),  x ~ p_S       (dense per-token reward)
+    loss = clipped importance-sampled policy gradient with advantage A_t = d_t
+Full-vocabulary form (``onpolicy_distill.form: full``; TRL GKD beta=1):
+    loss = mean over completion tokens of KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
+
+Prompts only (no answers): the reward is the teacher, not a verifier.
+
+    python -m stages onpolicy_distill --config tiny --root runs/demo \
+        --teacher runs/demo/teacher_rl/model --student runs/demo/kl_warmup/model
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .evaluation import evaluate, student_teacher_kl
+from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
+from .models import check_compatible
+from .rollout import hidden_states, map_positions, token_logprobs
+from .runtime import StageRun, Trainer
+
+
+def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+    cfg, d = run.cfg, run.cfg.onpolicy_distill
+    teacher, t_tok = run.load_model(teacher_uri, "teacher")
+    student, tok = run.load_model(student_uri, "student")
+    check_compatible(t_tok, tok, teacher, student)
+    teacher.requires_grad_(False).eval()
+    prompts = run.task.problems("prompts")
+    trainer = Trainer(run, "student", student, d.optim, d.steps)
+    resumed = trainer.restore()
+    run.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
+    run.log_dataset("prompts", prompts)
+    if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
+        trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
+    T, chunk = cfg.sampling.temperature, cfg.logprob_chunk
+
+    def step_fn(step: int) -> dict:
+        batch = run.batch_of(prompts, d.prompts_per_step, step)
+        t0 = time.perf_counter()
+        ro = run.sample(student, tok, batch, step)
+        mask = ro.completion
+        with torch.no_grad():
+            t_lp = token_logprobs(teacher, ro, T, chunk)
+        if d.form == "sampled":
+            adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
+            logp = token_logprobs(student, ro, T, chunk)
+            loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
+                                      max_len=cfg.sampling.max_new_tokens)
+        else:
+            with torch.no_grad():
+                ht = hidden_states(teacher, ro)[:, :-1]
+            hs = hidden_states(student, ro)[:, :-1]
+            s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+            kl = map_positions(lambda a, b: reverse_kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht)
+            loss, stats = aggregate(kl, mask[:, 1:], d.aggregation, cfg.sampling.max_new_tokens), {}
+        norm = trainer.update(loss)
+        run.record_rollouts(step, batch, run.decode(tok, ro))
+        n_tok = mask.sum().clamp(min=1)
+        return {
+            "loss": float(loss.detach()),
+            "grad_norm": norm,
+            # Monte-Carlo estimate of KL(p_S || p_T) per token on the student's own samples
+            "kl": float(((ro.logprobs - t_lp) * mask).sum() / n_tok),
+            "teacher_logp": float((t_lp * mask).sum() / n_tok),
+            "entropy": float((ro.entropy * mask).sum() / n_tok),
+            "completion_len": float(n_tok) / len(ro),
+            "samples_per_s": len(ro) / (time.perf_counter() - t0),
+            **stats,
+        }
+
+    with run.tracker.running():
+        history = trainer.fit(step_fn)
+        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval"), "after").items()}
+        run.metrics |= {"c2_before": trainer.state["c2_before"],
+                        "c2_after": student_teacher_kl(run, student, teacher, tok, prompts)}
+        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
+        return run.publish({"model": student}, tok, history=history)

@@ -1,0 +1,181 @@
+"""Rollouts: a batched KV-cache sampler, and chosen-token log-probs computed chunk by chunk.
+
+Layout of a :class:`Rollouts` batch (``P`` = longest prompt, ``N`` = longest completion)::
+
+    input_ids   [B, P+N]  prompts left-padded to P, completions right-padded after EOS
+    attention   [B, P+N]  1 on real prompt and completion tokens
+    completion  [B, P+N]  1 on completion tokens (EOS included), 0 on prompt and padding
+    logprobs    [B, P+N]  the sampler's log-prob of each completion token (0 elsewhere)
+
+Log-probs are of ``softmax(logits / temperature)``: the trainer must use the sampler's temperature.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+
+
+@dataclass
+class Rollouts:
+    input_ids: torch.Tensor
+    attention: torch.Tensor
+    completion: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor  # [B, P+N] per-token entropy of the sampling distribution
+    prompt_len: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def completion_ids(self) -> list[list[int]]:
+        ids = self.input_ids[:, self.prompt_len :]
+        mask = self.completion[:, self.prompt_len :].bool()
+        return [row[m].tolist() for row, m in zip(ids, mask)]
+
+    def select(self, idx: torch.Tensor | slice) -> "Rollouts":
+        return Rollouts(self.input_ids[idx], self.attention[idx], self.completion[idx], self.logprobs[idx],
+                        self.entropy[idx], self.prompt_len)
+
+    def positions(self) -> torch.Tensor:
+        return (self.attention.cumsum(-1) - 1).clamp(min=0)
+
+
+class Sampler(ABC):
+    """What every rollout engine provides; :class:`HFSampler` is the CPU-friendly one."""
+
+    @abstractmethod
+    def generate(self, model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
+                 greedy: bool = False, seed: int = 0) -> Rollouts:
+        """Sample one completion per prompt (token ids, BOS included); same seed, same tokens."""
+
+
+class HFSampler(Sampler):
+    """Batched sampling with a KV cache over any HF causal LM; stops each row at EOS."""
+
+    def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256):
+        self.eos_id, self.pad_id, self.batch_size = eos_id, pad_id, batch_size
+
+    def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0) -> Rollouts:
+        gen = torch.Generator().manual_seed(seed)
+        parts = [self._generate(model, prompts[i : i + self.batch_size], temperature, max_new_tokens, greedy, gen)
+                 for i in range(0, len(prompts), self.batch_size)]
+        return parts[0] if len(parts) == 1 else _concat(parts, self.pad_id)
+
+    @torch.no_grad()
+    def _generate(self, model, prompts, temperature, max_new_tokens, greedy, gen) -> Rollouts:
+        device = next(model.parameters()).device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p) :] = torch.tensor(p)
+            attn[i, P - len(p) :] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        was_training = model.training
+        model.eval()
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        next_pos = pos[:, -1:] + 1
+        toks, lps, ents = [], [], []
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logp = F.log_softmax(logits.float() / temperature, dim=-1)
+            if greedy:
+                tok = logp.argmax(-1)
+            else:
+                tok = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
+            live = ~done
+            tok = torch.where(live, tok, self.pad_id)
+            toks.append(tok)
+            lps.append(torch.where(live, logp.gather(-1, tok[:, None]).squeeze(1), 0.0))
+            ents.append(torch.where(live, -(logp.exp() * logp).sum(-1), 0.0))
+            attn = torch.cat([attn, live.long()[:, None]], dim=1)
+            done = done | (tok == self.eos_id)
+            if done.all():
+                break
+            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+                           use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        model.train(was_training)
+        comp = torch.stack(toks, 1)
+        live = attn[:, P:]
+        zeros = torch.zeros((B, P), device=device)
+        return Rollouts(
+            input_ids=torch.cat([ids, comp], 1),
+            attention=attn,
+            completion=torch.cat([torch.zeros_like(ids), live], 1),
+            logprobs=torch.cat([zeros, torch.stack(lps, 1)], 1),
+            entropy=torch.cat([zeros, torch.stack(ents, 1)], 1),
+            prompt_len=P,
+        )
+
+
+def _concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Stack batches with different prompt/completion lengths into one layout."""
+    P = max(r.prompt_len for r in parts)
+    N = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
+
+    def fit(t, r, fill):
+        left = P - r.prompt_len
+        right = N - (t.shape[1] - r.prompt_len)
+        return F.pad(t, (left, right), value=fill)
+
+    return Rollouts(
+        torch.cat([fit(r.input_ids, r, pad_id) for r in parts]),
+        torch.cat([fit(r.attention, r, 0) for r in parts]),
+        torch.cat([fit(r.completion, r, 0) for r in parts]),
+        torch.cat([fit(r.logprobs, r, 0.0) for r in parts]),
+        torch.cat([fit(r.entropy, r, 0.0) for r in parts]),
+        P,
+    )
+
+
+def hidden_states(model, batch: Rollouts) -> torch.Tensor:
+    """Last hidden states [B, L, H] of the decoder (no logits materialised)."""
+    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention,
+                              position_ids=batch.positions(), use_cache=False)
+    return out.last_hidden_state
+
+
+def map_positions(fn, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` to slices of ``tensors`` along dim 1 and concatenate.
+
+    With gradients on, each slice is recomputed in backward (activation checkpointing), so only
+    one slice's [B, chunk, vocab] logits exist at a time, in forward and in backward.
+    """
+    L = tensors[0].shape[1]
+    outs = []
+    for s in range(0, L, chunk):
+        sl = [t[:, s : s + chunk] for t in tensors]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sl):
+            outs.append(checkpoint(fn, *sl, use_reentrant=False))
+        else:
+            outs.append(fn(*sl))
+    return torch.cat(outs, 1)
+
+
+def token_logprobs(model, batch: Rollouts, temperature: float, chunk: int = 512) -> torch.Tensor:
+    """log softmax(logits/T)[x_t] for every position t >= 1, shape [B, L]; position 0 is 0.
+
+    Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with
+    ``batch.completion`` and ``batch.logprobs``.
+    """
+    h = hidden_states(model, batch)[:, :-1]
+    targets = batch.input_ids[:, 1:]
+    head = model.get_output_embeddings()
+
+    def fn(h_c, t_c):
+        logp = F.log_softmax(head(h_c).float() / temperature, dim=-1)
+        return logp.gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
+
+    lp = map_positions(fn, chunk, h, targets)
+    return F.pad(lp, (1, 0))
+

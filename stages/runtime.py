@@ -1,0 +1,298 @@
+"""Plumbing every stage shares: inputs, skip-if-done, the training loop with resume, publishing.
+
+A stage module reads as its algorithm and calls into here for everything else::
+
+    run = StageRun("kl_warmup", cfg, root, inputs={"teacher": uri, "student": uri})
+    if run.finished: return run.finished          # same config + same inputs already published
+    trainer = Trainer(run, "student", model, cfg.kl_warmup.optim, steps)
+    trainer.fit(step_fn)                          # resumes from <root>/<stage>/_resume if present
+    return run.publish(models={"model": model}, tokenizer=tok, metrics=...)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from . import artifacts, models
+from .config import Config, Optim
+from .rollout import HFSampler, Rollouts
+from .tasks import Problem, make_task
+from .tracking import Tracker
+
+log = logging.getLogger("stages")
+
+
+def seed_for(*parts) -> int:
+    """A stable 63-bit seed from any parts (stage name, step, ...): resume replays the same draws."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+class StageRun:
+    """One stage's execution: where it writes, whether it is already done, tracking, publishing."""
+
+    def __init__(self, stage: str, cfg: Config, root: str, inputs: dict[str, str] | None = None,
+                 parent_run_id: str | None = None):
+        self.stage, self.cfg, self.root = stage, cfg, root
+        self.uri = artifacts.join(root, stage)
+        self.inputs = inputs or {}
+        # inputs are identified by URI and by the digest of the manifest that published them
+        ident = {k: f"{v}@{artifacts.manifest_digest(artifacts.find_manifest(v)[0]) if artifacts.find_manifest(v) else 'external'}"
+                 for k, v in self.inputs.items()}
+        self.config_hash = cfg.stage_hash(stage, ident)
+        m = artifacts.read_manifest(self.uri)
+        self.finished = m if m and m.get("config_hash") == self.config_hash else None
+        self.work = Path(tempfile.mkdtemp(prefix=f"s2d-{stage}-"))
+        self.parent_run_id = parent_run_id
+        self.tracker = Tracker(cfg.tracking) if not self.finished else None
+        self.task = make_task(cfg.task)
+        torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
+        self.sampler: HFSampler | None = None
+        self.metrics: dict[str, float] = {}
+        self.extra: dict = {}
+
+    # ------------------------------------------------------------ models
+    def load_model(self, uri: str, role: str):
+        """Load a checkpoint: a published artifact (verified) or, when no manifest exists, a hub id or plain folder."""
+        spec = getattr(self.cfg.models, role, None)
+        found = artifacts.find_manifest(uri) if not _is_hub_id(uri) else None
+        path = artifacts.fetch(uri) if found else uri
+        model, tok = models.load(path, spec, self.cfg.dtype)
+        model.to(self.cfg.device)
+        if self.sampler is None:
+            self.sampler = HFSampler(tok.eos_token_id, tok.pad_token_id, self.cfg.sampling.batch_size)
+        return model, tok
+
+    # ------------------------------------------------------------ tracking
+    def start_tracking(self, resume_run_id: str | None = None) -> None:
+        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name,
+                  **{f"input.{k}": v for k, v in self.inputs.items()}}
+        section = getattr(self.cfg, self.stage, None)
+        if section is not None:
+            params.update({f"{self.stage}.{k}": v for k, v in _flatten(section.model_dump()).items()})
+        params.update({"seed": self.cfg.seed, "sampling.temperature": self.cfg.sampling.temperature,
+                       "sampling.max_new_tokens": self.cfg.sampling.max_new_tokens})
+        rid = self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
+                                 resume_run_id=resume_run_id)
+        if not resume_run_id:
+            self.tracker.params(params)
+            self.tracker.tags({f"s2d.input.{k}": v for k, v in self.inputs.items()})
+        self.run_id = rid
+
+    def log_dataset(self, split: str, problems: list[Problem], context: str = "training") -> None:
+        digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
+        self.tracker.dataset(f"{self.cfg.task.kind}/{split}", digest, f"task:{self.cfg.task.kind}:{split}", len(problems), context)
+
+    # ------------------------------------------------------------ publish
+    @property
+    def rollout_file(self) -> Path:
+        return self.work / "out" / "rollouts.jsonl"
+
+    def record_rollouts(self, step: int, problems: list[Problem], texts: list[str], rewards: list[float] | None = None) -> None:
+        """Append this step's rollouts (published as ``rollouts.jsonl``, kept in the resume state)."""
+        self.rollout_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.rollout_file, "a") as f:
+            for i, (p, t) in enumerate(zip(problems, texts)):
+                row = {"step": step, "problem_id": p.id, "prompt": p.prompt, "completion": t}
+                if rewards is not None:
+                    row["reward"] = rewards[i]
+                f.write(json.dumps(row) + "\n")
+
+    def decode(self, tok, rollouts: Rollouts) -> list[str]:
+        return decode(tok, rollouts)
+
+    def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None) -> dict:
+        out = self.work / "out"
+        for name, model in models_out.items():
+            models.save(model, tokenizer, out / name)
+        out.mkdir(parents=True, exist_ok=True)
+        if history is not None:
+            with open(out / "metrics.jsonl", "w") as f:
+                for r in history:
+                    f.write(json.dumps(r) + "\n")
+        manifest = {
+            "stage": self.stage,
+            "config_hash": self.config_hash,
+            "inputs": self.inputs,
+            "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
+            "metrics": self.metrics,
+            "mlflow_run_id": getattr(self, "run_id", None),
+            **self.extra,
+        }
+        manifest = artifacts.publish(out, self.uri, manifest)
+        artifacts.clear_state(self.uri)
+        if self.tracker and self.tracker.enabled:
+            self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
+            self.tracker.metrics({f"final.{k}": v for k, v in self.metrics.items()})
+            if (out / "metrics.jsonl").exists():
+                self.tracker.artifact(str(out / "metrics.jsonl"))
+        shutil.rmtree(self.work, ignore_errors=True)
+        return manifest
+
+    # ------------------------------------------------------------ helpers
+    def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
+        out = []
+        for p in problems:
+            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None:
+                ids = [tok.bos_token_id] + ids
+            out.append(ids)
+        return out
+
+    def batch_of(self, problems: list[Problem], n: int, step: int, salt: str = "") -> list[Problem]:
+        """Problems for ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
+        if not problems:
+            raise ValueError(f"{self.stage}: the data split is empty")
+        out = []
+        for i in range(step * n, step * n + n):
+            epoch, j = divmod(i, len(problems))
+            out.append(problems[self._order(len(problems), salt, epoch)[j]])
+        return out
+
+    @functools.lru_cache(maxsize=8)
+    def _order(self, size: int, salt: str, epoch: int) -> list[int]:
+        order = list(range(size))
+        random.Random(seed_for(self.cfg.seed, self.stage, salt, epoch)).shuffle(order)
+        return order
+
+    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
+        s = self.cfg.sampling
+        return self.sampler.generate(model, self.encode(tok, problems), temperature=s.temperature,
+                                     max_new_tokens=s.max_new_tokens, greedy=greedy,
+                                     seed=seed_for(self.cfg.seed, self.stage, salt, step))
+
+
+def _is_hub_id(uri: str) -> bool:
+    return "://" not in uri and not Path(uri).exists() and uri.count("/") == 1 and not uri.startswith((".", "/"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def decode(tok, rollouts: Rollouts) -> list[str]:
+    return tok.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
+
+
+def teacher_forced(tok, prompts: list[list[int]], completions: list[str], prompt_len: int | None = None) -> Rollouts:
+    """A :class:`Rollouts` batch for given texts (completion + EOS), for supervised losses."""
+    comp = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    P = prompt_len or max(len(p) for p in prompts)
+    N = max(len(c) for c in comp)
+    B = len(prompts)
+    ids = torch.full((B, P + N), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((B, P + N), dtype=torch.long)
+    cmask = torch.zeros((B, P + N), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, comp)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        ids[i, P : P + len(c)] = torch.tensor(c)
+        attn[i, P - len(p) : P + len(c)] = 1
+        cmask[i, P : P + len(c)] = 1
+    zeros = torch.zeros((B, P + N))
+    return Rollouts(ids, attn, cmask, zeros, zeros.clone(), P)
+
+
+class Trainer:
+    """The one training loop: optimizer, LR warmup, gradient clipping, progress bar, metrics cadence,
+    and resumable state every ``checkpoint_every`` steps.
+
+    ``step_fn(step)`` does the stage's work (rollout -> score -> loss) and calls :meth:`update` for
+    each optimizer step; it returns a metrics dict (``"stop": True`` ends training early).
+    """
+
+    def __init__(self, run: StageRun, name: str, model, optim: Optim, steps: int, metric_prefix: str = ""):
+        self.run, self.name, self.model, self.optim_cfg, self.steps = run, name, model, optim, steps
+        self.prefix = metric_prefix
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                           fused=run.cfg.device.startswith("cuda") or None)
+        self.step = 0
+        self.history: list[dict] = []
+        self.resumed_from: int | None = None
+        self.state: dict = {}  # small JSON-able extras a stage wants restored (e.g. early-stop info)
+
+    def update(self, loss: torch.Tensor) -> float:
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _set_lr(self) -> None:
+        warm = self.optim_cfg.warmup_steps
+        scale = min(1.0, (self.step + 1) / warm) if warm else 1.0
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.optim_cfg.lr * scale
+
+    # -------------------------------------------------------- resume
+    def save(self) -> None:
+        d = self.run.work / "state" / self.name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        save_model(self.model, str(d / "model.safetensors"))  # handles tied embeddings
+        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        if self.run.rollout_file.exists():
+            shutil.copyfile(self.run.rollout_file, d / "rollouts.jsonl")
+        meta = {"config_hash": self.run.config_hash, "history": self.history, "state": self.state,
+                "mlflow_run_id": getattr(self.run, "run_id", None)}
+        artifacts.save_state(self.run.uri, self.name, self.step, d, meta)
+
+    def restore(self) -> dict | None:
+        d = self.run.work / "restore" / self.name
+        latest = artifacts.load_state(self.run.uri, self.name, d)
+        if latest is None or latest.get("config_hash") != self.run.config_hash:
+            return None
+        load_model(self.model, str(d / "model.safetensors"), device=str(next(self.model.parameters()).device))
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if (d / "rollouts.jsonl").exists():
+            self.run.rollout_file.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(d / "rollouts.jsonl", self.run.rollout_file)
+        self.step = self.resumed_from = latest["step"]
+        self.history = latest["history"]
+        self.state = latest.get("state", {})
+        return latest
+
+    # -------------------------------------------------------- loop
+    def fit(self, step_fn) -> list[dict]:
+        every = self.run.cfg.checkpoint_every
+        tracker = self.run.tracker
+        bar = tqdm(total=self.steps, initial=self.step, desc=f"{self.run.stage}:{self.name}", dynamic_ncols=True, leave=False)
+        self.model.train()
+        while self.step < self.steps:
+            self._set_lr()
+            t0 = time.perf_counter()
+            metrics = step_fn(self.step)
+            metrics["step_time_s"] = time.perf_counter() - t0
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            stop = bool(metrics.pop("stop", False))
+            self.step += 1
+            self.history.append({"step": self.step, **metrics})
+            if tracker:
+                tracker.metrics({self.prefix + k: v for k, v in metrics.items()}, self.step)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("reward", "loss", "kl", "c2")})
+            if stop:
+                log.info("%s: stopping early at step %d", self.run.stage, self.step)
+                break
+            if self.step % every == 0 and self.step < self.steps:
+                self.save()
+        bar.close()
+        self.model.eval()
+        return self.history

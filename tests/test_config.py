@@ -1,0 +1,83 @@
+"""Configs are validated before any model loads; errors name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from stages.__main__ import main
+from stages.config import PRESETS, ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
+def test_every_shipped_preset_validates_and_documents_its_command(preset):
+    cfg = load_config(preset)
+    first = (PRESETS / f"{preset}.yaml").read_text().splitlines()[0]
+    assert first.startswith("# python -m stages ") and f"--config {preset}" in first
+    assert cfg.name == preset
+
+
+def test_paper_presets_name_real_checkpoints():
+    cfg = load_config("qwen3-1.7b")
+    assert cfg.models.student.source == "Qwen/Qwen3-1.7B"
+    assert cfg.task.kind == "math_jsonl"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("teacher_rl.stepz=3", "teacher_rl.stepz"),  # unknown key
+        ("teacher_rl.steps=many", "teacher_rl.steps"),  # wrong type
+        ("sampling.temperature=0", "sampling.temperature"),  # impossible value
+        ("teacher_rl.group_size=1", "teacher_rl.group_size"),  # GRPO needs a group
+        ("models.student.arch.heads=5", "models.student.arch"),  # 96 not divisible by 5
+        ("teacher_rl.aggregation=sum", "teacher_rl.aggregation"),
+        ("task.min_digits=5", "task"),
+    ],
+)
+def test_invalid_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert key in str(e.value)
+
+
+def test_unknown_preset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*tiny"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config("tiny", ["teacher_rl.steps"])
+
+
+def test_cli_rejects_bad_config_before_loading_anything(capsys, tmp_path):
+    assert main(["teacher_rl", "--config", "tiny", "--root", str(tmp_path), "--set", "teacher_rl.lr=1"]) == 2
+    assert "teacher_rl.lr" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_cli_rejects_missing_input_before_loading_models(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["kl_warmup", "--config", "tiny", "--root", str(tmp_path), "--teacher", str(tmp_path / "nope"),
+              "--student", str(tmp_path / "nope2")])
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("tiny", ["workflow.stages=[teacher_rl, onpolicy_distill]", "kl_warmup.c2_target=0.5"])
+    assert cfg.workflow.stages == ["teacher_rl", "onpolicy_distill"]
+    assert cfg.kl_warmup.c2_target == 0.5
+    # the direct-GRPO baseline gets exactly the workflow's student steps
+    assert cfg.student_step_budget() == cfg.onpolicy_distill.steps
+
+
+def test_stage_hash_changes_with_own_section_and_inputs_only():
+    a = load_config("tiny")
+    b = load_config("tiny", ["student_rl.steps=99"])
+    assert a.stage_hash("teacher_rl", {"policy": "x"}) == b.stage_hash("teacher_rl", {"policy": "x"})
+    assert a.stage_hash("student_rl", {"policy": "x"}) != b.stage_hash("student_rl", {"policy": "x"})
+    assert a.stage_hash("teacher_rl", {"policy": "x"}) != a.stage_hash("teacher_rl", {"policy": "y"})
+    # the baseline's budget follows the workflow's student steps
+    assert a.stage_hash("direct_grpo", {}) != b.stage_hash("direct_grpo", {})
+
+
+def test_yaml_file_path(tmp_path):
+    p = Path(tmp_path) / "c.yaml"
+    p.write_text("models: {teacher: {source: a/b}, student: {source: c/d}}\nteacher_rl: {steps: 3}\n")
+    assert load_config(str(p)).teacher_rl.steps == 3

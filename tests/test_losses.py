@@ -1,0 +1,201 @@
+"""Every loss and advantage function against float64 references computed independently (plain
+Python loops over lists or hand-worked numbers), with masks and padding."""
+
+import math
+
+import pytest
+import torch
+
+from stages.evaluation import pass_at_k, summarize
+from stages.losses import (
+    aggregate,
+    forward_kl,
+    grpo_advantages,
+    kl_k3,
+    policy_loss,
+    reverse_kl,
+    reverse_kl_advantages,
+    sft_loss,
+)
+
+
+def test_grpo_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    # group 1: mean 0.5, Bessel std = sqrt(((.5^2)*4)/3) = sqrt(1/3)
+    std = math.sqrt(1 / 3)
+    expected = [[0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std], [0.0] * 4]
+    got = grpo_advantages(r, normalize_std=True, eps=0.0 + 1e-12)
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-9)
+    # Dr. GRPO: no std division; the all-equal group carries no signal either way
+    assert grpo_advantages(r, normalize_std=False).tolist() == [[0.5, -0.5, -0.5, 0.5], [0.0] * 4]
+
+
+def test_grpo_advantages_uniform_group_is_zero_with_eps():
+    r = torch.zeros(3, 5, dtype=torch.float64)
+    assert torch.equal(grpo_advantages(r), torch.zeros(3, 5, dtype=torch.float64))
+
+
+L = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 5.0, 7.0, 7.0]], dtype=torch.float64)
+M = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # row 0: 3 tokens, row 1: 2 tokens, rest padding
+
+
+def test_aggregate_modes_hand_computed():
+    assert aggregate(L, M, "token-mean").item() == pytest.approx((1 + 2 + 3 + 4 + 5) / 5)
+    assert aggregate(L, M, "seq-mean").item() == pytest.approx(((1 + 2 + 3) / 3 + (4 + 5) / 2) / 2)
+    assert aggregate(L, M, "dr_grpo").item() == pytest.approx(15 / (2 * 4))
+    assert aggregate(L, M, "dr_grpo", max_len=10).item() == pytest.approx(15 / 20)
+    with pytest.raises(ValueError):
+        aggregate(L, M, "nope")
+
+
+def test_aggregate_ignores_padding_values():
+    garbage = L.clone()
+    garbage[M == 0] = 1e6
+    for mode in ("token-mean", "seq-mean", "dr_grpo"):
+        assert aggregate(garbage, M, mode).item() == pytest.approx(aggregate(L, M, mode).item())
+
+
+def _ref_policy_loss(logp, old, adv, mask, lo, hi, ref=None, beta=0.0):
+    """Plain-Python float64 reference of the clipped objective, token-mean aggregation."""
+    num, den = 0.0, 0
+    for b in range(len(logp)):
+        for t in range(len(logp[b])):
+            if not mask[b][t]:
+                continue
+            a = adv[b][t] if isinstance(adv[b], list) else adv[b]
+            rho = math.exp(logp[b][t] - old[b][t])
+            clipped = min(max(rho, 1 - lo), 1 + hi)
+            loss = -min(rho * a, clipped * a)
+            if ref is not None:
+                d = ref[b][t] - logp[b][t]
+                loss += beta * (math.exp(d) - d - 1)
+            num += loss
+            den += 1
+    return num / den
+
+
+def test_policy_loss_matches_reference_with_clipping_and_padding():
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    old = logp + (torch.rand(3, 5, generator=g, dtype=torch.float64) - 0.5)  # ratios well outside the clip range
+    adv = torch.tensor([[1.5], [-0.7], [0.3]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 1, 1, 1, 1]])
+    ref = logp - 0.1
+    got, stats = policy_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean", ref, 0.05)
+    want = _ref_policy_loss(logp.tolist(), old.tolist(), adv.squeeze(1).tolist(), mask.tolist(), 0.2, 0.28, ref.tolist(), 0.05)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert 0 < stats["clip_frac"] < 1
+
+
+def test_policy_loss_gradient_is_advantage_weighted_when_on_policy():
+    # rho = 1: d loss / d logp_t = -A / n_tokens for every unmasked token, 0 on padding
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[2.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask)
+    loss.backward()
+    assert logp.grad.tolist() == [[-1.0, -1.0, 0.0]]
+
+
+def test_policy_loss_per_token_advantages():
+    logp = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, -3.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, logp, adv, torch.ones(1, 2))
+    assert loss.item() == pytest.approx((-1.0 + 3.0) / 2)
+
+
+def test_clip_high_is_separate_from_clip_low():
+    # positive advantage, ratio 1.5: clipped at 1 + clip_high; negative advantage, ratio 0.5: at 1 - clip_low
+    logp = torch.log(torch.tensor([[1.5, 0.5]], dtype=torch.float64))
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    loss, _ = policy_loss(logp, old, torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.ones(1, 2), 0.1, 0.3, "seq-mean")
+    assert loss.item() == pytest.approx((-1.3 + 0.9) / 2)
+
+
+def test_k3_hand_computed():
+    logp = torch.tensor([-1.0, -2.0], dtype=torch.float64)
+    ref = torch.tensor([-1.5, -1.0], dtype=torch.float64)
+    want = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]
+    assert kl_k3(logp, ref).tolist() == pytest.approx(want)
+    assert kl_k3(logp, logp).abs().max().item() == 0.0
+
+
+def _ref_kl(p_logits, q_logits):
+    """KL(p || q) in plain float64 Python."""
+    def softmax(x):
+        m = max(x)
+        e = [math.exp(v - m) for v in x]
+        s = sum(e)
+        return [v / s for v in e]
+    p, q = softmax(p_logits), softmax(q_logits)
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def test_forward_and_reverse_kl_full_vocab():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 7, generator=g, dtype=torch.float64) * 2
+    fwd, rev = forward_kl(s, t), reverse_kl(s, t)
+    for b in range(2):
+        for i in range(3):
+            assert fwd[b, i].item() == pytest.approx(_ref_kl(t[b, i].tolist(), s[b, i].tolist()), rel=1e-6)
+            assert rev[b, i].item() == pytest.approx(_ref_kl(s[b, i].tolist(), t[b, i].tolist()), rel=1e-6)
+    assert forward_kl(s, s).abs().max().item() < 1e-6
+    # masked aggregation of a per-position KL ignores padded positions entirely
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate(fwd, mask, "token-mean").item() == pytest.approx((fwd[0, 0] + fwd[0, 1] + fwd[1, 0]).item() / 3)
+
+
+def test_reverse_kl_gradient_matches_finite_differences():
+    s = torch.randn(1, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(1, 5, dtype=torch.float64)
+    reverse_kl(s, t).sum().backward()
+    eps = 1e-6
+    for v in range(5):
+        plus, minus = s.detach().clone(), s.detach().clone()
+        plus[0, v] += eps
+        minus[0, v] -= eps
+        fd = (_ref_kl(plus[0].tolist(), t[0].tolist()) - _ref_kl(minus[0].tolist(), t[0].tolist())) / (2 * eps)
+        assert s.grad[0, v].item() == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_reverse_kl_advantages_per_token_and_discounted():
+    t_lp = torch.tensor([[-1.0, -2.0, -0.5, -9.0]], dtype=torch.float64)
+    s_lp = torch.tensor([[-1.5, -1.0, -0.5, -9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    d = [0.5, -1.0, 0.0, 0.0]
+    assert reverse_kl_advantages(t_lp, s_lp, mask).tolist() == [d]
+    # kl_coef scales the student's term only
+    assert reverse_kl_advantages(t_lp, s_lp, mask, kl_coef=0.5).tolist() == [[-1.0 + 0.75, -2.0 + 0.5, -0.5 + 0.25, 0.0]]
+    # discounted sum of future d's, gamma = 0.5; padding contributes nothing
+    got = reverse_kl_advantages(t_lp, s_lp, mask, discount=0.5).tolist()[0]
+    assert got == pytest.approx([0.5 + 0.5 * -1.0 + 0.25 * 0.0, -1.0 + 0.0, 0.0, 0.0])
+
+
+def test_reverse_kl_advantage_expectation_is_minus_reverse_kl():
+    # E_{x~p_S}[log p_T(x) - log p_S(x)] = -KL(p_S || p_T), exactly, by enumeration
+    s_logits, t_logits = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.0, -0.5], dtype=torch.float64)
+    s_lp, t_lp = torch.log_softmax(s_logits, -1), torch.log_softmax(t_logits, -1)
+    adv = reverse_kl_advantages(t_lp[None], s_lp[None], torch.ones(1, 3))[0]
+    expectation = (s_lp.exp() * adv).sum().item()
+    assert expectation == pytest.approx(-reverse_kl(s_logits, t_logits).item())
+
+
+def test_sft_loss_is_masked_nll():
+    lp = torch.tensor([[-1.0, -3.0, -100.0]], dtype=torch.float64)
+    assert sft_loss(lp, torch.tensor([[1, 1, 0]])).item() == pytest.approx(2.0)
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(4, 0, 1) == 0.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # = 0.5
+    assert pass_at_k(4, 3, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_avg_at_k_is_mean_pass_at_1():
+    s = summarize([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], 4)
+    assert s["avg@4"] == pytest.approx((0.25 + 1 + 0) / 3)
+    assert s["pass@4"] == pytest.approx(2 / 3)

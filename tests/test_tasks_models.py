@@ -1,0 +1,130 @@
+"""Tasks (splits, verifier), tokenizer/model round trips, the teacher/student compatibility check,
+and the sampler's agreement with the trainer's log-probs."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from stages.config import TaskConfig, TinyArch
+from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
+from stages.rollout import HFSampler, token_logprobs
+from stages.runtime import teacher_forced
+from stages.tasks import ArithmeticTask, MathJsonlTask, Problem, make_task
+
+ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
+
+
+def test_arithmetic_splits_are_disjoint_deterministic_and_eval_is_stable():
+    cfg = TaskConfig(sizes={"bootstrap": 500, "teacher_rl": 100, "prompts": 100, "student_rl": 100, "eval": 50})
+    t1, t2 = ArithmeticTask(cfg), ArithmeticTask(cfg)
+    splits = {s: {p.prompt for p in t1.problems(s)} for s in ("bootstrap", "teacher_rl", "prompts", "student_rl", "eval")}
+    names = list(splits)
+    for i, a in enumerate(names):
+        assert len(splits[a]) == cfg.sizes[a]
+        for b in names[i + 1 :]:
+            assert not splits[a] & splits[b], f"{a} and {b} overlap"
+    assert t1.problems("eval") == t2.problems("eval")
+    assert all(p.answer is None for p in t1.problems("prompts"))  # stages 2a/2b never see labels
+    bigger = ArithmeticTask(TaskConfig(sizes={**cfg.sizes, "bootstrap": 900}))
+    assert bigger.problems("eval") == t1.problems("eval")  # training sizes never change the eval set
+
+
+def test_arithmetic_solution_and_verifier():
+    t = ArithmeticTask(TaskConfig())
+    p = Problem("x", "0123+0489=", "612")
+    assert t.solution(p) == "3+9+0=12;2+8+1=11;1+4+1=06;0+0+0=00;>612"
+    assert t.reward("3+9+0=12;2+8+1=11;1+4+1=06;0+0+0=00;>612", p) == 1.0
+    assert t.reward(">613", p) == 0.0
+    assert t.reward("no answer", p) == 0.0
+    # a corrupted trace leads to a wrong but consistent answer
+    rng = random.Random(0)
+    noisy = [t.solution(p, rng, noise=1.0) for _ in range(20)]
+    assert all(t.reward(s, p) == 0.0 for s in noisy)
+
+
+def test_math_jsonl_task_with_math_verify(tmp_path):
+    f = tmp_path / "eval.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"problem": "1/2+1/4?", "answer": "\\frac{3}{4}"}, {"problem": "2+2", "answer": "4"}]))
+    cfg = TaskConfig(kind="math_jsonl", files={"teacher_rl": str(f), "prompts": str(f), "eval": str(f)})
+    task = make_task(cfg)
+    probs = task.problems("eval")
+    assert probs[0].prompt.startswith("1/2+1/4?")
+    assert task.reward("so the result is \\boxed{0.75}", probs[0]) == 1.0
+    assert task.reward("so the result is \\boxed{\\frac{6}{8}}", probs[0]) == 1.0
+    assert task.reward("\\boxed{5}", probs[1]) == 0.0
+    assert all(p.answer is None for p in task.problems("prompts"))
+
+
+def test_math_jsonl_missing_file_is_a_clear_error(tmp_path):
+    cfg = TaskConfig(kind="math_jsonl", files={"teacher_rl": str(tmp_path / "x.jsonl"), "prompts": "a", "eval": "b"})
+    with pytest.raises(FileNotFoundError, match="task.files.teacher_rl"):
+        MathJsonlTask(cfg)
+
+
+def test_checkpoint_round_trip_is_a_real_hf_folder(tmp_path):
+    tok = char_tokenizer()
+    model = tiny_qwen3(ARCH, tok, seed=0)
+    save(model, tok, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+    m2, tok2 = load(tmp_path / "m")
+    ids = torch.tensor([tok2("<s>12+34=", add_special_tokens=False)["input_ids"]])
+    assert torch.allclose(model(ids).logits, m2(ids).logits, atol=1e-6)
+    assert tok2.decode(tok2("12+34=\n", add_special_tokens=False)["input_ids"]) == "12+34=\n"
+
+
+def test_tokenizer_mismatch_is_refused():
+    a = char_tokenizer()
+    b = char_tokenizer()
+    b.add_tokens(["<extra>"])
+    with pytest.raises(TokenizerMismatch, match="vocabularies differ"):
+        check_compatible(a, b)
+    ma, mb = tiny_qwen3(ARCH, a, 0), tiny_qwen3(ARCH, b, 0)
+    with pytest.raises(TokenizerMismatch, match="output vocab sizes differ"):
+        check_compatible(a, char_tokenizer(), ma, mb)
+    check_compatible(a, char_tokenizer(), ma, tiny_qwen3(ARCH, a, 1))  # same tokenizer: fine
+
+
+def _prompts(tok, texts):
+    return [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_sampler_logprobs_match_trainer_logprobs_with_left_padding():
+    """The sampler's per-token log-probs (KV cache, left-padded batch) equal a fresh full forward
+    at the same temperature: the importance ratio starts at exactly 1."""
+    tok = char_tokenizer()
+    model = tiny_qwen3(ARCH, tok, seed=3).eval()
+    sampler = HFSampler(tok.eos_token_id, tok.pad_token_id, batch_size=3)
+    prompts = _prompts(tok, ["7+5=", "0123+0489=", "1+1=", "99+1=", "5="])  # two sub-batches, ragged
+    for temp in (1.0, 0.7):
+        ro = sampler.generate(model, prompts, temperature=temp, max_new_tokens=12, seed=11)
+        with torch.no_grad():
+            lp = token_logprobs(model, ro, temp, chunk=5)
+        m = ro.completion.bool()
+        assert m.any()
+        assert torch.allclose(lp[m], ro.logprobs[m], atol=1e-4)
+        # padding never counts and prompts are intact
+        assert (ro.logprobs[~m] == 0).all()
+        for i, p in enumerate(prompts):
+            row = ro.input_ids[i][ro.attention[i].bool()]
+            assert row[: len(p)].tolist() == p
+
+
+def test_sampler_is_deterministic_per_seed_and_batch_independent():
+    tok = char_tokenizer()
+    model = tiny_qwen3(ARCH, tok, seed=3).eval()
+    prompts = _prompts(tok, ["7+5=", "0123+0489=", "1+1="])
+    a = HFSampler(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=10, seed=5)
+    b = HFSampler(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=10, seed=5)
+    assert a.completion_ids() == b.completion_ids()
+    g1 = HFSampler(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=10, greedy=True)
+    g2 = HFSampler(tok.eos_token_id, tok.pad_token_id, batch_size=1).generate(model, prompts, temperature=1.0, max_new_tokens=10, greedy=True)
+    assert g1.completion_ids() == g2.completion_ids()  # left padding does not change greedy outputs
+
+
+def test_teacher_forced_batch_masks_only_completion():
+    tok = char_tokenizer()
+    tf = teacher_forced(tok, _prompts(tok, ["1+1=", "10+10="]), ["2", "20"])
+    assert tf.completion.sum(1).tolist() == [2, 3]  # answer + EOS
+    assert tok.decode(tf.input_ids[0][tf.completion[0].bool()]) == "2</s>"

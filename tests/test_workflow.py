@@ -1,0 +1,76 @@
+"""The whole chain on tiny settings: every stage publishes, lineage and counts are right, MLflow
+holds one parent with a child per stage, and a re-run skips everything."""
+
+import json
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from stages import artifacts, workflow
+from stages.__main__ import main
+
+
+def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, capsys):
+    root = str(tmp_path / "run")
+    cfg = small_cfg("tracking.enabled=true", "tracking.experiment=wf-test")
+    summary = workflow.run(cfg, root)
+    stages = ["bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"]
+    manifests = {s: artifacts.read_manifest(f"{root}/{s}") for s in stages}
+    assert all(manifests.values())
+    for s in stages:  # every output verifies and loads as a HF folder
+        for uri in manifests[s]["outputs"].values():
+            assert (artifacts.fetch(uri) / "config.json").exists()
+    # lineage: each stage consumed the checkpoint the previous one produced
+    assert manifests["teacher_rl"]["inputs"] == {"policy": f"{root}/bootstrap/teacher"}
+    assert manifests["kl_warmup"]["inputs"] == {"teacher": f"{root}/teacher_rl/model", "student": f"{root}/bootstrap/student"}
+    assert manifests["onpolicy_distill"]["inputs"] == {"teacher": f"{root}/teacher_rl/model", "student": f"{root}/kl_warmup/model"}
+    assert manifests["student_rl"]["inputs"] == {"policy": f"{root}/onpolicy_distill/model"}
+    assert manifests["direct_grpo"]["inputs"] == {"policy": f"{root}/bootstrap/student"}
+    # equal student budgets; labeled data only in the GRPO stages
+    h = summary["headline"]
+    assert h["workflow_student_steps"] == 3 + 3 + 2 == h["direct_grpo_steps"]
+    assert manifests["kl_warmup"]["labeled_examples"] == manifests["onpolicy_distill"]["labeled_examples"] == 0
+    assert manifests["teacher_rl"]["labeled_examples"] == 4 * 4  # 4 steps x 4 prompts, all distinct
+    for key in ("c1_teacher_before", "c1_teacher_after", "c2_kl_warmup_before", "c2_kl_warmup_after"):
+        assert isinstance(h[key], float)
+    table = capsys.readouterr().out
+    assert "direct GRPO baseline" in table and "C2 (student close to teacher)" in table
+    assert json.loads(Path(root, "summary.json").read_text())["headline"] == h
+
+    # MLflow: one parent, one child per stage, each child pointing to what it consumed and produced
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("wf-test")
+    parents = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'workflow'")
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == sorted(stages)
+    assert by_name["onpolicy_distill"].data.tags["s2d.input.student"] == f"{root}/kl_warmup/model"
+    assert by_name["onpolicy_distill"].data.tags["s2d.output.model"] == f"{root}/onpolicy_distill/model"
+    assert "kl" in by_name["onpolicy_distill"].data.metrics
+    assert len(client.get_metric_history(by_name["teacher_rl"].info.run_id, "reward")) == 4
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    # a second run skips every finished stage: no training, no new child runs
+    capsys.readouterr()
+    assert main(["workflow", "--config", "tiny", "--root", root, *[a for o in _cli_overrides() for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == len(stages)
+    assert len(client.search_runs([exp.experiment_id], "tags.mlflow.runName != 'workflow'")) == len(stages)
+
+
+def _cli_overrides():
+    from conftest import TEST_OVERRIDES
+
+    return TEST_OVERRIDES + ["tracking.enabled=true", "tracking.experiment=wf-test"]
+
+
+def test_ablation_switches_skip_stages(small_cfg, tmp_path):
+    root = str(tmp_path / "abl")
+    cfg = small_cfg("workflow.stages=[onpolicy_distill]", "workflow.baseline=false")
+    summary = workflow.run(cfg, root)
+    assert not Path(root, "teacher_rl").exists() and not Path(root, "kl_warmup").exists()
+    m = artifacts.read_manifest(f"{root}/onpolicy_distill")
+    assert m["inputs"] == {"teacher": f"{root}/bootstrap/teacher", "student": f"{root}/bootstrap/student"}  # raw teacher
+    assert summary["headline"]["workflow_student_steps"] == 3
