@@ -18,7 +18,7 @@ import torch
 from .evaluation import evaluate
 from .losses import grpo_advantages, policy_loss
 from .rollout import token_logprobs
-from .runtime import StageRun, Trainer, decode, seed_for
+from .runtime import StageRun, decode, seed_for
 
 SPLITS = {"teacher_rl": ["teacher_rl"], "student_rl": ["student_rl"], "direct_grpo": ["teacher_rl", "student_rl"]}
 ROLE = {"teacher_rl": "teacher", "student_rl": "student", "direct_grpo": "student"}
@@ -32,11 +32,7 @@ def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
     model, tok = run.load_model(policy_uri, ROLE[stage])
     ref = copy.deepcopy(model).requires_grad_(False) if g.kl_coef > 0 else None
     eval_set = run.task.problems("eval")
-    trainer = Trainer(run, "policy", model, g.optim, steps)
-    resumed = trainer.restore()
-    run.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
-    for split in SPLITS[stage]:
-        run.log_dataset(split, run.task.problems(split))
+    trainer = run.trainer("policy", model, g.optim, steps, {s: run.task.problems(s) for s in SPLITS[stage]})
     if stage == "teacher_rl":  # C1: the teacher's reward lift from RL
         if "before" not in trainer.state:  # a resumed run keeps the value measured before any update
             trainer.state["before"] = evaluate(run, model, tok, eval_set, "before")

@@ -18,22 +18,15 @@ import torch
 
 from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, forward_kl
-from .models import check_compatible
 from .rollout import hidden_states, map_positions
-from .runtime import StageRun, Trainer
+from .runtime import StageRun
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, w = run.cfg, run.cfg.kl_warmup
-    teacher, t_tok = run.load_model(teacher_uri, "teacher")
-    student, tok = run.load_model(student_uri, "student")
-    check_compatible(t_tok, tok, teacher, student)
-    teacher.requires_grad_(False).eval()
+    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
     prompts = run.task.problems("prompts")
-    trainer = Trainer(run, "student", student, w.optim, w.steps)
-    resumed = trainer.restore()
-    run.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
-    run.log_dataset("prompts", prompts)
+    trainer = run.trainer("student", student, w.optim, w.steps, {"prompts": prompts})
     if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
         trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
     T = cfg.sampling.temperature

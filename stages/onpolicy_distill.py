@@ -20,22 +20,15 @@ import torch
 
 from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
-from .models import check_compatible
 from .rollout import hidden_states, map_positions, token_logprobs
-from .runtime import StageRun, Trainer
+from .runtime import StageRun
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, d = run.cfg, run.cfg.onpolicy_distill
-    teacher, t_tok = run.load_model(teacher_uri, "teacher")
-    student, tok = run.load_model(student_uri, "student")
-    check_compatible(t_tok, tok, teacher, student)
-    teacher.requires_grad_(False).eval()
+    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
     prompts = run.task.problems("prompts")
-    trainer = Trainer(run, "student", student, d.optim, d.steps)
-    resumed = trainer.restore()
-    run.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
-    run.log_dataset("prompts", prompts)
+    trainer = run.trainer("student", student, d.optim, d.steps, {"prompts": prompts})
     if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
         trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
     T, chunk = cfg.sampling.temperature, cfg.logprob_chunk

@@ -48,8 +48,7 @@ class StageRun:
         self.uri = artifacts.join(root, stage)
         self.inputs = inputs or {}
         # inputs are identified by URI and by the digest of the manifest that published them
-        ident = {k: f"{v}@{artifacts.manifest_digest(artifacts.find_manifest(v)[0]) if artifacts.find_manifest(v) else 'external'}"
-                 for k, v in self.inputs.items()}
+        ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
         self.config_hash = cfg.stage_hash(stage, ident)
         m = artifacts.read_manifest(self.uri)
         self.finished = m if m and m.get("config_hash") == self.config_hash else None
@@ -73,6 +72,25 @@ class StageRun:
         if self.sampler is None:
             self.sampler = HFSampler(tok.eos_token_id, tok.pad_token_id, self.cfg.sampling.batch_size)
         return model, tok
+
+    def load_teacher_student(self, teacher_uri: str, student_uri: str):
+        """Both models for distillation, after checking they share one tokenizer; the teacher frozen."""
+        teacher, t_tok = self.load_model(teacher_uri, "teacher")
+        student, tok = self.load_model(student_uri, "student")
+        models.check_compatible(t_tok, tok, teacher, student)
+        teacher.requires_grad_(False).eval()
+        return teacher, student, tok
+
+    def trainer(self, name: str, model, optim: Optim, steps: int, datasets: dict[str, list[Problem]]) -> "Trainer":
+        """The stage's training loop, restored from its last saved state if one exists, with its
+        MLflow child run started (or reopened, when resuming) and its datasets logged."""
+        trainer = Trainer(self, name, model, optim, steps)
+        resumed = trainer.restore()
+        self.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
+        if not resumed:
+            for split, problems in datasets.items():
+                self.log_dataset(split, problems)
+        return trainer
 
     # ------------------------------------------------------------ tracking
     def start_tracking(self, resume_run_id: str | None = None) -> None:
@@ -171,6 +189,11 @@ class StageRun:
         return self.sampler.generate(model, self.encode(tok, problems), temperature=s.temperature,
                                      max_new_tokens=s.max_new_tokens, greedy=greedy,
                                      seed=seed_for(self.cfg.seed, self.stage, salt, step))
+
+
+def _input_digest(uri: str) -> str:
+    found = artifacts.find_manifest(uri)
+    return artifacts.manifest_digest(found[0]) if found else "external"
 
 
 def _is_hub_id(uri: str) -> bool:

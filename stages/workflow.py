@@ -41,10 +41,11 @@ def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
         if r.finished:
             print(f"[{name}] already published with the same config and inputs: skipped", flush=True)
             results[name] = r.finished
+            times[name] = None
         else:
             print(f"[{name}] running", flush=True)
             results[name] = fn(r, *args, **kw)
-        times[name] = time.perf_counter() - t0
+            times[name] = time.perf_counter() - t0
         return results[name]
 
     with tracker.running() if not parent_run_id else _null():
@@ -127,7 +128,7 @@ def summarize(cfg: Config, results: dict, times: dict, final_student: str, teach
         headline["direct_grpo_steps"] = results["direct_grpo"].get("student_steps")
     headline["labeled_examples_workflow"] = sum(results[s].get("labeled_examples", 0) for s in ("teacher_rl", "student_rl") if s in results)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
-            "total_time_s": sum(times.values())}
+            "total_time_s": sum(t for t in times.values() if t)}
 
 
 def format_table(summary: dict) -> str:
@@ -151,5 +152,5 @@ def format_table(summary: dict) -> str:
     if "direct_grpo_avg" in h and "final_student_avg" in h:
         lines.append(f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
                      f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)")
-    lines.append(f"Total wall time: {summary['total_time_s']:.0f} s")
+    lines.append(f"Wall time of the stages run now: {summary['total_time_s']:.0f} s (time_s '-': skipped, already published)")
     return "\n".join(lines)

@@ -74,3 +74,11 @@ def test_ablation_switches_skip_stages(small_cfg, tmp_path):
     m = artifacts.read_manifest(f"{root}/onpolicy_distill")
     assert m["inputs"] == {"teacher": f"{root}/bootstrap/teacher", "student": f"{root}/bootstrap/student"}  # raw teacher
     assert summary["headline"]["workflow_student_steps"] == 3
+    # any checkpoint can be evaluated on its own, through the stage command
+    from conftest import TEST_OVERRIDES
+
+    args = ["evaluate", "--config", "tiny", "--root", root, "--model", f"{root}/onpolicy_distill/model", "--label", "distilled"]
+    assert main(args + [a for o in TEST_OVERRIDES for a in ("--set", o)]) == 0
+    ev = artifacts.read_manifest(f"{root}/evaluate/distilled")
+    assert ev["inputs"] == {"model": f"{root}/onpolicy_distill/model"}
+    assert 0.0 <= ev["metrics"]["eval.avg@2"] <= 1.0 and "eval.greedy" in ev["metrics"]
