@@ -3,6 +3,11 @@
     python -m stages workflow --config tiny --root runs/demo          # everything, in order
     python -m stages teacher_rl --config tiny --root runs/demo --teacher runs/demo/bootstrap/teacher
     python -m stages validate --config qwen3-1.7b                      # check a config, load nothing
+    python -m stages plan --config tiny --root runs/demo               # stage order + inputs, MLflow parent run
+    python -m stages report --config tiny --root runs/demo --parent-run-id ID   # the table, from manifests
+
+Stage inputs default to the workflow's plan (e.g. kl_warmup reads <root>/teacher_rl/model when
+stage 1 is on); --teacher / --student override them.
 
 The same command runs as a local subprocess, in Docker and in a Kubernetes pod. Exit code 0 only
 when the stage's outputs are published; the last stdout line is a JSON summary (URIs, metrics).
@@ -17,8 +22,9 @@ import os
 import sys
 from pathlib import Path
 
+NOT_PLANNED = 99
 COMMANDS = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "evaluate",
-            "workflow", "validate")
+            "workflow", "validate", "plan", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", default="model", help="name of this evaluation (evaluate)")
     p.add_argument("--parent-run-id", default=os.environ.get("S2D_PARENT_RUN_ID"),
                    help="MLflow parent run to attach the stage's child run to (env S2D_PARENT_RUN_ID)")
+    p.add_argument("--if-planned", action="store_true",
+                   help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
+    p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
     return p.parse_args(argv)
 
 
@@ -50,6 +59,14 @@ def check_input(uri: str, what: str) -> None:
         raise SystemExit(f"error: {what} {uri} does not exist (has the stage that writes it finished?)")
     if find_manifest(uri) is None and not (path / "config.json").exists():
         raise SystemExit(f"error: {what} {uri} has no manifest.json and is not a Hugging Face checkpoint folder")
+
+
+def emit(args, payload: dict) -> None:
+    line = json.dumps(payload)
+    if args.xcom_file:
+        Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.xcom_file).write_text(line)
+    print(line, flush=True)
 
 
 def main(argv=None) -> int:
@@ -68,45 +85,45 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(json.dumps({"valid": True, "name": cfg.name}))
+        emit(args, {"valid": True, "name": cfg.name})
         return 0
 
-    from .workflow import base_uri
+    from . import workflow
 
-    root = args.root
-    teacher = args.teacher or base_uri(cfg, root, "teacher")
-    student = args.student or base_uri(cfg, root, "student")
+    root = args.root.rstrip("/")
+    if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
+        steps = workflow.plan(cfg, root)
+        emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
+        return 0
+    if args.command == "report":
+        summary = workflow.report(cfg, root, args.parent_run_id)
+        emit(args, {"final_student": summary["final_student"], "teacher": summary["teacher"], "headline": summary["headline"]})
+        return 0
     if args.command == "workflow":
-        from . import workflow
-
         summary = workflow.run(cfg, root, args.parent_run_id)
-        print(json.dumps({"final_student": summary["final_student"], "headline": summary["headline"]}))
+        emit(args, {"final_student": summary["final_student"], "teacher": summary["teacher"], "headline": summary["headline"]})
         return 0
-
-    from . import bootstrap, evaluate, grpo, kl_warmup, onpolicy_distill
-    from .runtime import StageRun
 
     cmd = args.command
-    plan = {
-        "bootstrap": (bootstrap.run, {}),
-        "teacher_rl": (grpo.run, {"policy": teacher}),
-        "student_rl": (grpo.run, {"policy": student}),
-        "direct_grpo": (grpo.run, {"policy": student}),
-        "kl_warmup": (kl_warmup.run, {"teacher": teacher, "student": student}),
-        "onpolicy_distill": (onpolicy_distill.run, {"teacher": teacher, "student": student}),
-        "evaluate": (evaluate.run, {"model": args.model or student}),
-    }
-    fn, inputs = plan[cmd]
+    if args.if_planned and cmd != "evaluate" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
+        emit(args, {"stage": cmd, "skipped": "not planned"})
+        return NOT_PLANNED
+    if cmd == "evaluate":
+        inputs = {"model": args.model or workflow.final_models(workflow.plan(cfg, root), cfg, root)["final_student"]}
+    else:
+        planned = {s["stage"]: s["inputs"] for s in workflow.plan(cfg, root)}
+        base = {"teacher": workflow.base_uri(cfg, root, "teacher"), "student": workflow.base_uri(cfg, root, "student")}
+        base["base_student"] = base["student"]
+        inputs = planned.get(cmd) or {k: base[role] for k, role in workflow.ROLES[cmd].items()}
+        explicit = {"teacher": args.teacher, "student": args.student,
+                    "policy": args.teacher if cmd == "teacher_rl" else args.student}
+        inputs = {k: explicit.get(k) or v for k, v in inputs.items()}
     for what, uri in inputs.items():
         check_input(uri, what)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
-    run = StageRun(name, cfg, root, inputs=inputs, parent_run_id=args.parent_run_id)
-    if run.finished:
-        manifest, skipped = run.finished, True
-    else:
-        manifest, skipped = fn(run, *inputs.values()), False
-    print(json.dumps({"stage": cmd, "skipped": skipped, "uri": run.uri, "outputs": manifest["outputs"],
-                      "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")}))
+    manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
+                "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})
     return 0
 
 

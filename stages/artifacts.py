@@ -115,14 +115,90 @@ class LocalStore(Store):
         return self._p(uri)
 
 
+class S3Store(Store):
+    """S3-compatible object store (AWS S3, MinIO) through boto3.
+
+    Endpoint and credentials come from the environment, never from configs or params:
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (MinIO, moto), ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` or an instance/pod role. Large files go through
+    boto3's transfer manager (multipart, parallel parts, streamed from/to disk); every call retries
+    with exponential backoff (botocore "standard" mode). A single PUT is atomic on S3, which is what
+    makes ``manifest.json`` a commit marker.
+    """
+
+    def __init__(self, max_attempts: int = 8, multipart_mb: int = 64):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cfg = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, s3={"addressing_style": "path"})
+        self.client = boto3.client("s3", endpoint_url=endpoint, config=cfg)
+        self.transfer = TransferConfig(multipart_threshold=multipart_mb << 20, multipart_chunksize=multipart_mb << 20,
+                                       max_concurrency=4)
+
+    @staticmethod
+    def _split(uri: str) -> tuple[str, str]:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ArtifactError(f"{uri}: no bucket in S3 URI")
+        return bucket, key
+
+    def put_file(self, local: Path, uri: str) -> None:
+        bucket, key = self._split(uri)
+        self.client.upload_file(str(local), bucket, key, Config=self.transfer)
+
+    def get_file(self, uri: str, local: Path) -> None:
+        bucket, key = self._split(uri)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.part")
+        self.client.download_file(bucket, key, str(tmp), Config=self.transfer)
+        os.replace(tmp, local)
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        bucket, key = self._split(uri)
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+        except self.client.exceptions.NoSuchBucket:
+            raise ArtifactError(f"{uri}: bucket '{bucket}' does not exist") from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = self._split(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+    def list(self, prefix: str) -> list[str]:
+        bucket, key = self._split(prefix)
+        key = key.rstrip("/") + "/"
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        return sorted(out)
+
+    def delete_prefix(self, prefix: str) -> None:
+        bucket, key = self._split(prefix)
+        keys = [self._split(u)[1] for u in self.list(prefix)]
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            keys.append(key)  # the prefix is itself an object
+        except self.client.exceptions.ClientError:
+            pass
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+
+_S3: dict[str | None, S3Store] = {}
+
+
 def store_for(uri: str) -> Store:
     if uri.startswith("s3://"):
-        raise ArtifactError(
-            f"{uri}: this version has only the local-folder backend; the S3 backend is tracked in the "
-            "Airflow/S3/MLflow issue. Use a local path as the artifact root."
-        )
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint not in _S3:
+            _S3[endpoint] = S3Store(multipart_mb=int(os.environ.get("S2D_S3_MULTIPART_MB", "64")))
+        return _S3[endpoint]
     if "://" in uri and not uri.startswith("file://"):
-        raise ArtifactError(f"unsupported artifact URI scheme: {uri}")
+        raise ArtifactError(f"unsupported artifact URI scheme: {uri} (use a local path, file:// or s3://)")
     return LocalStore()
 
 

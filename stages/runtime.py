@@ -29,7 +29,7 @@ from . import artifacts, models
 from .config import Config, Optim
 from .rollout import HFSampler, Rollouts
 from .tasks import Problem, make_task
-from .tracking import Tracker
+from .tracking import Tracker, plot_history
 
 log = logging.getLogger("stages")
 
@@ -52,7 +52,8 @@ class StageRun:
         self.config_hash = cfg.stage_hash(stage, ident)
         m = artifacts.read_manifest(self.uri)
         self.finished = m if m and m.get("config_hash") == self.config_hash else None
-        self.work = Path(tempfile.mkdtemp(prefix=f"s2d-{stage}-"))
+        self.work = Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
+        self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
         self.tracker = Tracker(cfg.tracking) if not self.finished else None
         self.task = make_task(cfg.task)
@@ -139,6 +140,7 @@ class StageRun:
             with open(out / "metrics.jsonl", "w") as f:
                 for r in history:
                     f.write(json.dumps(r) + "\n")
+            plot_history(history, out / "curves.png", f"{self.stage} ({self.cfg.name})")
         manifest = {
             "stage": self.stage,
             "config_hash": self.config_hash,
@@ -146,6 +148,7 @@ class StageRun:
             "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
             "metrics": self.metrics,
             "mlflow_run_id": getattr(self, "run_id", None),
+            "wall_time_s": round(time.perf_counter() - self.started, 1),
             **self.extra,
         }
         manifest = artifacts.publish(out, self.uri, manifest)
@@ -153,8 +156,9 @@ class StageRun:
         if self.tracker and self.tracker.enabled:
             self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
             self.tracker.metrics({f"final.{k}": v for k, v in self.metrics.items()})
-            if (out / "metrics.jsonl").exists():
-                self.tracker.artifact(str(out / "metrics.jsonl"))
+            for name in ("metrics.jsonl", "curves.png"):
+                if (out / name).exists():
+                    self.tracker.artifact(str(out / name))
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
 

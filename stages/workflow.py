@@ -10,11 +10,15 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 from __future__ import annotations
 
 import json
-import time
 
 from . import artifacts
 from .config import Config
 from .tracking import Tracker
+
+
+ROLES = {"bootstrap": {}, "teacher_rl": {"policy": "teacher"}, "kl_warmup": {"teacher": "teacher", "student": "student"},
+         "onpolicy_distill": {"teacher": "teacher", "student": "student"}, "student_rl": {"policy": "student"},
+         "direct_grpo": {"policy": "base_student"}}
 
 
 def base_uri(cfg: Config, root: str, role: str) -> str:
@@ -22,61 +26,107 @@ def base_uri(cfg: Config, root: str, role: str) -> str:
     return artifacts.join(root, "bootstrap", role) if src == "bootstrap" else src
 
 
-def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
-    from . import bootstrap, grpo, kl_warmup, onpolicy_distill
+def plan(cfg: Config, root: str) -> list[dict]:
+    """The stages this config runs, in order, with the checkpoint URIs each consumes.
+
+    Every stage publishes its model at ``<root>/<stage>/model``, so the whole chain is known before
+    anything runs: the Airflow DAG and ``workflow`` both execute this plan. Switched-off stages
+    (the paper's ablations) pass their input through: no stage 1 means the raw teacher is used.
+    """
+    cur = {"teacher": base_uri(cfg, root, "teacher"), "student": base_uri(cfg, root, "student")}
+    cur["base_student"] = cur["student"]
+    steps = []
+    if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
+        steps.append({"stage": "bootstrap", "inputs": {}})
+    for stage in ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"):
+        if stage in cfg.workflow.stages or (stage == "direct_grpo" and cfg.workflow.baseline):
+            steps.append({"stage": stage, "inputs": {k: cur[role] for k, role in ROLES[stage].items()}})
+            if stage != "direct_grpo":
+                cur["teacher" if stage == "teacher_rl" else "student"] = artifacts.join(root, stage, "model")
+    for s in steps:
+        s["uri"] = artifacts.join(root, s["stage"])
+    return steps
+
+
+def final_models(steps: list[dict], cfg: Config, root: str) -> dict:
+    out = {"teacher": base_uri(cfg, root, "teacher"), "final_student": base_uri(cfg, root, "student")}
+    for s in steps:
+        if s["stage"] == "teacher_rl":
+            out["teacher"] = artifacts.join(s["uri"], "model")
+        elif s["stage"] in ("kl_warmup", "onpolicy_distill", "student_rl"):
+            out["final_student"] = artifacts.join(s["uri"], "model")
+    return out
+
+
+def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: str | None = None) -> tuple[dict, bool]:
+    """Run one stage unless it is already published; returns (manifest, skipped)."""
+    from . import bootstrap, evaluate, grpo, kl_warmup, onpolicy_distill
     from .runtime import StageRun
 
+    fns = {"bootstrap": bootstrap.run, "teacher_rl": grpo.run, "student_rl": grpo.run, "direct_grpo": grpo.run,
+           "kl_warmup": kl_warmup.run, "onpolicy_distill": onpolicy_distill.run, "evaluate": evaluate.run}
+    name = stage.split("/")[0]
+    r = StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id)
+    if r.finished:
+        return r.finished, True
+    return fns[name](r, *inputs.values()), False
+
+
+def open_parent(cfg: Config, root: str) -> str | None:
+    """The MLflow parent run for this workflow run: reused when one for the same root is still open
+    (an Airflow retry, a re-trigger), else created."""
     tracker = Tracker(cfg.tracking)
-    parent = parent_run_id or tracker.start("workflow", tags={"s2d.root": root, "s2d.preset": cfg.name})
-    if not parent_run_id:
-        tracker.params({"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
-                        "baseline": cfg.workflow.baseline, "seed": cfg.seed,
-                        "student_step_budget": cfg.student_step_budget()})
-    results: dict[str, dict] = {}
-    times: dict[str, float] = {}
+    if not tracker.enabled:
+        return None
+    found = tracker.client.search_runs([tracker.experiment_id],
+                                       f"tags.`s2d.root` = '{root}' and tags.mlflow.runName = 'workflow' and attributes.status = 'RUNNING'",
+                                       max_results=1)
+    if found:
+        return found[0].info.run_id
+    rid = tracker.start("workflow", tags={"s2d.root": root, "s2d.preset": cfg.name})
+    tracker.params({"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
+                    "baseline": cfg.workflow.baseline, "seed": cfg.seed, "student_step_budget": cfg.student_step_budget()})
+    return rid
 
-    def stage(name: str, fn, *args, inputs: dict | None = None, **kw) -> dict:
-        t0 = time.perf_counter()
-        r = StageRun(name, cfg, root, inputs=inputs, parent_run_id=parent)
-        if r.finished:
-            print(f"[{name}] already published with the same config and inputs: skipped", flush=True)
-            results[name] = r.finished
-            times[name] = None
-        else:
-            print(f"[{name}] running", flush=True)
-            results[name] = fn(r, *args, **kw)
-            times[name] = time.perf_counter() - t0
-        return results[name]
 
+def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
+    parent = parent_run_id or open_parent(cfg, root)
+    tracker = Tracker(cfg.tracking)
+    tracker.run_id = parent
     with tracker.running() if not parent_run_id else _null():
-        teacher, student = base_uri(cfg, root, "teacher"), base_uri(cfg, root, "student")
-        if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
-            stage("bootstrap", bootstrap.run)
-        base_student = student
-        enabled = cfg.workflow.stages
-        if "teacher_rl" in enabled:
-            teacher = stage("teacher_rl", grpo.run, teacher, inputs={"policy": teacher})["outputs"]["model"]
-        if "kl_warmup" in enabled:
-            student = stage("kl_warmup", kl_warmup.run, teacher, student,
-                            inputs={"teacher": teacher, "student": student})["outputs"]["model"]
-        if "onpolicy_distill" in enabled:
-            student = stage("onpolicy_distill", onpolicy_distill.run, teacher, student,
-                            inputs={"teacher": teacher, "student": student})["outputs"]["model"]
-        if "student_rl" in enabled:
-            student = stage("student_rl", grpo.run, student, inputs={"policy": student})["outputs"]["model"]
-        if cfg.workflow.baseline:
-            stage("direct_grpo", grpo.run, base_student, inputs={"policy": base_student})
-        summary = summarize(cfg, results, times, final_student=student, teacher=teacher)
-        text = format_table(summary)
-        print(text, flush=True)
-        store = artifacts.store_for(root)
-        store.write_bytes(artifacts.join(root, "summary.json"), json.dumps(summary, indent=2).encode())
-        store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
-        if tracker.enabled and not parent_run_id:
-            tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, float)})
-            tracker.tags({"s2d.final_student": student, "s2d.teacher": teacher})
-            tracker.client.log_text(parent, text, "summary.md")
-        return summary
+        for step in plan(cfg, root):
+            print(f"[{step['stage']}] running", flush=True)
+            _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
+            if skipped:
+                print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
+        return report(cfg, root, parent, close=False)
+
+
+def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True) -> dict:
+    """Read every planned stage's manifest, print and publish the table, log it to the parent run."""
+    steps = plan(cfg, root)
+    results = {}
+    for s in steps:
+        m = artifacts.read_manifest(s["uri"])
+        if m is None:
+            raise artifacts.ArtifactError(f"{s['uri']}: stage {s['stage']} has not published (no manifest)")
+        results[s["stage"]] = m
+    models = final_models(steps, cfg, root)
+    summary = summarize(cfg, results, models["final_student"], models["teacher"])
+    text = format_table(summary)
+    print(text, flush=True)
+    store = artifacts.store_for(root)
+    store.write_bytes(artifacts.join(root, "summary.json"), json.dumps(summary, indent=2).encode())
+    store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
+    tracker = Tracker(cfg.tracking)
+    if tracker.enabled and parent_run_id:
+        tracker.run_id = parent_run_id
+        tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
+        tracker.tags({"s2d.final_student": models["final_student"], "s2d.teacher": models["teacher"]})
+        tracker.client.log_text(parent_run_id, text, "summary.md")
+        if close:
+            tracker.end("FINISHED")
+    return summary
 
 
 class _null:
@@ -87,7 +137,7 @@ class _null:
         return False
 
 
-def summarize(cfg: Config, results: dict, times: dict, final_student: str, teacher: str) -> dict:
+def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> dict:
     k = cfg.eval.samples
     rows = []
 
@@ -98,7 +148,7 @@ def summarize(cfg: Config, results: dict, times: dict, final_student: str, teach
             f"avg@{k}": metrics.get(f"{prefix}avg@{k}"), f"pass@{k}": metrics.get(f"{prefix}pass@{k}"),
             "greedy": metrics.get(f"{prefix}greedy"),
             "student_steps": m.get("student_steps", 0), "labeled": m.get("labeled_examples", 0),
-            "time_s": times.get(stage),
+            "time_s": m.get("wall_time_s"),
         })
 
     if "bootstrap" in results:
@@ -128,7 +178,7 @@ def summarize(cfg: Config, results: dict, times: dict, final_student: str, teach
         headline["direct_grpo_steps"] = results["direct_grpo"].get("student_steps")
     headline["labeled_examples_workflow"] = sum(results[s].get("labeled_examples", 0) for s in ("teacher_rl", "student_rl") if s in results)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
-            "total_time_s": sum(t for t in times.values() if t)}
+            "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
 
 
 def format_table(summary: dict) -> str:
@@ -152,5 +202,5 @@ def format_table(summary: dict) -> str:
     if "direct_grpo_avg" in h and "final_student_avg" in h:
         lines.append(f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
                      f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)")
-    lines.append(f"Wall time of the stages run now: {summary['total_time_s']:.0f} s (time_s '-': skipped, already published)")
+    lines.append(f"Wall time of all stages: {summary['total_time_s']:.0f} s")
     return "\n".join(lines)

@@ -48,3 +48,63 @@ def _quiet_env(monkeypatch, tmp_path):
     # MLflow, when a test turns it on, writes to a store inside the test's own folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception as e:  # noqa: BLE001 - any error means "not up yet"
+            if getattr(e, "code", None):  # an HTTP error status: the server answers
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"{url} did not come up in {timeout} s") from e
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible endpoint: moto's server on 127.0.0.1 (in-memory state)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the test endpoint, with the environment a stage container would get."""
+    import uuid
+
+    import boto3
+
+    for k, v in {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    name = f"s2d-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
