@@ -30,7 +30,7 @@ def summarize(correct: list[list[float]], k: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run, model, tok, problems: list[Problem], label: str = "eval") -> dict[str, float]:
+def evaluate(run, model, tok, problems: list[Problem], label: str = "eval") -> dict[str, float]:  # noqa: ARG001
     """Sampled avg@k / pass@k (k = eval.samples, at the sampling temperature) and greedy accuracy."""
     ecfg = run.cfg.eval
     problems = problems[: ecfg.problems]
@@ -38,14 +38,15 @@ def evaluate(run, model, tok, problems: list[Problem], label: str = "eval") -> d
     from .runtime import decode  # runtime imports this module
 
     repeated = [p for p in problems for _ in range(k)]
-    ro = run.sample(model, tok, repeated, step=0, salt=f"eval:{label}")
+    # the same draws for every evaluation: one checkpoint always gets the same numbers, wherever evaluated
+    ro = run.sample(model, tok, repeated, step=0, salt="eval")
     texts = decode(tok, ro)
     rewards = [run.task.reward(t, p) for t, p in zip(texts, repeated)]
     correct = [rewards[i * k : (i + 1) * k] for i in range(len(problems))]
     out = summarize(correct, k)
     out["completion_len"] = float(ro.completion.sum()) / len(ro)
     if ecfg.greedy:
-        g = run.sample(model, tok, problems, step=0, salt=f"eval-greedy:{label}", greedy=True)
+        g = run.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True)
         out["greedy"] = sum(run.task.reward(t, p) for t, p in zip(decode(tok, g), problems)) / len(problems)
     return out
 

@@ -190,9 +190,11 @@ class StageRun:
 
     def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
         s = self.cfg.sampling
+        # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
+        scope = () if salt.startswith("eval") else (self.stage,)
         return self.sampler.generate(model, self.encode(tok, problems), temperature=s.temperature,
                                      max_new_tokens=s.max_new_tokens, greedy=greedy,
-                                     seed=seed_for(self.cfg.seed, self.stage, salt, step))
+                                     seed=seed_for(self.cfg.seed, *scope, salt, step))
 
 
 def _input_digest(uri: str) -> str:
