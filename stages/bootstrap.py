@@ -53,7 +53,7 @@ def run(run: StageRun) -> dict:
             trainer.fit(step_fn)
             out[role] = model
             n_params = sum(p.numel() for p in model.parameters())
-            metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in evaluate(run, model, tok, eval_set, role).items()}
+            metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in evaluate(run, model, tok, eval_set).items()}
         run.metrics = metrics
         run.extra = {"labeled_examples": 0, "student_steps": 0}
         return run.publish(out, tok)

@@ -15,7 +15,7 @@ def run(run: StageRun, model_uri: str) -> dict:
     eval_set = run.task.problems("eval")
     run.log_dataset("eval", eval_set, context="evaluation")
     with run.tracker.running():
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, model, tok, eval_set, "eval").items()}
+        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, model, tok, eval_set).items()}
         run.tracker.metrics(run.metrics)
         run.extra = {"labeled_examples": 0, "student_steps": 0}
         return run.publish({}, tok)

@@ -30,7 +30,7 @@ def summarize(correct: list[list[float]], k: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run, model, tok, problems: list[Problem], label: str = "eval") -> dict[str, float]:  # noqa: ARG001
+def evaluate(run, model, tok, problems: list[Problem]) -> dict[str, float]:
     """Sampled avg@k / pass@k (k = eval.samples, at the sampling temperature) and greedy accuracy."""
     ecfg = run.cfg.eval
     problems = problems[: ecfg.problems]

@@ -35,7 +35,7 @@ def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
     trainer = run.trainer("policy", model, g.optim, steps, {s: run.task.problems(s) for s in SPLITS[stage]})
     if stage == "teacher_rl":  # C1: the teacher's reward lift from RL
         if "before" not in trainer.state:  # a resumed run keeps the value measured before any update
-            trainer.state["before"] = evaluate(run, model, tok, eval_set, "before")
+            trainer.state["before"] = evaluate(run, model, tok, eval_set)
     T, n_prompts, G = cfg.sampling.temperature, g.prompts_per_step, g.group_size
 
     def step_fn(step: int) -> dict:
@@ -79,7 +79,7 @@ def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
 
     with run.tracker.running():
         history = trainer.fit(step_fn)
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, model, tok, eval_set, "after").items()}
+        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, model, tok, eval_set).items()}
         if "before" in trainer.state:
             run.metrics |= {f"eval_before.{k}": v for k, v in trainer.state["before"].items()}
             run.metrics["c1_reward_lift"] = run.metrics["eval.avg@%d" % cfg.eval.samples] - trainer.state["before"]["avg@%d" % cfg.eval.samples]

@@ -53,7 +53,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     with run.tracker.running():
         history = trainer.fit(step_fn)
         c2_after = student_teacher_kl(run, student, teacher, tok, prompts)
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval"), "after").items()}
+        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval")).items()}
         run.metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2_after}
         run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
                      "stopped_early": trainer.step < w.steps}

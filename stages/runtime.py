@@ -52,7 +52,8 @@ class StageRun:
         self.config_hash = cfg.stage_hash(stage, ident)
         m = artifacts.read_manifest(self.uri)
         self.finished = m if m and m.get("config_hash") == self.config_hash else None
-        self.work = Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
+        # local scratch for what is being written; nothing when the stage is already published
+        self.work = None if self.finished else Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
         self.tracker = Tracker(cfg.tracking) if not self.finished else None
