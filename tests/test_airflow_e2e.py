@@ -46,6 +46,14 @@ def airflow(args, env, **kw):
     return subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, **kw)
 
 
+def json_out(stdout: str):
+    """The JSON document in a CLI's stdout (Airflow prints warnings to stdout before it)."""
+    for line in stdout.splitlines():
+        if line.startswith(("[", "{")):
+            return json.loads(line)
+    raise AssertionError(f"no JSON in: {stdout[-2000:]}")
+
+
 def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     from mlflow import MlflowClient
 
@@ -65,10 +73,10 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     first = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=1200)
     log = first.stdout + first.stderr
     assert first.returncode == 0, log[-6000:]
-    runs = json.loads(airflow(["dags", "list-runs", "sparse_to_dense", "-o", "json"], env, timeout=120).stdout)
+    runs = json_out(airflow(["dags", "list-runs", "sparse_to_dense", "-o", "json"], env, timeout=120).stdout)
     assert [r["state"] for r in runs] == ["success"]
-    states = json.loads(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", runs[0]["run_id"], "-o", "json"],
-                                env, timeout=120).stdout)
+    states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", runs[0]["run_id"], "-o", "json"],
+                              env, timeout=120).stdout)
     assert {t["task_id"]: t["state"] for t in states} == {t: "success" for t in ["plan", *STAGES, "report"]}
 
     # artifacts: every stage published on S3, checksums verify, the checkpoint loads
