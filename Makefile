@@ -14,10 +14,10 @@ export AIRFLOW__CORE__LOAD_EXAMPLES = False
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export S2D_WORKDIR = $(CURDIR)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(VENV)/bin/pip install -q -e '.[airflow,dev]'
+	$(VENV)/bin/pip install -q -e '.[airflow,dev]' -c constraints.txt
 	touch $@
 
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
