@@ -19,7 +19,7 @@ import torch
 from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, forward_kl
 from .rollout import hidden_states, map_positions
-from .runtime import StageRun
+from .runtime import StageRun, decode
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
@@ -42,7 +42,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         kl = map_positions(lambda a, b: forward_kl(s_head(a) / T, t_head(b) / T), cfg.logprob_chunk, hs, ht)
         loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
         norm = trainer.update(loss)
-        run.record_rollouts(step, batch, run.decode(tok, ro))
+        run.record_rollouts(step, batch, decode(tok, ro))
         out = {"loss": float(loss.detach()), "forward_kl": float(loss.detach()), "grad_norm": norm,
                "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
         if (step + 1) % w.c2_every == 0:

@@ -21,7 +21,7 @@ import torch
 from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
 from .rollout import hidden_states, map_positions, token_logprobs
-from .runtime import StageRun
+from .runtime import StageRun, decode
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
@@ -53,7 +53,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
             kl = map_positions(lambda a, b: reverse_kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht)
             loss, stats = aggregate(kl, mask[:, 1:], d.aggregation, cfg.sampling.max_new_tokens), {}
         norm = trainer.update(loss)
-        run.record_rollouts(step, batch, run.decode(tok, ro))
+        run.record_rollouts(step, batch, decode(tok, ro))
         n_tok = mask.sum().clamp(min=1)
         return {
             "loss": float(loss.detach()),

@@ -129,9 +129,6 @@ class StageRun:
                     row["reward"] = rewards[i]
                 f.write(json.dumps(row) + "\n")
 
-    def decode(self, tok, rollouts: Rollouts) -> list[str]:
-        return decode(tok, rollouts)
-
     def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None) -> dict:
         out = self.work / "out"
         for name, model in models_out.items():

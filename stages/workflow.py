@@ -10,6 +10,7 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 from . import artifacts
 from .config import Config
@@ -93,7 +94,7 @@ def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
     tracker.run_id = parent
-    with tracker.running() if not parent_run_id else _null():
+    with tracker.running() if not parent_run_id else nullcontext():
         for step in plan(cfg, root):
             print(f"[{step['stage']}] running", flush=True)
             _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
@@ -127,14 +128,6 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
         if close:
             tracker.end("FINISHED")
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> dict:
