@@ -1,20 +1,25 @@
 """How the DAG's tasks run the stage command: one contract, three runners.
 
-The contract (the only thing a runner may not change) is ``python -m stages <args>`` with
-``<args>`` from :func:`stage_args`. ``local`` runs it as a subprocess of the Airflow worker (the stage
-environment may be a separate venv: ``S2D_STAGE_PYTHON``), ``docker`` in the stage image with the
-GPUs, ``kubernetes`` in a pod with ``nvidia.com/gpu`` limits. This module imports no torch and no
+The contract (the only thing a runner may not change) is :data:`ENTRYPOINT` + ``<args>`` from
+:func:`stage_args`, with the environment from :func:`stage_env` (how many GPUs the stage has:
+``S2D_GPUS``; above one, the stage command relaunches itself under ``accelerate launch``).
+``local`` runs it as a subprocess of the Airflow worker (the stage environment may be a separate venv:
+``S2D_STAGE_PYTHON``), ``docker`` in the stage image (whose ``ENTRYPOINT`` is the same, tested) with
+the GPUs, ``kubernetes`` in a pod with ``nvidia.com/gpu`` limits. This module imports no torch and no
 stage code: the DAG parses in milliseconds in a plain Airflow environment.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 from datetime import timedelta
 
+ENTRYPOINT = ("python", "-m", "stages")  # docker/*.Dockerfile ENTRYPOINT and the pod's command (tested)
+DEFAULT_IMAGE = "ghcr.io/sparse-to-dense/stages:0.1.0"
 NOT_PLANNED = 99  # the stage command's exit code for "this config switches the stage off"
 GPU_STAGES = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
@@ -71,6 +76,18 @@ def stage_args(command: str, params: dict, root: str, parent_run_id: str | None 
     return args
 
 
+def stage_argv(args: list[str], python: str | None = None) -> list[str]:
+    """The full command line: :data:`ENTRYPOINT` + ``args``. ``python`` replaces the interpreter for
+    the local runner (its venv's python); containers use the image's ``python`` on ``PATH``."""
+    return [python or ENTRYPOINT[0], *ENTRYPOINT[1:], *args]
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """Environment every runner gives the stage command, besides credentials and tracking settings:
+    ``S2D_GPUS`` (GPUs this task holds; the stage relaunches under ``accelerate launch`` above one)."""
+    return {"S2D_GPUS": str(gpu_count(stage)), "PYTHONUNBUFFERED": "1"}
+
+
 def last_json(text: str) -> dict:
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
@@ -80,11 +97,11 @@ def last_json(text: str) -> dict:
 
 
 def run_local(args: list[str], airflow_env: dict[str, str]) -> dict:
-    """Local runner: the stage command as a subprocess; its output streams into the task log."""
-    python = setting("stage_python") or sys.executable
-    env = {**os.environ, **airflow_env, "PYTHONUNBUFFERED": "1"}
+    """Local runner: the stage command as a subprocess; its output streams into the task log.
+    The GPUs are the host's: ``S2D_GPUS`` tells the stage how many of them to use."""
+    env = {**os.environ, **airflow_env, **stage_env(args[0])}
     env.update(connection_env())
-    proc = subprocess.Popen([python, "-m", "stages", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(stage_argv(args, setting("stage_python") or sys.executable), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=setting("workdir") or os.getcwd())
     lines = []
     for line in proc.stdout:
@@ -127,7 +144,29 @@ def connection_env() -> dict[str, str]:
 
 
 def gpu_count(stage: str) -> int:
+    """GPUs a stage task holds (setting ``gpus_per_task``, default 1); bookkeeping commands get none."""
     return int(setting("gpus_per_task", "1")) if stage in GPU_STAGES else 0
+
+
+def gpu_node_selector() -> dict[str, str]:
+    """Labels of GPU nodes (setting ``k8s_gpu_node_selector``, ``key=value,...``; default: the label
+    NVIDIA's GPU operator / feature discovery puts on GPU nodes)."""
+    spec = setting("k8s_gpu_node_selector", "nvidia.com/gpu.present=true")
+    return dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
+
+
+def plain_env() -> dict[str, str]:
+    """Non-secret settings forwarded from the Airflow worker to a stage container (may be rendered)."""
+    return {k: os.environ[k] for k in PLAIN_VARS if k in os.environ}
+
+
+@functools.cache
+def untemplated(cls: type, *fields: str) -> type:
+    """``cls`` with ``fields`` taken out of its template fields. The DAG renders templates as native
+    objects, which would turn an environment value such as ``"1"`` into the int 1 (the Kubernetes
+    API refuses a non-string env value); the environment holds no templates, so it is not rendered."""
+    return type(cls.__name__, (cls,), {"template_fields": tuple(f for f in cls.template_fields if f not in fields),
+                                       "__module__": __name__, "__doc__": cls.__doc__})
 
 
 def docker_operator(task_id: str, stage: str, arguments: str, **kw):
@@ -137,11 +176,13 @@ def docker_operator(task_id: str, stage: str, arguments: str, **kw):
     from docker.types import DeviceRequest
 
     n = gpu_count(stage)
-    return DockerOperator(
+    return untemplated(DockerOperator, "environment")(
         task_id=task_id,
-        image=setting("image", "ghcr.io/sparse-to-dense/stages:0.1.0"),
-        command=arguments,  # rendered to a list (the DAG renders templates as native objects)
-        environment={k: os.environ[k] for k in PLAIN_VARS if k in os.environ},
+        image=setting("image", DEFAULT_IMAGE),
+        # the image's ENTRYPOINT is ENTRYPOINT (docker/*.Dockerfile, tested); this is <args>, rendered
+        # to a list (the DAG renders templates as native objects)
+        command=arguments,
+        environment={**plain_env(), **stage_env(stage)},
         private_environment={k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ},
         device_requests=[DeviceRequest(count=n, capabilities=[["gpu"]])] if n else None,
         docker_url=setting("docker_url", "unix://var/run/docker.sock"),
@@ -163,23 +204,35 @@ def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
 
     n = gpu_count(stage)
     limits = {"nvidia.com/gpu": str(n)} if n else {}
+    # multi-GPU collectives (NCCL) need more shared memory than a container's 64 MiB default
+    shm = [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(
+        medium="Memory", size_limit=setting("k8s_shm", "16Gi")))] if n else []
+    pull_secrets = [k8s.V1LocalObjectReference(name=s.strip())
+                    for s in (setting("k8s_image_pull_secrets") or "").split(",") if s.strip()]
     resources = k8s.V1ResourceRequirements(
         requests={"cpu": setting("k8s_cpu", "8"), "memory": setting("k8s_memory", "64Gi"), **limits},
         limits={"memory": setting("k8s_memory", "64Gi"), **limits},
     )
-    return KubernetesPodOperator(
+    return untemplated(KubernetesPodOperator, "env_vars")(
         task_id=task_id,
         name=f"s2d-{stage.replace('_', '-')}",
         namespace=setting("k8s_namespace", "s2d"),
-        image=setting("image", "ghcr.io/sparse-to-dense/stages:0.1.0"),
-        cmds=["python", "-m", "stages"],
+        image=setting("image", DEFAULT_IMAGE),
+        image_pull_secrets=pull_secrets or None,
+        cmds=list(ENTRYPOINT),
         arguments=arguments,
-        env_vars=[k8s.V1EnvVar(name=k, value=os.environ[k]) for k in PLAIN_VARS if k in os.environ],
+        env_vars=[k8s.V1EnvVar(name=k, value=v) for k, v in {**plain_env(), **stage_env(stage)}.items()],
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=setting("k8s_secret", "s2d-credentials")))],
         container_resources=resources,
-        node_selector={"nvidia.com/gpu.present": "true"} if n else None,
+        node_selector=gpu_node_selector() if n else None,
         tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if n else None,
+        volumes=shm or None,
+        volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")] if shm else None,
         service_account_name=setting("k8s_service_account", "s2d-stage"),
+        # the image's user (10001); no privilege escalation, no capabilities (Pod Security "restricted")
+        container_security_context=k8s.V1SecurityContext(
+            run_as_non_root=True, allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
         on_finish_action="delete_succeeded_pod",
         get_logs=True,
         do_xcom_push=True,

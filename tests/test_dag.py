@@ -120,7 +120,8 @@ def test_docker_runner_spec(monkeypatch):
     rendered = _render(op, dag, PARAMS, PLAN)
     # the same contract as the local runner: identical arguments
     assert rendered["command"] == r.stage_args("teacher_rl", PARAMS, "s3://b/runs/r", "abc123")
-    assert rendered["environment"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert "environment" not in rendered  # not a template: native rendering would turn "1" into 1
+    assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **r.stage_env("teacher_rl")}
     assert "s3cr3t" not in json.dumps(rendered, default=str)  # secrets never rendered
     assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}  # passed to the container only
     assert "private_environment" not in op.template_fields
@@ -155,3 +156,111 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
         args = parse_args(r.stage_args(cmd, PARAMS, "runs/x", "pid"))
         assert args.command == cmd and args.root == "runs/x" and args.parent_run_id == "pid"
         assert "teacher_rl.steps=7" in args.overrides and "seed=3" in args.overrides
+
+
+# ---------------------------------------------------------------- one contract: entrypoint + args + env
+
+STAGE_COMMANDS = ("plan", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "report")
+
+
+def _image_entrypoint():
+    """The stage image's ENTRYPOINT, read from docker/stages.Dockerfile (exec form)."""
+    lines = [x for x in (REPO / "docker" / "stages.Dockerfile").read_text().splitlines() if x.startswith("ENTRYPOINT ")]
+    return json.loads(lines[-1].removeprefix("ENTRYPOINT "))
+
+
+def _local_argv_env(monkeypatch, command, args):
+    """What the local runner executes: its Popen argv and environment, captured without running it."""
+    import s2d_runners as r
+
+    seen = {}
+
+    class Proc:
+        def __init__(self, argv, env=None, **_):
+            seen.update(argv=argv, env=env)
+            self.stdout = iter(['{"stage": "%s"}\n' % command])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(r.subprocess, "Popen", Proc)
+    monkeypatch.setattr(r, "connection_env", lambda: {})
+    r.run_local(args, {})
+    return seen["argv"], seen["env"]
+
+
+@pytest.mark.parametrize("gpus", ["1", "4"])
+def test_all_runners_send_the_same_command(monkeypatch, gpus):
+    """For every stage: local argv == image ENTRYPOINT + DockerOperator command == pod command + args,
+    and the same S2D_GPUS, with that many GPUs requested."""
+    pytest.importorskip("airflow.providers.docker")
+    pytest.importorskip("airflow.providers.cncf.kubernetes")
+    env = {"S2D_IMAGE": "registry.example/s2d:1.2", "S2D_GPUS_PER_TASK": gpus, "S2D_STAGE_PYTHON": "/opt/venv/bin/python"}
+    docker_dag = load_dag(monkeypatch, "docker", **env)
+    k8s_dag = load_dag(monkeypatch, "kubernetes", **env)
+    import s2d_runners as r
+
+    entrypoint = _image_entrypoint()
+    assert entrypoint == list(r.ENTRYPOINT)
+    for command in STAGE_COMMANDS:
+        # plan computes the root itself; later tasks take root and parent run from plan's XCom
+        root = r.artifact_root(PARAMS, "sparse_to_dense", "manual__2026-11-26T00:00:00+00:00") if command == "plan" else "s3://b/runs/r"
+        args = r.stage_args(command, PARAMS, root, None if command == "plan" else "abc123")
+        want = r.stage_argv(args)
+        n = int(gpus) if command in r.GPU_STAGES else 0
+
+        argv, local_env = _local_argv_env(monkeypatch, command, args)
+        assert argv == r.stage_argv(args, "/opt/venv/bin/python") and argv[1:] == want[1:]
+        assert local_env["S2D_GPUS"] == str(n)
+
+        op = docker_dag.task_dict[command]
+        rendered = _render(op, docker_dag, PARAMS, None if command == "plan" else PLAN)
+        assert entrypoint + rendered["command"] == want
+        assert op.environment["S2D_GPUS"] == str(n)
+        assert (op.device_requests[0]["Count"] if op.device_requests else 0) == n
+
+        op = k8s_dag.task_dict[command]
+        for field, value in _render(op, k8s_dag, PARAMS, None if command == "plan" else PLAN).items():
+            setattr(op, field, value)  # every template field rendered, as the worker does
+        c = op.build_pod_request_obj(context=None, dry_run=True).spec.containers[0]
+        assert all(isinstance(e.value, str) for e in c.env)  # the Kubernetes API takes strings only
+        assert c.command + c.args == want + ["--xcom-file", "/airflow/xcom/return.json"]
+        assert {e.name: e.value for e in c.env}["S2D_GPUS"] == str(n)
+        assert str((c.resources.limits or {}).get("nvidia.com/gpu", 0)) == str(n)
+
+
+def test_kubernetes_stage_pod_security_and_shared_memory(monkeypatch):
+    pytest.importorskip("airflow.providers.cncf.kubernetes")
+    dag = load_dag(monkeypatch, "kubernetes", S2D_K8S_IMAGE_PULL_SECRETS="regcred, other",
+                   S2D_K8S_GPU_NODE_SELECTOR="node.kubernetes.io/instance-type=p5.48xlarge")
+    op = dag.task_dict["teacher_rl"]
+    op.arguments = _render(op, dag, PARAMS, PLAN)["arguments"]
+    pod = op.build_pod_request_obj(context=None, dry_run=True)
+    c = pod.spec.containers[0]
+    assert c.security_context.run_as_non_root and c.security_context.allow_privilege_escalation is False
+    assert [s.name for s in pod.spec.image_pull_secrets] == ["regcred", "other"]
+    assert pod.spec.node_selector == {"node.kubernetes.io/instance-type": "p5.48xlarge"}
+    assert pod.spec.service_account_name == "s2d-stage"
+    assert any(m.mount_path == "/dev/shm" for m in c.volume_mounts)
+    plan_pod = dag.task_dict["plan"]
+    plan_pod.arguments = _render(plan_pod, dag, PARAMS, None)["arguments"]
+    p = plan_pod.build_pod_request_obj(context=None, dry_run=True)
+    assert not p.spec.node_selector and not p.spec.tolerations  # bookkeeping: no GPU node
+
+
+def test_rendered_stage_pod_is_a_valid_kubernetes_pod(monkeypatch):
+    """The pod a GPU stage task sends, every template field rendered as the worker does, validates
+    against the Kubernetes API schema (strict): e.g. env values must be strings."""
+    pytest.importorskip("airflow.providers.cncf.kubernetes")
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from kubernetes.client import ApiClient
+
+    dag = load_dag(monkeypatch, "kubernetes", S2D_GPUS_PER_TASK="2", MLFLOW_TRACKING_URI="http://mlflow:5000",
+                   HF_HUB_OFFLINE="1")
+    op = dag.task_dict["teacher_rl"]
+    for field, value in _render(op, dag, PARAMS, PLAN).items():
+        setattr(op, field, value)
+    pod = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(context=None, dry_run=True))
+    kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["S2D_GPUS"] == "2" and env["HF_HUB_OFFLINE"] == "1"
