@@ -69,7 +69,37 @@ def emit(args, payload: dict) -> None:
     print(line, flush=True)
 
 
+LAUNCHED_ENV = ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_USE_FSDP")
+
+
+def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
+    """``accelerate launch`` of this same command when ``S2D_GPUS`` > 1 and we are not already inside a
+    launch (no LOCAL_RANK / ACCELERATE_* in the environment); None otherwise.
+
+    ``S2D_ACCELERATE_CONFIG`` names the accelerate config (default: infra/accelerate/deepspeed_zero3.yaml).
+    """
+    try:
+        gpus = int(env.get("S2D_GPUS", "1"))
+    except ValueError:
+        raise SystemExit(f"error: S2D_GPUS must be an integer, got {env.get('S2D_GPUS')!r}") from None
+    if gpus <= 1 or any(k in env for k in LAUNCHED_ENV) or (argv and argv[0] in ("validate", "plan", "report")):
+        return None
+    cfg = env.get("S2D_ACCELERATE_CONFIG") or str(Path(__file__).resolve().parents[1] / "infra/accelerate/deepspeed_zero3.yaml")
+    if not Path(cfg).exists():
+        raise SystemExit(f"error: accelerate config {cfg} not found (set S2D_ACCELERATE_CONFIG)")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg, "--num_processes", str(gpus),
+            "-m", "stages", *argv]
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    relaunch = relaunch_command(argv)
+    if relaunch is not None:
+        import subprocess
+
+        print(f"relaunching on {os.environ['S2D_GPUS']} processes: {' '.join(relaunch)}", file=sys.stderr, flush=True)
+        return subprocess.call(relaunch)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):

@@ -8,6 +8,13 @@ Layout of a :class:`Rollouts` batch (``P`` = longest prompt, ``N`` = longest com
     logprobs    [B, P+N]  the sampler's log-prob of each completion token (0 elsewhere)
 
 Log-probs are of ``softmax(logits / temperature)``: the trainer must use the sampler's temperature.
+
+Sampling semantics, shared by every native engine (:class:`HFSampler` here, the static-cache engine in
+``stages/engines/static.py``): one uniform per (row, step) is drawn up front from a CPU generator seeded
+with ``seed`` (:func:`draw_uniforms`), and each token is the inverse CDF of ``softmax(logits / T)`` at
+that uniform (:func:`sample_tokens`); greedy is argmax. The draws do not depend on the device, the
+batch size or how rows are split across sub-batches or processes, so the same seed gives the same tokens
+on every engine up to float ties, and a CUDA-graph-captured decode step needs no host sync.
 """
 
 from __future__ import annotations
@@ -46,13 +53,57 @@ class Rollouts:
         return (self.attention.cumsum(-1) - 1).clamp(min=0)
 
 
+def draw_uniforms(seed: int, rows: int, steps: int) -> torch.Tensor:
+    """U[0, 1) draws [rows, steps] (float32, CPU) from a generator seeded with ``seed``: row i, step t is
+    the draw for token t of completion i, whatever the batch layout."""
+    return torch.rand((rows, steps), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, greedy: bool = False):
+    """One token per row from ``softmax(logits / T)`` by inverse CDF at ``u`` [B] (argmax when greedy).
+
+    x = min{ i : sum_{j<=i} p_j > u * sum_j p_j }   (so P(x = i) = p_i; zero-probability tokens never win)
+
+    Returns (token [B] long, log p(token) [B] float32, entropy [B] float32), all of softmax(logits / T).
+    No host synchronisation: safe inside a captured CUDA graph.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    p = logp.exp()
+    if greedy:
+        tok = logp.argmax(-1)
+    else:
+        cdf = p.cumsum(-1)
+        target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+        tok = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+    lp = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    ent = -(p * logp).nan_to_num(0.0).sum(-1)
+    return tok, lp, ent
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest: (ids [B, P], attention [B, P])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (BOS included)")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        attn[i, P - len(p) :] = 1
+    return ids, attn
+
+
 class Sampler(ABC):
-    """What every rollout engine provides; :class:`HFSampler` is the CPU-friendly one."""
+    """What every rollout engine provides: :class:`HFSampler` (any HF model, CPU-friendly), the
+    static-cache engine (``stages.engines.static``, CUDA graphs on GPUs) and vLLM (``stages.engines.vllm_engine``)."""
 
     @abstractmethod
     def generate(self, model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
-                 greedy: bool = False, seed: int = 0) -> Rollouts:
-        """Sample one completion per prompt (token ids, BOS included); same seed, same tokens."""
+                 greedy: bool = False, seed: int = 0, first_row: int = 0) -> Rollouts:
+        """Sample one completion per prompt (token ids, BOS included); same seed, same tokens.
+
+        ``first_row``: these prompts are rows ``first_row...`` of a larger batch split across processes;
+        row i uses the draws of row ``first_row + i``, so the split does not change the tokens."""
 
 
 class HFSampler(Sampler):
@@ -61,22 +112,19 @@ class HFSampler(Sampler):
     def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256):
         self.eos_id, self.pad_id, self.batch_size = eos_id, pad_id, batch_size
 
-    def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0) -> Rollouts:
-        gen = torch.Generator().manual_seed(seed)
-        parts = [self._generate(model, prompts[i : i + self.batch_size], temperature, max_new_tokens, greedy, gen)
+    def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0, first_row=0) -> Rollouts:
+        u = draw_uniforms(seed, first_row + len(prompts), max_new_tokens)[first_row:]
+        parts = [self._generate(model, prompts[i : i + self.batch_size], temperature, max_new_tokens, greedy,
+                                u[i : i + self.batch_size])
                  for i in range(0, len(prompts), self.batch_size)]
-        return parts[0] if len(parts) == 1 else _concat(parts, self.pad_id)
+        return parts[0] if len(parts) == 1 else concat(parts, self.pad_id)
 
-    @torch.no_grad()
-    def _generate(self, model, prompts, temperature, max_new_tokens, greedy, gen) -> Rollouts:
+    @torch.no_grad()  # not inference_mode: rollouts feed autograd later (embedding saves its indices)
+    def _generate(self, model, prompts, temperature, max_new_tokens, greedy, u) -> Rollouts:
         device = next(model.parameters()).device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p) :] = torch.tensor(p)
-            attn[i, P - len(p) :] = 1
-        ids, attn = ids.to(device), attn.to(device)
+        ids, attn = left_pad(prompts, self.pad_id)
+        B, P = ids.shape
+        ids, attn, u = ids.to(device), attn.to(device), u.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         was_training = model.training
@@ -86,17 +134,13 @@ class HFSampler(Sampler):
         next_pos = pos[:, -1:] + 1
         toks, lps, ents = [], [], []
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logp = F.log_softmax(logits.float() / temperature, dim=-1)
-            if greedy:
-                tok = logp.argmax(-1)
-            else:
-                tok = torch.multinomial(logp.exp().cpu(), 1, generator=gen).squeeze(1).to(device)
+        for t in range(max_new_tokens):
+            tok, lp, ent = sample_tokens(logits, u[:, t], temperature, greedy)
             live = ~done
             tok = torch.where(live, tok, self.pad_id)
             toks.append(tok)
-            lps.append(torch.where(live, logp.gather(-1, tok[:, None]).squeeze(1), 0.0))
-            ents.append(torch.where(live, -(logp.exp() * logp).sum(-1), 0.0))
+            lps.append(torch.where(live, lp, 0.0))
+            ents.append(torch.where(live, ent, 0.0))
             attn = torch.cat([attn, live.long()[:, None]], dim=1)
             done = done | (tok == self.eos_id)
             if done.all():
@@ -105,20 +149,24 @@ class HFSampler(Sampler):
                            use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         model.train(was_training)
-        comp = torch.stack(toks, 1)
-        live = attn[:, P:]
-        zeros = torch.zeros((B, P), device=device)
-        return Rollouts(
-            input_ids=torch.cat([ids, comp], 1),
-            attention=attn,
-            completion=torch.cat([torch.zeros_like(ids), live], 1),
-            logprobs=torch.cat([zeros, torch.stack(lps, 1)], 1),
-            entropy=torch.cat([zeros, torch.stack(ents, 1)], 1),
-            prompt_len=P,
-        )
+        return assemble(ids, attn, torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1))
 
 
-def _concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
+def assemble(ids, attn, comp, lps, ents) -> Rollouts:
+    """The :class:`Rollouts` layout from prompt ids [B, P], attention [B, P+N] and per-step outputs [B, N]."""
+    B, P = ids.shape
+    zeros = torch.zeros((B, P), device=ids.device)
+    return Rollouts(
+        input_ids=torch.cat([ids, comp], 1),
+        attention=attn,
+        completion=torch.cat([torch.zeros_like(ids), attn[:, P:]], 1),
+        logprobs=torch.cat([zeros, lps.float()], 1),
+        entropy=torch.cat([zeros, ents.float()], 1),
+        prompt_len=P,
+    )
+
+
+def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """Stack batches with different prompt/completion lengths into one layout."""
     P = max(r.prompt_len for r in parts)
     N = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
@@ -139,10 +187,22 @@ def _concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
 
 
 def hidden_states(model, batch: Rollouts) -> torch.Tensor:
-    """Last hidden states [B, L, H] of the decoder (no logits materialised)."""
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention,
-                              position_ids=batch.positions(), use_cache=False)
-    return out.last_hidden_state
+    """Last hidden states [B, L, H] of the decoder (no logits materialised).
+
+    A model being trained runs its top-level forward (so DDP / FSDP / DeepSpeed hooks see the call) with
+    no logits kept; its per-layer states are the activations backward keeps anyway. A frozen model
+    (no parameter requires grad: the teacher, a reference policy) runs its decoder under
+    ``torch.inference_mode`` and returns an ordinary tensor (a clone), usable as a constant in autograd.
+    """
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention, position_ids=batch.positions(), use_cache=False)
+    if not any(p.requires_grad for p in model.parameters()):
+        with torch.inference_mode():
+            h = model.get_decoder()(**kw).last_hidden_state
+        return h.clone()
+    if not torch.is_grad_enabled():
+        return model.get_decoder()(**kw).last_hidden_state
+    none = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
+    return model(**kw, logits_to_keep=none, output_hidden_states=True).hidden_states[-1]
 
 
 def map_positions(fn, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:

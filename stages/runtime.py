@@ -7,10 +7,17 @@ A stage module reads as its algorithm and calls into here for everything else::
     trainer = Trainer(run, "student", model, cfg.kl_warmup.optim, steps)
     trainer.fit(step_fn)                          # resumes from <root>/<stage>/_resume if present
     return run.publish(models={"model": model}, tokenizer=tok, metrics=...)
+
+One code path for one process and many: every stage runs with an ``accelerate.Accelerator`` (plain when
+not launched; DDP-style or DeepSpeed ZeRO under ``accelerate launch``, see ``infra/accelerate/``). Under
+several processes each rank samples its slice of every rollout batch and the slices are gathered, so every
+rank trains on the same full batch; gradients are averaged (DeepSpeed: by its engine; otherwise one
+all-reduce after backward), and only the main process writes resume states, artifacts and MLflow records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts, models
 from .config import Config, Optim
-from .rollout import HFSampler, Rollouts
+from .rollout import Rollouts, Sampler, concat
 from .tasks import Problem, make_task
 from .tracking import Tracker, plot_history
 
@@ -56,10 +63,14 @@ class StageRun:
         self.work = None if self.finished else Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
-        self.tracker = Tracker(cfg.tracking) if not self.finished else None
+        self.accelerator = make_accelerator(cfg)
+        self.is_main = self.accelerator.is_main_process
+        tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
+        self.tracker = Tracker(tracking) if not self.finished else None
         self.task = make_task(cfg.task)
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
-        self.sampler: HFSampler | None = None
+        self.sampler: Sampler | None = None
+        self.engines: dict[int, object] = {}  # id(model) -> its DeepSpeed engine, when there is one
         self.metrics: dict[str, float] = {}
         self.extra: dict = {}
 
@@ -70,10 +81,20 @@ class StageRun:
         found = artifacts.find_manifest(uri) if not _is_hub_id(uri) else None
         path = artifacts.fetch(uri) if found else uri
         model, tok = models.load(path, spec, self.cfg.dtype)
-        model.to(self.cfg.device)
+        model.to(self.device)
         if self.sampler is None:
-            self.sampler = HFSampler(tok.eos_token_id, tok.pad_token_id, self.cfg.sampling.batch_size)
+            self.sampler = self.make_sampler(tok)
         return model, tok
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device: the config's (``cpu``) or, on GPUs, the one accelerate assigned."""
+        return torch.device("cpu") if self.cfg.device == "cpu" else self.accelerator.device
+
+    def make_sampler(self, tok) -> Sampler:
+        from .engines import make_sampler
+
+        return make_sampler(self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, str(self.device))
 
     def load_teacher_student(self, teacher_uri: str, student_uri: str):
         """Both models for distillation, after checking they share one tokenizer; the teacher frozen."""
@@ -130,9 +151,21 @@ class StageRun:
                 f.write(json.dumps(row) + "\n")
 
     def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None) -> dict:
+        acc = self.accelerator
+        # ZeRO-3 shards the weights: gather a full state dict (a collective: every rank takes part)
+        states = {name: acc.get_state_dict(self.engines[id(m)]) if id(m) in self.engines else None
+                  for name, m in models_out.items()}
+        if not self.is_main:  # the main process publishes; the others return what it published
+            acc.wait_for_everyone()
+            shutil.rmtree(self.work, ignore_errors=True)
+            return artifacts.read_manifest(self.uri)
         out = self.work / "out"
         for name, model in models_out.items():
-            models.save(model, tokenizer, out / name)
+            if states[name] is None:
+                models.save(model, tokenizer, out / name)
+            else:
+                model.save_pretrained(str(out / name), state_dict=states[name], safe_serialization=True)
+                tokenizer.save_pretrained(str(out / name))
         out.mkdir(parents=True, exist_ok=True)
         if history is not None:
             with open(out / "metrics.jsonl", "w") as f:
@@ -158,6 +191,7 @@ class StageRun:
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
         shutil.rmtree(self.work, ignore_errors=True)
+        acc.wait_for_everyone()
         return manifest
 
     # ------------------------------------------------------------ helpers
@@ -187,12 +221,62 @@ class StageRun:
         return order
 
     def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
+        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
+        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
+        gets the gathered batch."""
         s = self.cfg.sampling
         # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
         scope = () if salt.startswith("eval") else (self.stage,)
-        return self.sampler.generate(model, self.encode(tok, problems), temperature=s.temperature,
-                                     max_new_tokens=s.max_new_tokens, greedy=greedy,
-                                     seed=seed_for(self.cfg.seed, *scope, salt, step))
+        prompts = self.encode(tok, problems)
+        acc = self.accelerator
+        lo, hi = 0, len(prompts)
+        if acc.num_processes > 1:
+            w, r = acc.num_processes, acc.process_index
+            lo, hi = r * len(prompts) // w, (r + 1) * len(prompts) // w
+        ro = None
+        if hi > lo:
+            with self.generation_weights(model):
+                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
+                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
+                                           seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
+        if acc.num_processes == 1:
+            return ro
+        from accelerate.utils import gather_object
+
+        parts = [p for p in gather_object([_to_cpu(ro)]) if p is not None]
+        return _to_device(concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0], self.device)
+
+    def generation_weights(self, model):
+        """Full weights on this device while generating: DeepSpeed ZeRO-3 keeps only a shard, so they are
+        gathered for the duration (``deepspeed.zero.GatheredParameters``, as TRL's
+        ``unwrap_model_for_generation`` does); otherwise nothing to do."""
+        if id(model) in self.engines and _zero_stage(self.accelerator) == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+
+def make_accelerator(cfg: Config):
+    """The process's ``Accelerator``: plain when not launched, the launcher's setup (DDP, DeepSpeed) when
+    started by ``accelerate launch``."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.device == "cpu")
+
+
+def _zero_stage(acc) -> int | None:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else None
+
+
+def _to_cpu(ro: Rollouts | None) -> Rollouts | None:
+    return None if ro is None else _to_device(ro, torch.device("cpu"))
+
+
+def _to_device(ro: Rollouts, device) -> Rollouts:
+    return Rollouts(*(t.to(device) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)),
+                    ro.prompt_len)
 
 
 def _input_digest(uri: str) -> str:
@@ -212,6 +296,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
+    """Average gradients over processes in one flat all-reduce (what DDP would do, without its wrapper:
+    the stages call the decoder and the output head separately, outside a wrapped forward)."""
+    import torch.distributed as dist
+
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
 
 
 def decode(tok, rollouts: Rollouts) -> list[str]:
@@ -247,16 +345,37 @@ class Trainer:
     def __init__(self, run: StageRun, name: str, model, optim: Optim, steps: int, metric_prefix: str = ""):
         self.run, self.name, self.model, self.optim_cfg, self.steps = run, name, model, optim, steps
         self.prefix = metric_prefix
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay,
-                                           fused=run.cfg.device.startswith("cuda") or None)
+        if run.cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # fused AdamW: one kernel for all parameters on CUDA
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay,
+                                           fused=run.device.type == "cuda" or None)
+        self.acc = run.accelerator
+        self.engine = None
+        if _zero_stage(self.acc) is not None:
+            # DeepSpeed: its engine owns backward, gradient averaging, clipping and the optimizer step.
+            # No dataloader is prepared, so the micro-batch size it asks for is set here.
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = 1
+            ds["gradient_accumulation_steps"] = 1
+            ds["gradient_clipping"] = optim.grad_clip
+            self.engine, self.optimizer = self.acc.prepare(model, self.optimizer)
+            run.engines[id(model)] = self.engine
         self.step = 0
         self.history: list[dict] = []
         self.resumed_from: int | None = None
         self.state: dict = {}  # small JSON-able extras a stage wants restored (e.g. early-stop info)
 
     def update(self, loss: torch.Tensor) -> float:
+        """One optimizer step on ``loss``; returns the gradient norm before clipping."""
+        if self.engine is not None:
+            self.acc.backward(loss)  # DeepSpeed: backward, average, clip and step in one call
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
         loss.backward()
+        if self.acc.num_processes > 1:  # every rank trained on the same gathered batch: average anyway
+            _all_reduce_mean([p.grad for p in self.params if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,6 +389,14 @@ class Trainer:
 
     # -------------------------------------------------------- resume
     def save(self) -> None:
+        if self.engine is not None:
+            # DeepSpeed's optimizer state is sharded per rank: not written here yet (a killed DeepSpeed
+            # stage restarts from its inputs); see README "GPU path"
+            log.warning("%s: no resume state under DeepSpeed (step %d)", self.run.stage, self.step)
+            return
+        if not self.run.is_main:  # replicas hold the same weights and optimizer state
+            self.acc.wait_for_everyone()
+            return
         d = self.run.work / "state" / self.name
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
@@ -280,8 +407,11 @@ class Trainer:
         meta = {"config_hash": self.run.config_hash, "history": self.history, "state": self.state,
                 "mlflow_run_id": getattr(self.run, "run_id", None)}
         artifacts.save_state(self.run.uri, self.name, self.step, d, meta)
+        self.acc.wait_for_everyone()
 
     def restore(self) -> dict | None:
+        if self.engine is not None:
+            return None
         d = self.run.work / "restore" / self.name
         latest = artifacts.load_state(self.run.uri, self.name, d)
         if latest is None or latest.get("config_hash") != self.run.config_hash:

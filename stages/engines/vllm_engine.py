@@ -1,0 +1,146 @@
+"""Colocated vLLM rollouts for production GPU images (``pip install '.[vllm]'`` in its own image).
+
+vLLM pins its own torch and transformers (vllm 0.33.0: torch 2.14.0, transformers<5.21), so it cannot run
+in the stage environment of these machines. What runs here (tests/test_gpu_path.py) is the pure part:
+request building and the conversion of vLLM ``RequestOutput`` objects into :class:`Rollouts`, checked
+against fake outputs shaped like vLLM's. The engine calls themselves follow vLLM's documented API and
+TRL's colocate mode and have NOT been exercised (see README, "GPU path").
+
+- One ``vllm.LLM`` per sampled model, created on first use from the model's checkpoint folder
+  (``model.name_or_path``), in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate
+  mode sets it), with ``logprobs_mode="processed_logprobs"`` so the returned log-probs are of
+  softmax(logits / T) like the native engines' (vLLM's default reports the raw, untempered ones).
+- Before each generate the trainer's current weights are pushed into the engine:
+  ``llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights(state_dict.items())``,
+  the path TRL's ``GRPOTrainer._move_model_to_vllm`` (vllm_mode="colocate") and verl's sharding manager
+  use; if that attribute path moves, ``LLM.collective_rpc`` with a callable taking the worker is the
+  documented fallback and is tried next.
+- With ``enable_sleep_mode`` the KV cache is released (``llm.sleep(level=1)``) after each generate and
+  re-allocated (``llm.wake_up()``) before the next, so training gets the memory back.
+- Seeds: each request gets ``SamplingParams(seed=hash(seed, row))``; vLLM's tokens are reproducible run to
+  run but are NOT the native engines' tokens for the same seed (different sampler). Entropy is not
+  reported by vLLM: the Rollouts' entropy is 0 for this engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+
+from ..rollout import Rollouts, Sampler
+
+log = logging.getLogger("stages")
+
+
+def request_seed(seed: int, row: int) -> int:
+    """A per-request 31-bit seed: the same rollout row always gets the same vLLM stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:4], "big") >> 1
+
+
+def build_requests(prompts: list[list[int]], *, temperature: float, max_new_tokens: int, greedy: bool, seed: int,
+                   eos_id: int, sampling_params_cls, first_row: int = 0) -> tuple[list[dict], list]:
+    """vLLM prompts (``{"prompt_token_ids": ...}``, TokensPrompt's shape) and one ``SamplingParams`` per row.
+
+    ``n=1`` per request, ``logprobs=0`` (the sampled token's log-prob only), no top-k/top-p, stop at the
+    tokenizer's EOS only (``ignore_eos=False``, ``stop_token_ids=[eos]``), EOS kept in the output.
+    """
+    reqs = [{"prompt_token_ids": list(p)} for p in prompts]
+    params = [sampling_params_cls(n=1, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1,
+                                  max_tokens=max_new_tokens, seed=request_seed(seed, first_row + i), logprobs=0,
+                                  stop_token_ids=[eos_id], skip_special_tokens=False, detokenize=False)
+              for i in range(len(prompts))]
+    return reqs, params
+
+
+def _token_logprob(entry, token: int) -> float:
+    """One position of ``CompletionOutput.logprobs``: a dict token id -> Logprob(logprob=...) (or a float)."""
+    lp = entry[token]
+    return float(getattr(lp, "logprob", lp))
+
+
+def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: int) -> Rollouts:
+    """vLLM ``RequestOutput`` list (same order as ``prompts``) -> :class:`Rollouts` in the native layout:
+    prompts left-padded to P, completions right-padded to the longest, EOS included, log-probs of the
+    sampled tokens from ``outputs[i].outputs[0].logprobs``."""
+    if len(outputs) != len(prompts):
+        raise ValueError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    comps, lps = [], []
+    for p, out in zip(prompts, outputs):
+        if list(out.prompt_token_ids) != list(p):
+            raise ValueError("vLLM output order does not match the prompts")
+        c = out.outputs[0]
+        toks = list(c.token_ids)
+        if c.logprobs is None or len(c.logprobs) != len(toks):
+            raise ValueError("vLLM output has no per-token logprobs: SamplingParams(logprobs=0) is required")
+        comps.append(toks)
+        lps.append([_token_logprob(e, t) for e, t in zip(c.logprobs, toks)])
+    B, P = len(prompts), max(len(p) for p in prompts)
+    N = max(1, max(len(c) for c in comps))
+    ids = torch.full((B, P + N), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + N), dtype=torch.long)
+    comp = torch.zeros((B, P + N), dtype=torch.long)
+    logp = torch.zeros((B, P + N))
+    for i, (p, c, lp) in enumerate(zip(prompts, comps, lps)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        attn[i, P - len(p) : P + len(c)] = 1
+        if c:
+            ids[i, P : P + len(c)] = torch.tensor(c)
+            comp[i, P : P + len(c)] = 1
+            logp[i, P : P + len(c)] = torch.tensor(lp)
+    return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P)
+
+
+class VLLMSampler(Sampler):
+    """Colocated vLLM engine; see the module docstring for what is and is not exercised."""
+
+    def __init__(self, eos_id: int, pad_id: int, options):
+        self.eos_id, self.pad_id, self.opt = eos_id, pad_id, options
+        self._llms: dict[int, object] = {}
+
+    def _llm(self, model):
+        key = id(model)
+        if key not in self._llms:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (colocate)
+            from vllm import LLM
+
+            path = getattr(model, "name_or_path", None) or model.config._name_or_path
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            self._llms[key] = LLM(model=path, dtype=dtype, gpu_memory_utilization=self.opt.gpu_memory_utilization,
+                                  enable_sleep_mode=self.opt.enable_sleep_mode, logprobs_mode="processed_logprobs",
+                                  max_model_len=self.opt.max_model_len, seed=0, enable_prefix_caching=True)
+        return self._llms[key]
+
+    def _push_weights(self, llm, model) -> None:
+        """Load the trainer's current weights into the engine (TRL colocate mode's path; see module docstring)."""
+        state = model.state_dict()
+        try:
+            runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        except AttributeError:
+            llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(state.items()))
+        else:
+            runner_model.load_weights(state.items())
+        if hasattr(llm, "reset_prefix_cache"):
+            llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
+
+    @torch.no_grad()
+    def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0, first_row=0) -> Rollouts:
+        from vllm import SamplingParams
+
+        llm = self._llm(model)
+        if self.opt.enable_sleep_mode:
+            llm.wake_up()
+        if any(p.requires_grad for p in model.parameters()):  # a frozen teacher never changes
+            self._push_weights(llm, model)
+        reqs, params = build_requests(prompts, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy,
+                                      seed=seed, eos_id=self.eos_id, sampling_params_cls=SamplingParams,
+                                      first_row=first_row)
+        outputs = llm.generate(reqs, params, use_tqdm=False)
+        if self.opt.enable_sleep_mode:
+            llm.sleep(level=1)
+        device = next(model.parameters()).device
+        ro = outputs_to_rollouts(prompts, outputs, self.eos_id, self.pad_id)
+        return Rollouts(*(t.to(device) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)),
+                        ro.prompt_len)
