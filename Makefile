@@ -2,6 +2,8 @@
 # make test   -- set up, then run the test suite
 # make workflow  -- the same workflow without Airflow (python -m stages workflow)
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
+# make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
+# make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
 PY ?= python3
 VENV ?= .venv
 ROOT ?= runs/demo
@@ -17,7 +19,7 @@ export S2D_WORKDIR = $(CURDIR)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(VENV)/bin/pip install -q -e '.[airflow,dev]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench]' -c constraints.txt
 	touch $@
 
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
@@ -26,7 +28,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install demo workflow test stack clean
+.PHONY: install demo workflow test stack bench-paper bench-speed clean
 install: $(VENV)/.installed
 
 demo: $(AIRFLOW_HOME)/.ready
@@ -45,6 +47,12 @@ test: $(VENV)/.installed
 
 stack: $(AIRFLOW_HOME)/.ready
 	infra/local-stack.sh
+
+bench-paper: $(VENV)/.installed
+	$(VENV)/bin/python bench/paper_table.py --preset cpu --out bench/results
+
+bench-speed: $(VENV)/.installed
+	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

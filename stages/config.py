@@ -72,6 +72,9 @@ class TaskConfig(Strict):
     seed: int = 1234
     min_digits: int = Field(2, ge=1, le=12)
     max_digits: int = Field(4, ge=1, le=12)
+    # arithmetic only: operations problems are drawn from, uniformly. "mul" multiplies a
+    # min..max_digits number by one digit 2-9 (a column trace of partial products with carries).
+    ops: list[Literal["add", "mul"]] = Field(default_factory=lambda: ["add"], min_length=1)
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
     sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "eval"], int] = Field(
         default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000, "eval": 200}
@@ -94,12 +97,32 @@ class TaskConfig(Strict):
         return self
 
 
+class VLLMOptions(Strict):
+    """The colocated vLLM engine (``sampling.engine: vllm``; its own image, see README "GPU path")."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of GPU memory vLLM may take")
+    enable_sleep_mode: bool = Field(True, description="free vLLM's KV cache while the trainer steps")
+    max_model_len: int | None = Field(None, gt=0, description="default: the model's")
+
+
 class Sampling(Strict):
     """One temperature for sampling and for the trainer's log-probs (a mismatch biases every ratio)."""
 
     temperature: float = Field(1.0, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(256, gt=0, description="sequences generated at once")
+    engine: Literal["hf", "static", "vllm"] = Field(
+        "hf", description="hf: DynamicCache loop (CPU default); static: static KV cache + CUDA-graph decode; vllm")
+    decode: Literal["auto", "cuda_graph", "eager"] = Field(
+        "auto", description="static engine: auto = CUDA graph on CUDA, eager on the CPU")
+    stop_check_every: int = Field(16, gt=0, description="static engine on CUDA: steps between all-rows-done checks")
+    vllm: VLLMOptions = VLLMOptions()
+
+
+class Train(Strict):
+    """Training-efficiency switches; none of them changes the math (not part of the stage hash)."""
+
+    gradient_checkpointing: bool = Field(False, description="recompute each decoder layer in backward")
 
 
 class Optim(Strict):
@@ -141,9 +164,11 @@ class GRPOConfig(Strict):
 
 
 class WarmupConfig(Strict):
-    """Forward KL(teacher || student), full vocabulary, on teacher rollouts."""
+    """Forward KL(teacher || student), full vocabulary, on teacher rollouts. ``form: seq_sft`` is the
+    sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
     steps: int = Field(50, ge=0)
+    form: Literal["token_kl", "seq_sft"] = "token_kl"
     prompts_per_step: int = Field(32, gt=0)
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
     c2_every: int = Field(10, gt=0)
@@ -188,6 +213,7 @@ class Config(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)
     logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
+    train: Train = Train()
     checkpoint_every: int = Field(25, gt=0, description="steps between resumable training states")
     task: TaskConfig = TaskConfig()
     models: Models
@@ -210,7 +236,9 @@ class Config(Strict):
 
     def stage_hash(self, stage: str, inputs: dict[str, str]) -> str:
         """Hash of what determines a stage's outputs: shared settings, its own section, its inputs."""
-        shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"})
+        # how the static engine decodes and vLLM's memory share change no token: not part of the hash
+        shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"},
+                                 exclude={"sampling": {"decode", "stop_check_every", "vllm"}})
         own = getattr(self, stage).model_dump() if hasattr(self, stage) else {}
         if stage == "direct_grpo" and own.get("steps") is None:
             own["steps"] = self.student_step_budget()

@@ -2,6 +2,11 @@
 
     loss = mean over completion tokens of  KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
 
+``kl_warmup.form: seq_sft`` replaces the full-vocabulary KL with sequence-level distillation
+(Kim & Rush 2016): cross-entropy on the tokens the teacher sampled, a Monte-Carlo estimate of the
+same gradient that sees one token of the teacher's distribution per position. It is the benchmark's
+"fine-tune on teacher samples" control.
+
 Prompts only (no answers). It brings the student within a small KL of the teacher (the paper's
 condition C2), measured as KL(student || teacher) on student rollouts before and after; it stops
 early once that falls below ``kl_warmup.c2_target``.
@@ -17,8 +22,8 @@ import time
 import torch
 
 from .evaluation import evaluate, student_teacher_kl
-from .losses import aggregate, forward_kl
-from .rollout import hidden_states, map_positions
+from .losses import aggregate, forward_kl, sft_loss
+from .rollout import hidden_states, map_positions, token_logprobs
 from .runtime import StageRun, decode
 
 
@@ -36,14 +41,17 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         batch = run.batch_of(prompts, w.prompts_per_step, step)
         t0 = time.perf_counter()
         ro = run.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
-        with torch.no_grad():
-            ht = hidden_states(teacher, ro)[:, :-1]
-        hs = hidden_states(student, ro)[:, :-1]
-        kl = map_positions(lambda a, b: forward_kl(s_head(a) / T, t_head(b) / T), cfg.logprob_chunk, hs, ht)
-        loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
+        if w.form == "seq_sft":
+            loss = sft_loss(token_logprobs(student, ro, T, cfg.logprob_chunk), ro.completion)
+        else:
+            with torch.no_grad():
+                ht = hidden_states(teacher, ro)[:, :-1]
+            hs = hidden_states(student, ro)[:, :-1]
+            kl = map_positions(lambda a, b: forward_kl(s_head(a) / T, t_head(b) / T), cfg.logprob_chunk, hs, ht)
+            loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
-        out = {"loss": float(loss.detach()), "forward_kl": float(loss.detach()), "grad_norm": norm,
+        out = {"loss": float(loss.detach()), ("forward_kl" if w.form == "token_kl" else "teacher_nll"): float(loss.detach()), "grad_norm": norm,
                "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
         if (step + 1) % w.c2_every == 0:
             out["c2"] = student_teacher_kl(run, student, teacher, tok, prompts, label=f"c2-{step}")

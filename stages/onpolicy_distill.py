@@ -17,10 +17,11 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
-from .rollout import hidden_states, map_positions, token_logprobs
+from .rollout import chosen_logprobs, hidden_states, map_positions, token_logprobs
 from .runtime import StageRun, decode
 
 
@@ -38,20 +39,25 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         t0 = time.perf_counter()
         ro = run.sample(student, tok, batch, step)
         mask = ro.completion
-        with torch.no_grad():
-            t_lp = token_logprobs(teacher, ro, T, chunk)
         if d.form == "sampled":
+            with torch.no_grad():
+                t_lp = token_logprobs(teacher, ro, T, chunk)
             adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
             logp = token_logprobs(student, ro, T, chunk)
             loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
                                       max_len=cfg.sampling.max_new_tokens)
         else:
-            with torch.no_grad():
-                ht = hidden_states(teacher, ro)[:, :-1]
-            hs = hidden_states(student, ro)[:, :-1]
+            # One teacher forward serves both the loss and the metrics below, and the output heads and the
+            # KL run on completion positions only (P-1 .. L-2 predict tokens P .. L-1): prompt positions are
+            # masked out of every aggregation anyway. Same loss and gradients, less work.
+            P = ro.prompt_len
             s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+            with torch.no_grad():
+                ht = hidden_states(teacher, ro)[:, P - 1 : -1]
+                t_lp = F.pad(chosen_logprobs(t_head, ht, ro.input_ids[:, P:], T, chunk), (P, 0))
+            hs = hidden_states(student, ro)[:, P - 1 : -1]
             kl = map_positions(lambda a, b: reverse_kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht)
-            loss, stats = aggregate(kl, mask[:, 1:], d.aggregation, cfg.sampling.max_new_tokens), {}
+            loss, stats = aggregate(kl, mask[:, P:], d.aggregation, cfg.sampling.max_new_tokens), {}
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
         n_tok = mask.sum().clamp(min=1)
@@ -74,3 +80,4 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
                         "c2_after": student_teacher_kl(run, student, teacher, tok, prompts)}
         run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
         return run.publish({"model": student}, tok, history=history)
+

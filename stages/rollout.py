@@ -229,13 +229,16 @@ def token_logprobs(model, batch: Rollouts, temperature: float, chunk: int = 512)
     ``batch.completion`` and ``batch.logprobs``.
     """
     h = hidden_states(model, batch)[:, :-1]
-    targets = batch.input_ids[:, 1:]
-    head = model.get_output_embeddings()
+    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:], temperature, chunk)
+    return F.pad(lp, (1, 0))
+
+
+def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """log softmax(head(h_t) / T)[targets_t] for hidden states ``h`` [B, K, H] already aligned with
+    ``targets`` [B, K] (h_t predicts targets_t), chunk by chunk over positions."""
 
     def fn(h_c, t_c):
-        logp = F.log_softmax(head(h_c).float() / temperature, dim=-1)
-        return logp.gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
+        return F.log_softmax(head(h_c).float() / temperature, dim=-1).gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
 
-    lp = map_positions(fn, chunk, h, targets)
-    return F.pad(lp, (1, 0))
+    return map_positions(fn, chunk, h, targets)
 

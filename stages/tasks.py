@@ -34,60 +34,71 @@ class Task(Protocol):
 
 
 class ArithmeticTask:
-    """Addition of two numbers of ``min_digits..max_digits`` digits, zero-padded in the prompt.
+    """Additions of two ``min_digits..max_digits``-digit numbers (zero-padded in the prompt) and,
+    with ``ops: [add, mul]``, multiplications of such a number by one digit 2-9.
 
     A worked completion writes one column per step, right to left, then the answer::
 
         0123+0489=  ->  3+9+0=12;2+8+1=11;1+4+1=06;0+0+0=00;>612
+        0347*6=     ->  7*6+0=42;4*6+4=28;3*6+2=20;0*6+2=02;>2082
 
-    Each column reads ``x+y+carry=<carry out><digit>``. Bootstrap traces are corrupted with
-    probability ``noise`` (one column's digit replaced, the answer following the corrupted trace),
-    so base models are imperfect in the way a pretrained model is: mostly right, sometimes wrong.
+    Each column reads ``x+y+carry=<carry out><digit>`` (``x*d+carry=<carry out><digit>``). Bootstrap
+    traces are corrupted with probability ``noise`` (one column's digit replaced, the answer
+    following the corrupted trace), so base models are imperfect in the way a pretrained model is:
+    mostly right, sometimes wrong. Multiplication needs the times table and carries up to 8: a
+    capacity test that small students fail more often than large teachers.
     """
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         self.width = cfg.max_digits
         rng = random.Random(cfg.seed)
-        seen: set[tuple[int, int]] = set()
-        self._splits: dict[str, list[tuple[int, int]]] = {}
+        seen: set[tuple[str, int, int]] = set()
+        self._splits: dict[str, list[tuple[str, int, int]]] = {}
         # eval first, so changing the training split sizes never changes the eval set
         for split in ("eval", "student_rl", "teacher_rl", "prompts", "bootstrap"):
-            pairs = []
-            while len(pairs) < cfg.sizes.get(split, 0):
-                a, b = self._number(rng), self._number(rng)
-                if (a, b) not in seen:
-                    seen.add((a, b))
-                    pairs.append((a, b))
-            self._splits[split] = pairs
+            items = []
+            while len(items) < cfg.sizes.get(split, 0):
+                op = "add" if cfg.ops == ["add"] else rng.choice(cfg.ops)  # add-only draws as before
+                a = self._number(rng)
+                b = self._number(rng) if op == "add" else rng.randint(2, 9)
+                if (op, a, b) not in seen:
+                    seen.add((op, a, b))
+                    items.append((op, a, b))
+            self._splits[split] = items
 
     def _number(self, rng: random.Random) -> int:
         d = rng.randint(self.cfg.min_digits, self.cfg.max_digits)
         return rng.randint(10 ** (d - 1) if d > 1 else 0, 10**d - 1)
 
-    def prompt(self, a: int, b: int) -> str:
+    def prompt(self, op: str, a: int, b: int) -> str:
+        if op == "mul":
+            return f"{a:0{self.width}d}*{b}="
         return f"{a:0{self.width}d}+{b:0{self.width}d}="
 
     def problems(self, split: str) -> list[Problem]:
         if split not in self._splits:
             raise KeyError(f"unknown split '{split}' (splits: {', '.join(self._splits)})")
         return [
-            Problem(f"{split}-{i}", self.prompt(a, b), None if split == "prompts" else str(a + b))
-            for i, (a, b) in enumerate(self._splits[split])
+            Problem(f"{split}-{i}", self.prompt(op, a, b), None if split == "prompts" else str(a * b if op == "mul" else a + b))
+            for i, (op, a, b) in enumerate(self._splits[split])
         ]
 
     def solution(self, problem: Problem, rng: random.Random | None = None, noise: float = 0.0) -> str:
         """The worked completion (without EOS); with ``noise``, possibly one corrupted column."""
-        a_s, b_s = problem.prompt.rstrip("=").split("+")
+        body = problem.prompt.rstrip("=")
+        mul = "*" in body
+        a_s, b_s = body.split("*" if mul else "+")
         cols, carry = [], 0
-        for x, y in zip(reversed(a_s), reversed(b_s)):
-            total = int(x) + int(y) + carry
+        for x, y in zip(reversed(a_s), reversed(b_s) if not mul else [b_s] * len(a_s)):
+            total = int(x) * int(y) + carry if mul else int(x) + int(y) + carry
             cols.append([x, y, carry, total // 10, total % 10])
             carry = total // 10
         if rng is not None and rng.random() < noise:
             col = cols[rng.randrange(len(cols))]
             col[4] = rng.choice([d for d in range(10) if d != col[4]])
-        trace = "".join(f"{x}+{y}+{c}={co}{d};" for x, y, c, co, d in cols)
+        sign = "*" if mul else "+"
+        trace = "".join(f"{x}{sign}{y}+{c}={co}{d};" for x, y, c, co, d in cols)
         digits = str(cols[-1][3]) + "".join(str(c[4]) for c in reversed(cols))
         return f"{trace}>{int(digits)}"
 

@@ -44,6 +44,20 @@ def test_arithmetic_solution_and_verifier():
     assert all(t.reward(s, p) == 0.0 for s in noisy)
 
 
+def test_multiplication_trace_and_mixed_splits():
+    t = ArithmeticTask(TaskConfig(ops=["add", "mul"], max_digits=4))
+    p = Problem("x", "0347*6=", "2082")
+    assert t.solution(p) == "7*6+0=42;4*6+4=28;3*6+2=20;0*6+2=02;>2082"
+    assert t.reward(t.solution(p), p) == 1.0
+    probs = t.problems("eval")
+    ops = {("*" if "*" in q.prompt else "+") for q in probs}
+    assert ops == {"*", "+"}
+    for q in probs[:100]:  # every worked trace ends in the verified answer
+        assert t.reward(t.solution(q), q) == 1.0
+        a, b = q.prompt.rstrip("=").split("*" if "*" in q.prompt else "+")
+        assert int(q.answer) == (int(a) * int(b) if "*" in q.prompt else int(a) + int(b))
+
+
 def test_math_jsonl_task_with_math_verify(tmp_path):
     f = tmp_path / "eval.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [{"problem": "1/2+1/4?", "answer": "\\frac{3}{4}"}, {"problem": "2+2", "answer": "4"}]))
