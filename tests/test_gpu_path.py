@@ -231,6 +231,48 @@ def test_stage_runs_under_accelerate_launch_with_two_cpu_processes(small_cfg, tm
     assert len(rows) == 2 * 4 * 4  # steps x prompts x group: the gathered batch, written once
 
 
+def test_stage_runs_under_deepspeed_zero3_through_accelerate_on_cpu(tmp_path):
+    """The ZeRO-3 path (engine prepare, sharded params gathered for generation and for the published
+    state dict) with the shipped config, on the CPU: only its device settings are changed."""
+    pytest.importorskip("deepspeed")
+    import yaml
+
+    from conftest import TEST_OVERRIDES
+
+    cfg = yaml.safe_load((REPO / "infra/accelerate/deepspeed_zero3.yaml").read_text())
+    assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 3
+    cfg |= {"use_cpu": True, "mixed_precision": "no"}  # no GPU, no bf16 kernels on this CPU
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(cfg))
+    root = tmp_path / "root"
+    sets = [a for o in TEST_OVERRIDES + ["torch_threads=1"] for a in ("--set", o)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu"}
+    env.pop("LOCAL_RANK", None)
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+                          "--num_processes", "1", "-m", "stages", "bootstrap", "--config", "tiny", "--root", str(root), *sets],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] is False
+    from transformers import AutoModelForCausalLM
+
+    from stages.models import char_tokenizer, tiny_qwen3
+
+    published = AutoModelForCausalLM.from_pretrained(root / "bootstrap" / "student")
+    fresh = tiny_qwen3(small_arch("student"), char_tokenizer(), 0)
+    n = sum(p.numel() for p in fresh.parameters())
+    # the full (gathered) weights were published, not a rank's empty ZeRO-3 shards
+    assert sum(p.numel() for p in published.parameters()) == n
+    assert all(p.abs().sum() > 0 for p in published.parameters())
+
+
+def small_arch(role: str):
+    from conftest import TEST_OVERRIDES
+
+    from stages.config import load_config
+
+    return getattr(load_config("tiny", TEST_OVERRIDES).models, role).arch
+
+
 # ------------------------------------------------------------------ the GPU check script
 def test_gpu_check_smoke_mode_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
