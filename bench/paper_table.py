@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -149,9 +152,12 @@ def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri:
     from stages.runtime import StageRun
 
     cfg = load_config(base, overrides)
-    run = StageRun("c2", cfg, root)
-    t, s, tok = run.load_teacher_student(teacher, student_uri)
-    return student_teacher_kl(run, s, t, tok, run.task.problems("prompts"), label="c2-final")
+    run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
+    try:
+        t, s, tok = run.load_teacher_student(teacher, student_uri)
+        return student_teacher_kl(run, s, t, tok, run.task.problems("prompts"), label="c2-final")
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -299,7 +305,7 @@ def render(result: dict) -> str:
 
     def f(ms, nd=3):
         m, s = ms
-        return "-" if m != m else f"{m:.{nd}f} ± {s:.{nd}f}"
+        return "-" if math.isnan(m) else f"{m:.{nd}f} ± {s:.{nd}f}"
 
     for r in rows:
         delta = "" if full is None or r["arm"] == "full" else f"{r[f'avg@{k}'][0] - full[f'avg@{k}'][0]:+.3f}"
@@ -362,8 +368,6 @@ def machine() -> dict:
         git += " (stages/ modified)" if dirty else ""
     except OSError:
         git = "unknown"
-    import os
-
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "git": git,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
