@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages import artifacts, workflow  # noqa: E402
-from stages.config import load_config  # noqa: E402
+from stages.config import ConfigError, load_config  # noqa: E402
 
 WARM, DISTILL, RL = "kl_warmup", "onpolicy_distill", "student_rl"
 
@@ -171,7 +171,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     base = args.preset if args.preset.endswith((".yaml", ".yml")) else str(REPO / "bench" / "configs" / f"paper-{args.preset}.yaml")
-    cfg0 = load_config(base, args.overrides)  # a bad config fails here, before any training
+    try:
+        cfg0 = load_config(base, args.overrides)  # a bad config fails here, before any training
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     root = args.root or str(REPO / "runs" / f"bench-paper-{cfg0.name}")
     k = cfg0.eval.samples
     t_start = time.perf_counter()
