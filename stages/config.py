@@ -76,10 +76,12 @@ class TaskConfig(Strict):
     # min..max_digits number by one digit 2-9 (a column trace of partial products with carries).
     ops: list[Literal["add", "mul"]] = Field(default_factory=lambda: ["add"], min_length=1)
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
-    sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "eval"], int] = Field(
-        default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000, "eval": 200}
+    # validation: held out like eval, for choosing hyper-parameters (never choose them on eval)
+    sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval"], int] = Field(
+        default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000,
+                                 "validation": 200, "eval": 200}
     )
-    files: dict[Literal["teacher_rl", "prompts", "student_rl", "eval"], str] = Field(default_factory=dict)
+    files: dict[Literal["teacher_rl", "prompts", "student_rl", "validation", "eval"], str] = Field(default_factory=dict)
     prompt_template: str = "{problem}\nPut the final answer in \\boxed{{}}.\n"
 
     @model_validator(mode="after")

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from .config import TaskConfig
 
-LABELED = ("bootstrap", "teacher_rl", "student_rl", "eval")
+LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ class ArithmeticTask:
         rng = random.Random(cfg.seed)
         seen: set[tuple[str, int, int]] = set()
         self._splits: dict[str, list[tuple[str, int, int]]] = {}
-        # eval first, so changing the training split sizes never changes the eval set
-        for split in ("eval", "student_rl", "teacher_rl", "prompts", "bootstrap"):
+        # eval first, then validation (for choosing hyper-parameters), so changing the training split
+        # sizes never changes either. A commuted addition (b+a) is the same problem as a+b: both are
+        # marked seen, so no split holds a near-duplicate of another split's problem.
+        for split in ("eval", "validation", "student_rl", "teacher_rl", "prompts", "bootstrap"):
             items = []
             while len(items) < cfg.sizes.get(split, 0):
                 op = "add" if cfg.ops == ["add"] else rng.choice(cfg.ops)  # add-only draws as before
@@ -64,6 +66,8 @@ class ArithmeticTask:
                 b = self._number(rng) if op == "add" else rng.randint(2, 9)
                 if (op, a, b) not in seen:
                     seen.add((op, a, b))
+                    if op == "add":
+                        seen.add((op, b, a))
                     items.append((op, a, b))
             self._splits[split] = items
 

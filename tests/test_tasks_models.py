@@ -17,9 +17,14 @@ ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size
 
 
 def test_arithmetic_splits_are_disjoint_deterministic_and_eval_is_stable():
-    cfg = TaskConfig(sizes={"bootstrap": 500, "teacher_rl": 100, "prompts": 100, "student_rl": 100, "eval": 50})
+    cfg = TaskConfig(sizes={"bootstrap": 500, "teacher_rl": 100, "prompts": 100, "student_rl": 100, "validation": 50, "eval": 50})
     t1, t2 = ArithmeticTask(cfg), ArithmeticTask(cfg)
-    splits = {s: {p.prompt for p in t1.problems(s)} for s in ("bootstrap", "teacher_rl", "prompts", "student_rl", "eval")}
+    split_names = ("bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval")
+
+    def canonical(prompt: str) -> str:  # a+b and b+a are one problem
+        return "+".join(sorted(prompt.rstrip("=").split("+"))) if "+" in prompt else prompt
+
+    splits = {s: {canonical(p.prompt) for p in t1.problems(s)} for s in split_names}
     names = list(splits)
     for i, a in enumerate(names):
         assert len(splits[a]) == cfg.sizes[a]
