@@ -8,15 +8,20 @@ that name the key.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import re
+import string
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = Path(__file__).parent / "configs"
 STAGES = ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl")
+TEMPLATE_FIELDS = {"problem"}
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
 class ConfigError(ValueError):
@@ -96,7 +101,21 @@ class TaskConfig(Strict):
             missing = {"teacher_rl", "prompts", "eval"} - set(self.files)
             if missing:
                 raise ValueError(f"math_jsonl needs files for splits {sorted(missing)}")
+        _check_template(self.prompt_template)
         return self
+
+
+def _check_template(template: str) -> None:
+    """A ``str.format`` template that uses only the fields a task fills in (``{problem}``)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"prompt_template is not a valid format string ({e}); write literal braces as {{{{ }}}}") from None
+    unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
+    if "" in unknown:
+        raise ValueError("prompt_template has a positional field '{}'; name it {problem}, write literal braces as {{ }}")
+    if unknown:
+        raise ValueError(f"prompt_template uses unknown field(s) {sorted(unknown)}; the only field is {{problem}}")
 
 
 class VLLMOptions(Strict):
@@ -207,11 +226,21 @@ class Workflow(Strict):
     stages: list[Literal["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]] = list(STAGES)
     baseline: bool = True
 
+    @model_validator(mode="after")
+    def _canonical_order(self):
+        # stages always run in the paper's order; a list in another order would be silently reordered
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        ordered = [s for s in STAGES if s in self.stages]
+        if self.stages != ordered:
+            raise ValueError(f"stages run in the paper's order {list(STAGES)}; write {ordered}, not {self.stages}")
+        return self
+
 
 class Config(Strict):
     name: str = "custom"
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu | cuda | cuda:N | mps (must exist where the stage runs)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)
     logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
@@ -229,6 +258,13 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     workflow: Workflow = Workflow()
     tracking: Tracking = Tracking()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not DEVICE.match(v):
+            raise ValueError("not a device: use cpu, cuda, cuda:N or mps")
+        return v
 
     def student_step_budget(self) -> int:
         """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""
@@ -274,19 +310,67 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"unknown preset '{preset_or_path}' (presets: {', '.join(names)})")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
+            raise ConfigError(f"--set {item}: '{key.strip()}' is not a key path like teacher_rl.steps")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: value is not valid YAML: {_yaml_problem(e)}") from None
+        _set_path(tree, key.strip(), value)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        lines = []
+        problems = []  # one line: users and orchestrators read the last line of stderr
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc or '<root>'}: {err['msg']}" + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""))
-        raise ConfigError(f"invalid config {path.name}:\n" + "\n".join(lines)) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            problems.append(f"{loc or '<root>'}: {msg}{got}")
+        where = f"{path.name}" + (f" with --set {', '.join(overrides)}" if overrides else "")
+        raise ConfigError(f"invalid config {where}: " + "; ".join(problems)) from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (line/column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+def check_runtime(cfg: Config) -> None:
+    """What the config needs from this host, checked before any model loads: the device exists and a
+    task plugin (``task.kind: module:factory``) imports. Raises :class:`ConfigError` naming the key."""
+    check_device(cfg.device)
+    if ":" in cfg.task.kind:
+        module, _, attr = cfg.task.kind.partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any import failure of user code is a config error
+            raise ConfigError(f"task.kind '{cfg.task.kind}': cannot import {module}: {type(e).__name__}: {e}") from None
+        if not callable(getattr(mod, attr, None)):
+            raise ConfigError(f"task.kind '{cfg.task.kind}': {module} has no callable '{attr}'")
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            raise ConfigError(f"device '{device}' is not available on this host ({n} CUDA device(s)); "
+                              "use --set device=cpu or run where a GPU is")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' is not available on this host; use --set device=cpu")
