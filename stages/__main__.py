@@ -11,6 +11,8 @@ stage 1 is on); --teacher / --student override them.
 
 The same command runs as a local subprocess, in Docker and in a Kubernetes pod. Exit code 0 only
 when the stage's outputs are published; the last stdout line is a JSON summary (URIs, metrics).
+A user error (config, flag, input, data) is one line ``error: ...`` on stderr and exit code 2, found
+before any model loads; any other failure is one line and exit code 1; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -44,21 +46,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--if-planned", action="store_true",
                    help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
 
 
-def check_input(uri: str, what: str) -> None:
-    """Fail before any model loads when a local input is missing or unfinished."""
-    from .artifacts import find_manifest
-    from .runtime import _is_hub_id
+def check_input(uri: str, what: str, spec=None) -> None:
+    """Fail before any model loads when an input is missing, unfinished, unreadable or unreachable."""
+    from .artifacts import CorruptManifest, find_manifest
+    from .config import InputError
+    from .models import check_source
 
-    if "://" in uri and not uri.startswith("file://") or _is_hub_id(uri):
-        return
     path = Path(uri.removeprefix("file://"))
-    if not path.exists():
-        raise SystemExit(f"error: {what} {uri} does not exist (has the stage that writes it finished?)")
-    if find_manifest(uri) is None and not (path / "config.json").exists():
-        raise SystemExit(f"error: {what} {uri} has no manifest.json and is not a Hugging Face checkpoint folder")
+    local = "://" not in uri or uri.startswith("file://")
+    if local and not path.exists() and (uri.startswith((".", "/", "file://")) or uri.count("/") != 1):
+        raise InputError(f"{what} {uri} does not exist (has the stage that writes it finished?)")
+    try:
+        found = find_manifest(uri) if local and path.exists() or uri.startswith("s3://") else None
+    except CorruptManifest as e:  # the input is bad (not a storage fault): say which file
+        raise InputError(f"{what}: {e}") from None
+    if found is None:
+        check_source(uri, what, spec)
 
 
 def emit(args, payload: dict) -> None:
@@ -93,7 +100,33 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
 
 
 def main(argv=None) -> int:
+    """Run a command; every failure is one line on stderr (2: a user error, 1: anything else)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .artifacts import ArtifactError
+    from .config import InputError
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (SystemExit, Exception) as e:  # noqa: BLE001 - the one place every error becomes one line
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise  # argparse's own exits (--help, usage errors) and plain exit codes
+        if "--debug" in argv:
+            import traceback
+
+            traceback.print_exc()
+        msg = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+        msg = " ".join(msg.split()) or type(e).__name__
+        user = isinstance(e, (SystemExit, InputError)) and not isinstance(e, ArtifactError)
+        if not user and not isinstance(e, ArtifactError):
+            msg = f"{type(e).__name__}: {msg} (--debug shows the traceback)"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 2 if user else 1
+
+
+def _main(argv: list[str]) -> int:
     relaunch = relaunch_command(argv)
     if relaunch is not None:
         import subprocess
@@ -104,19 +137,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_runtime, load_config
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "validate":
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
+        try:
+            check_runtime(cfg)
+        except ConfigError as e:
+            if not str(e).startswith("device"):
+                raise
+            print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
         emit(args, {"valid": True, "name": cfg.name})
         return 0
+    check_runtime(cfg)
 
     from . import workflow
 
@@ -149,7 +185,8 @@ def main(argv=None) -> int:
                     "policy": args.teacher if cmd == "teacher_rl" else args.student}
         inputs = {k: explicit.get(k) or v for k, v in inputs.items()}
     for what, uri in inputs.items():
-        check_input(uri, what)
+        role = what if what in ("teacher", "student") else ("teacher" if cmd == "teacher_rl" else "student")
+        check_input(uri, what, getattr(cfg.models, role, None))
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
     manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],

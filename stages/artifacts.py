@@ -45,6 +45,10 @@ class ArtifactError(RuntimeError):
     """Missing, unfinished or corrupted artifact."""
 
 
+class CorruptManifest(ArtifactError):
+    """A manifest (or resume pointer) that is not this project's JSON."""
+
+
 class LockHeld(ArtifactError):
     """Another live run holds the stage folder's lock."""
 
@@ -408,9 +412,9 @@ def _parse_json(raw: bytes, uri: str, what: str = "manifest") -> dict:
     try:
         out = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{uri}: {what} is not valid JSON ({e}): corrupted or not written by this project") from None
+        raise CorruptManifest(f"{uri}: {what} is not valid JSON ({e}): corrupted or not written by this project") from None
     if not isinstance(out, dict):
-        raise ArtifactError(f"{uri}: {what} is not a JSON object")
+        raise CorruptManifest(f"{uri}: {what} is not a JSON object")
     return out
 
 
@@ -421,7 +425,7 @@ def read_manifest(stage_uri: str) -> dict | None:
         return None
     m = _parse_json(raw, uri)
     if not isinstance(m.get("files"), dict):
-        raise ArtifactError(f"{uri}: manifest has no 'files' table: corrupted or not written by this project")
+        raise CorruptManifest(f"{uri}: manifest has no 'files' table: corrupted or not written by this project")
     return m
 
 

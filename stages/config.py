@@ -24,7 +24,11 @@ TEMPLATE_FIELDS = {"problem"}
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A user error (config, flag, input, data file): ``python -m stages`` prints one line and exits 2."""
+
+
+class ConfigError(InputError):
     """A config that cannot run; the message names the offending key."""
 
 
