@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_input(uri: str, what: str, spec=None) -> None:
     """Fail before any model loads when an input is missing, unfinished, unreadable or unreachable."""
-    from .artifacts import CorruptManifest, find_manifest
+    from .artifacts import ArtifactError, CorruptManifest, StorageUnavailable, check_files, find_manifest
     from .config import InputError
     from .models import check_source
 
@@ -66,6 +66,16 @@ def check_input(uri: str, what: str, spec=None) -> None:
         raise InputError(f"{what}: {e}") from None
     if found is None:
         check_source(uri, what, spec)
+        return
+    if found[0] == uri.rstrip("/"):
+        outputs = ", ".join(found[1].get("outputs", {}).values()) or "none"
+        raise InputError(f"{what} {uri}: a stage folder, not a model; pass one of its outputs: {outputs}")
+    try:
+        check_files(uri)
+    except StorageUnavailable:
+        raise
+    except ArtifactError as e:
+        raise InputError(f"{what}: {e}") from None
 
 
 def emit(args, payload: dict) -> None:

@@ -49,6 +49,10 @@ class CorruptManifest(ArtifactError):
     """A manifest (or resume pointer) that is not this project's JSON."""
 
 
+class StorageUnavailable(ArtifactError):
+    """The store did not answer (timeouts, connection, server errors): retry later; nothing is known to be wrong."""
+
+
 class LockHeld(ArtifactError):
     """Another live run holds the stage folder's lock."""
 
@@ -278,9 +282,9 @@ class S3Store(Store):
                 raise ArtifactError(f"{uri}: bucket '{self._split(uri)[0]}' does not exist (endpoint {self.endpoint})") from None
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise ArtifactError(f"{uri}: missing (endpoint {self.endpoint})") from None
-            raise ArtifactError(f"{uri}: S3 {what} failed at {self.endpoint}: {code or e}") from e
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {code or e}") from e
         except (BotoCoreError, RetriesExceededError, S3TransferFailedError, S3UploadFailedError, TimeoutError, OSError) as e:
-            raise ArtifactError(f"{uri}: S3 {what} failed at {self.endpoint}: {e} "
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {e} "
                                 f"(timeouts: S2D_S3_TIMEOUT_S={self.timeout_s:g}, S2D_S3_DEADLINE_S={self.deadline_s:g})") from e
 
     @staticmethod
@@ -460,6 +464,26 @@ def find_manifest(uri: str) -> tuple[str, dict] | None:
     return None
 
 
+def check_files(uri: str) -> None:
+    """Cheap, before any download: every file the owning manifest lists under ``uri`` exists with its size
+    (local) or exists (S3). Checksums are verified by :func:`fetch`."""
+    found = find_manifest(uri)
+    if found is None:
+        raise ArtifactError(f"{uri}: no manifest.json here or one level up: the stage that writes it has not finished")
+    stage_uri, manifest = found
+    sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
+    store = store_for(stage_uri)
+    present = set(store.list(join(stage_uri, sub) if sub else stage_uri))
+    for rel, meta in manifest["files"].items():
+        if sub and not rel.startswith(sub + "/"):
+            continue
+        f = join(stage_uri, rel)
+        local = store.local_path(f)
+        if f not in present or (local is not None and local.stat().st_size != meta.get("size", local.stat().st_size)):
+            what = "missing" if f not in present else f"{local.stat().st_size} bytes, not {meta['size']}"
+            raise ArtifactError(f"{f}: listed in its manifest but {what} (deleted or overwritten after publishing?)")
+
+
 def fetch(uri: str, cache_dir: Path | None = None) -> Path:
     """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``).
 
@@ -557,9 +581,9 @@ def load_state(stage_uri: str, name: str, dest: Path, check=None) -> dict | None
             if check is not None:
                 check(dest, meta)
             return meta
-        except (ArtifactError, KeyError, TypeError, ValueError, RuntimeError, OSError) as e:
-            if isinstance(e, LockHeld):
-                raise
+        except StorageUnavailable:
+            raise  # the store did not answer: the state may be fine, never discard it for that
+        except Exception as e:  # noqa: BLE001 - whatever is wrong with a state, the next one may be good
             log.warning("%s: resume state %s is unusable (%s); %s", stage_uri, pointer, e,
                         "trying the previous one" if pointer == "latest.json" else "starting over")
     return None

@@ -3,6 +3,7 @@ and the teacher/student compatibility check."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -73,7 +74,7 @@ def check_source(uri: str, role: str, spec: ModelSpec | None = None) -> None:
             raise ModelInputError(f"{role} {uri}: a stage folder; pass its model folder {path / 'model'}")
         if not (path / "config.json").exists():
             raise ModelInputError(f"{role} {uri}: no config.json: not a Hugging Face checkpoint folder")
-    elif is_offline_mode():
+    elif is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(uri, "config.json"), str):

@@ -75,3 +75,276 @@ def test_stalled_s3_endpoint_stage_command_exits_with_one_line(stalled_endpoint,
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and stalled_endpoint in last and "manifest.json" in last
     assert time.monotonic() - t0 < 100
+
+
+# ------------------------------------------------------------------ locks: one writer per stage folder
+
+_HOLD = """
+import sys, time
+from stages import artifacts
+lock = artifacts.StageLock(sys.argv[1], lease_s=float(sys.argv[2])).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(stage_uri: str, lease_s: float = 120, env=None) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, stage_uri, str(lease_s)], stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_block(backend, tmp_path, request, monkeypatch):
+    if backend == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        stage = f"s3://{bucket}/runs/r/teacher_rl"
+        monkeypatch.setenv("S2D_LOCK_LEASE_S", "2")
+    else:
+        stage = str(tmp_path / "runs/r/teacher_rl")
+    first = _holder(stage, lease_s=2)
+    try:
+        with pytest.raises(artifacts.LockHeld, match=rf"{stage} is being written by another run \(pid {first.pid} on "):
+            artifacts.StageLock(stage).acquire()
+        if backend == "s3":
+            time.sleep(2.5)  # the heartbeat renews the lease: a live holder keeps its lock past it
+            with pytest.raises(artifacts.LockHeld):
+                artifacts.StageLock(stage).acquire()
+    finally:
+        first.kill()  # kill -9: no code runs, no release
+        first.wait()
+    if backend == "s3":
+        with pytest.raises(artifacts.LockHeld):  # still within the dead holder's lease
+            artifacts.StageLock(stage).acquire()
+        time.sleep(2.5)
+    with artifacts.StageLock(stage) as lock:  # the dead holder's lock is taken over
+        assert lock.info["pid"] == os.getpid()
+        with pytest.raises(artifacts.LockHeld):
+            artifacts.StageLock(stage).acquire()
+    with artifacts.StageLock(stage):  # and released on exit
+        pass
+
+
+# ------------------------------------------------------------------ kill -9 leftovers are swept
+
+
+def test_stale_tmp_files_and_scratch_folders_of_dead_runs_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stage = tmp_path / "root" / "teacher_rl"
+    (stage / "model").mkdir(parents=True)
+    host = artifacts._HOST
+    stale = stage / "model" / f".model.safetensors.tmp-{dead_pid}-{host}-abcd1234"
+    stale.write_bytes(b"half a file")
+    mine = tmp_path / "root" / f".summary.json.tmp-{os.getpid()}-{host}-abcd1234"  # a live writer's
+    mine.write_bytes(b"in progress")
+    assert artifacts.sweep_tmp(tmp_path / "root") == 1 and not stale.exists() and mine.exists()
+    stale.write_bytes(b"half a file")
+    with artifacts.StageLock(str(stage)):  # the lock holder is the only writer: every temporary is stale
+        assert not stale.exists()
+    assert mine.exists()
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    (scratch / f"s2d-teacher_rl-{dead_pid}-x1y2z3ab" / "state").mkdir(parents=True)
+    (scratch / f"s2d-teacher_rl-{os.getpid()}-x1y2z3ab").mkdir()
+    (scratch / "s2d-cache").mkdir()
+    assert artifacts.sweep_scratch(scratch) == 1
+    assert sorted(p.name for p in scratch.iterdir()) == ["s2d-cache", f"s2d-teacher_rl-{os.getpid()}-x1y2z3ab"]
+
+
+# ------------------------------------------------------------------ published files: missing, flipped, not JSON
+
+
+def _published(tmp_path) -> str:
+    work = tmp_path / "work"
+    (work / "model").mkdir(parents=True)
+    (work / "model" / "weights.bin").write_bytes(os.urandom(4096))
+    (work / "model" / "config.json").write_text("{}")
+    stage = str(tmp_path / "root" / "kl_warmup")
+    m = artifacts.publish(work, stage, {"stage": "kl_warmup", "metrics": {"loss": float("nan"), "kl": float("inf"), "ok": 1.5}})
+    assert m["metrics"] == {"loss": None, "kl": None, "ok": 1.5}
+    return stage
+
+
+def test_manifests_are_strict_json_and_damage_is_named_precisely(tmp_path):
+    stage = _published(tmp_path)
+    raw = (Path(stage) / "manifest.json").read_text()
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"bare {c} in a manifest"))
+    assert _check_published(stage)["metrics"]["loss"] is None
+    weights = Path(stage) / "model" / "weights.bin"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one flipped bit
+    with pytest.raises(artifacts.ArtifactError, match="weights.bin: checksum mismatch"):
+        artifacts.fetch(f"{stage}/model")
+    weights.unlink()
+    with pytest.raises(artifacts.ArtifactError, match="weights.bin: listed in its manifest but missing"):
+        artifacts.fetch(f"{stage}/model")
+    weights.write_bytes(good)
+    (Path(stage) / "manifest.json").write_text(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(artifacts.CorruptManifest, match=r"kl_warmup/manifest.json: manifest is not valid JSON"):
+        artifacts.fetch(f"{stage}/model")
+
+
+# ------------------------------------------------------------------ resume states: damaged -> previous -> start over
+
+
+def _save(stage: str, step: int, tmp_path) -> None:
+    d = tmp_path / f"state{step}"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(os.urandom(256) + bytes([step]))
+    (d / "optimizer.pt").write_bytes(os.urandom(64))
+    artifacts.save_state(stage, "policy", step, d, {"config_hash": "h", "history": [{"step": step, "loss": float("nan")}]})
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "pointer"])
+def test_corrupted_resume_state_falls_back_to_the_previous_then_starts_over(damage, tmp_path, caplog):
+    stage = str(tmp_path / "root" / "teacher_rl")
+    for step in (2, 4, 6):
+        _save(stage, step, tmp_path)
+    base = Path(stage) / "_resume" / "policy"
+    assert sorted(p.name for p in base.iterdir()) == ["latest.json", "previous.json", "step-00000004", "step-00000006"]
+    latest = json.loads((base / "latest.json").read_text())
+    assert latest["history"][0]["loss"] is None  # strict JSON in resume pointers too
+    target = base / "step-00000006" / "model.safetensors"
+    if damage == "flip":
+        b = target.read_bytes()
+        target.write_bytes(bytes([b[0] ^ 0xFF]) + b[1:])
+    elif damage == "missing":
+        target.unlink()
+    else:
+        (base / "latest.json").write_text('{"step": 6, "fil')
+    dest = tmp_path / "restore"
+    meta = artifacts.load_state(stage, "policy", dest)
+    assert meta["step"] == 4 and (dest / "model.safetensors").read_bytes()[-1] == 4
+    assert "unusable" in caplog.text and "trying the previous one" in caplog.text
+    # a state that loads but that the trainer rejects (check raises) is skipped the same way
+    assert artifacts.load_state(stage, "policy", dest, check=lambda d, m: 1 / 0) is None
+    assert "starting over" in caplog.text
+
+
+# ------------------------------------------------------------------ bad inputs: one line, exit 2, nothing loaded
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    from stages.__main__ import main
+
+    rc = main(args)
+    return rc, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def published_model(tmp_path_factory):
+    """A tiny published checkpoint (stage folder + manifest), as a stage would leave it."""
+    from stages.config import TinyArch
+    from stages.models import char_tokenizer, save, tiny_qwen3
+
+    root = tmp_path_factory.mktemp("pub")
+    tok = char_tokenizer()
+    save(tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0), tok, root / "work" / "model")
+    artifacts.publish(root / "work" / "model", str(root / "base" / "model"), {"stage": "base", "outputs": {}})
+    artifacts.publish(root / "work", str(root / "stage"), {"stage": "stage", "outputs": {"model": str(root / "stage" / "model")}})
+    return root
+
+
+def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[str], str]:
+    """(CLI args, what the error line must name) for one bad input."""
+    stage = ["teacher_rl", "--config", "tiny", "--root", str(tmp / "root"), "--set", "tracking.enabled=false"]
+    if case == "yaml_file":
+        f = tmp / "bad.yaml"
+        f.write_text("name: x\nseed: [1, 2\nmodels: {}\n")
+        return ["validate", "--config", str(f)], f"{f}: not valid YAML: line"
+    if case == "yaml_set":
+        return ["validate", "--set", "teacher_rl.steps=[1,"], "--set teacher_rl.steps=[1,: value is not valid YAML"
+    if case == "set_key":
+        return ["validate", "--set", "teacher rl.steps=3"], "is not a key path"
+    if case == "device_banana":
+        return stage + ["--set", "device=banana"], "device: not a device"
+    if case == "device_cuda":
+        return stage + ["--set", "device=cuda"], "device 'cuda' is not available on this host"
+    if case == "template_field":
+        return ["validate", "--set", "task.prompt_template='Q: {question}'"], "prompt_template uses unknown field(s) ['question']"
+    if case == "template_positional":
+        return ["validate", "--set", "task.prompt_template='{problem} {}'"], "prompt_template has a positional field"
+    if case == "plugin_import":
+        return ["validate", "--set", "task.kind=no_such_pkg.tasks:make"], "task.kind 'no_such_pkg.tasks:make': cannot import no_such_pkg.tasks"
+    if case == "plugin_attr":
+        return ["validate", "--set", "task.kind=json:no_factory"], "json has no callable 'no_factory'"
+    if case == "stage_order":
+        return ["validate", "--set", "workflow.stages=[onpolicy_distill, kl_warmup]"], "stages run in the paper's order"
+    if case == "stage_twice":
+        return ["validate", "--set", "workflow.stages=[kl_warmup, kl_warmup]"], "lists a stage twice"
+    if case == "bogus_config_json":
+        d = tmp / "bogus"
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "qwen3", "hidden_size": "wide"}')
+        return stage + ["--teacher", str(d)], f"policy {d}: not a loadable model config"
+    if case == "config_json_not_json":
+        d = tmp / "bogus2"
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "qwen3",')
+        return stage + ["--teacher", str(d)], f"policy {d}: not a loadable model config"
+    if case == "stage_folder_published":
+        return stage + ["--teacher", str(pub / "stage")], f"policy {pub / 'stage'}: a stage folder, not a model; pass one of its outputs: {pub / 'stage' / 'model'}"
+    if case == "stage_folder_plain":
+        d = tmp / "plain"
+        (d / "model").mkdir(parents=True)
+        (d / "model" / "config.json").write_text("{}")
+        return stage + ["--teacher", str(d)], f"policy {d}: a stage folder; pass its model folder {d / 'model'}"
+    if case == "offline_hub_id":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return stage + ["--teacher", "nobody-s2d/no-such-model"], "policy: hub id 'nobody-s2d/no-such-model' is not in the local cache"
+    if case == "manifest_not_json":
+        d = tmp / "pubcopy"
+        import shutil
+
+        shutil.copytree(pub / "stage", d)
+        (d / "manifest.json").write_text("{not json")
+        return stage + ["--teacher", str(d / "model")], f"{d / 'manifest.json'}: manifest is not valid JSON"
+    if case == "published_file_missing":
+        d = tmp / "pubcopy"
+        import shutil
+
+        shutil.copytree(pub / "stage", d)
+        (d / "model" / "model.safetensors").unlink()
+        return stage + ["--teacher", str(d / "model")], f"{d / 'model' / 'model.safetensors'}: listed in its manifest but missing"
+    if case == "input_missing":
+        return stage + ["--teacher", str(tmp / "nope" / "model")], f"policy {tmp / 'nope' / 'model'} does not exist"
+    if case == "unpublished_s3":
+        bucket = None
+        return stage + ["--teacher", "s3://{bucket}/runs/x/teacher_rl/model"], "not a published artifact"
+    raise AssertionError(case)
+
+
+BAD_INPUTS = ["yaml_file", "yaml_set", "set_key", "device_banana", "device_cuda", "template_field", "template_positional",
+              "plugin_import", "plugin_attr", "stage_order", "stage_twice", "bogus_config_json", "config_json_not_json",
+              "stage_folder_published", "stage_folder_plain", "offline_hub_id", "manifest_not_json",
+              "published_file_missing", "input_missing", "unpublished_s3"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_before_anything_runs(case, tmp_path, published_model, capsys, monkeypatch, request):
+    args, expected = _bad_input_case(case, tmp_path, published_model, monkeypatch)
+    if case == "unpublished_s3":
+        args = [a.replace("{bucket}", request.getfixturevalue("s3_bucket")) for a in args]
+    if case == "device_cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this host has a GPU")
+    rc, err = _cli(args, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and lines and lines[-1].startswith("error: "), err
+    assert expected in lines[-1], lines[-1]
+    assert "Traceback" not in err and not [ln for ln in lines if ln.startswith("error")][1:]
+    assert not (tmp_path / "root").exists() or not any((tmp_path / "root").rglob("manifest.json"))
+
+
+def test_bad_input_through_the_real_command_and_debug_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "stages", "validate", "--set", "workflow.stages=[student_rl, teacher_rl]"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and not p.stdout
+    p = subprocess.run(cmd + ["--debug"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
