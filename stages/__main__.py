@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -112,14 +113,21 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
 def main(argv=None) -> int:
     """Run a command; every failure is one line on stderr (2: a user error, 1: anything else)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .artifacts import ArtifactError
+    from .artifacts import ArtifactError, LockHeld, NotWritable
     from .config import InputError
 
+    # SIGTERM (Airflow, Kubernetes, docker stop) unwinds like an exception: scratch folders, locks and
+    # MLflow runs are closed by the code that opened them
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _main(argv)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; nothing published "
+              "by the unfinished stage, its last resume state kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except (SystemExit, Exception) as e:  # noqa: BLE001 - the one place every error becomes one line
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise  # argparse's own exits (--help, usage errors) and plain exit codes
@@ -129,11 +137,23 @@ def main(argv=None) -> int:
             traceback.print_exc()
         msg = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
         msg = " ".join(msg.split()) or type(e).__name__
-        user = isinstance(e, (SystemExit, InputError)) and not isinstance(e, ArtifactError)
+        user = isinstance(e, (SystemExit, InputError, NotWritable)) and not isinstance(e, LockHeld)
         if not user and not isinstance(e, ArtifactError):
             msg = f"{type(e).__name__}: {msg} (--debug shows the traceback)"
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2 if user else 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that ``finally`` blocks and context managers run (a
+    BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _main(argv: list[str]) -> int:

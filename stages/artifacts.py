@@ -53,6 +53,10 @@ class StorageUnavailable(ArtifactError):
     """The store did not answer (timeouts, connection, server errors): retry later; nothing is known to be wrong."""
 
 
+class NotWritable(ArtifactError):
+    """The artifact root (or a stage folder in it) cannot be written."""
+
+
 class LockHeld(ArtifactError):
     """Another live run holds the stage folder's lock."""
 
@@ -631,8 +635,14 @@ class StageLock:
         return self
 
     def _acquire_local(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            probe = path.with_name(_tmp_name("write-probe"))  # the lock file may exist from a writable past
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise NotWritable(f"artifact folder {path.parent} is not writable: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

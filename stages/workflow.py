@@ -10,6 +10,7 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 
 from . import artifacts
@@ -67,10 +68,16 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
     fns = {"bootstrap": bootstrap.run, "teacher_rl": grpo.run, "student_rl": grpo.run, "direct_grpo": grpo.run,
            "kl_warmup": kl_warmup.run, "onpolicy_distill": onpolicy_distill.run, "evaluate": evaluate.run}
     name = stage.split("/")[0]
-    r = StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id)
-    if r.finished:
-        return r.finished, True
-    return fns[name](r, *inputs.values()), False
+    # one writer per stage folder (only the main process of a multi-process launch takes the lock); taken
+    # before anything else, so it is also the up-front check that the artifact root is writable
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with artifacts.StageLock(artifacts.join(root, stage)) if main_rank else nullcontext():
+        with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+            if r.finished:
+                if main_rank:  # a kill between manifest and cleanup leaves the training state behind
+                    artifacts.clear_state(r.uri)
+                return r.finished, True
+            return fns[name](r, *inputs.values()), False
 
 
 def open_parent(cfg: Config, root: str) -> str | None:
@@ -117,7 +124,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
     text = format_table(summary)
     print(text, flush=True)
     store = artifacts.store_for(root)
-    store.write_bytes(artifacts.join(root, "summary.json"), json.dumps(summary, indent=2).encode())
+    store.write_bytes(artifacts.join(root, "summary.json"), artifacts.dumps(summary, indent=2).encode())
     store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
     tracker = Tracker(cfg.tracking)
     if tracker.enabled and parent_run_id:

@@ -27,8 +27,7 @@ def _check_published(stage_uri: str) -> dict | None:
     """The stage's manifest, after checking every file it lists is there with its checksum (or None)."""
     m = artifacts.read_manifest(stage_uri)
     if m is not None:
-        for sub in {rel.split("/")[0] for rel in m["files"]}:
-            artifacts.fetch(artifacts.join(stage_uri, sub))
+        artifacts.fetch(stage_uri)  # every listed file: present, with its checksum
         json.loads(json.dumps(m), parse_constant=lambda c: pytest.fail(f"manifest holds {c}"))
     return m
 
@@ -348,3 +347,208 @@ def test_bad_input_through_the_real_command_and_debug_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and not p.stdout
     p = subprocess.run(cmd + ["--debug"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+# ------------------------------------------------------------------ whole stages: the real command, real faults
+
+
+def _overrides(*extra: str) -> list[str]:
+    from conftest import TEST_OVERRIDES
+
+    return TEST_OVERRIDES + ["torch_threads=1", "teacher_rl.steps=6", "checkpoint_every=2", *extra]
+
+
+@pytest.fixture(scope="module")
+def base_models(tmp_path_factory):
+    """The bootstrap stage's models, published once for every stage test here (read-only inputs)."""
+    from conftest import TEST_OVERRIDES
+
+    from stages import bootstrap
+    from stages.config import load_config
+    from stages.runtime import StageRun
+
+    root = str(tmp_path_factory.mktemp("base") / "root")
+    bootstrap.run(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES), root))
+    return f"{root}/bootstrap/teacher"
+
+
+@pytest.fixture
+def stage_env(tmp_path):
+    """Environment of a stage subprocess, with its own temp folder so leaked scratch folders are visible."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "TQDM_DISABLE": "1", "TMPDIR": str(tmp)}
+
+
+def _stage(root, teacher, *extra, env, wait=True, timeout=300, stage="teacher_rl"):
+    inputs = ["--teacher", teacher] + (["--student", teacher.replace("/teacher", "/student")] if stage != "teacher_rl" else [])
+    cmd = [sys.executable, "-m", "stages", stage, "--config", "tiny", "--root", str(root), *inputs,
+           *[a for o in _overrides(*extra) for a in ("--set", o)]]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _error_line(p) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return lines[0]
+
+
+def _leftovers(root: Path, env: dict) -> list[str]:
+    """Scratch folders in the stage's temp folder and unfinished temporaries in the root."""
+    return sorted(p.name for p in Path(env["TMPDIR"]).glob("s2d-*")) + sorted(p.name for p in Path(root).rglob(".*.tmp-*"))
+
+
+def _latest(root, stage="teacher_rl", name="policy") -> dict | None:
+    f = Path(root) / stage / "_resume" / name / "latest.json"
+    return json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}")) if f.exists() else None
+
+
+def test_divergence_stops_before_the_step_publishes_nothing_and_keeps_the_last_state(base_models, tmp_path, stage_env):
+    root = tmp_path / "root"
+    # an exploding learning rate (forward KL always has a gradient): step 1 is finite and saved, then not
+    p = _stage(root, base_models, "kl_warmup.optim.lr=1e30", "kl_warmup.steps=4", "checkpoint_every=1",
+               stage="kl_warmup", env=stage_env)
+    line = _error_line(p)
+    assert p.returncode == 1 and "Divergence: kl_warmup:" in line and "at step 2 (student" in line, line
+    assert "nothing published, the resume state of step 1 kept" in line
+    assert artifacts.read_manifest(str(root / "kl_warmup")) is None
+    assert _latest(root, "kl_warmup", "student")["step"] == 1
+    assert _leftovers(root, stage_env) == []
+    # a retry with a fixed learning rate starts over (another config) and publishes strict JSON only
+    p = _stage(root, base_models, "kl_warmup.steps=4", stage="kl_warmup", env=stage_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = _check_published(str(root / "kl_warmup"))
+    assert m["steps"] == 4
+    for line in (root / "kl_warmup" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+    assert _latest(root, "kl_warmup", "student") is None and _leftovers(root, stage_env) == []
+
+
+def test_concurrent_run_refused_sigterm_cleans_up_and_corrupted_state_falls_back(base_models, tmp_path, stage_env):
+    root = tmp_path / "root"
+    first = _stage(root, base_models, "teacher_rl.steps=40", env=stage_env, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((_latest(root) or {}).get("step", 0) >= 4):
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.05)
+    # a second run of the same stage into the same root refuses while the first holds the lock
+    second = _stage(root, base_models, "teacher_rl.steps=40", env=stage_env)
+    line = _error_line(second)
+    assert second.returncode == 1 and f"teacher_rl is being written by another run (pid {first.pid} on " in line, line
+    # SIGTERM (docker stop, a pod deletion, an Airflow timeout): cleans up, publishes nothing, keeps the state
+    os.kill(first.pid, 15)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and "terminated (SIGTERM)" in err, err[-3000:]
+    assert artifacts.read_manifest(str(root / "teacher_rl")) is None
+    assert _leftovers(root, stage_env) == []
+    saved = _latest(root)["step"]
+    assert saved >= 4
+    # flip one byte of the newest state: the retry falls back to the previous one with a warning
+    newest = root / "teacher_rl" / "_resume" / "policy" / f"step-{saved:08d}" / "model.safetensors"
+    b = bytearray(newest.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    newest.write_bytes(bytes(b))
+    p = _stage(root, base_models, "teacher_rl.steps=40", "checkpoint_every=100", env=stage_env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resume state latest.json is unusable" in p.stderr and "trying the previous one" in p.stderr
+    m = _check_published(str(root / "teacher_rl"))
+    history = [json.loads(r) for r in (root / "teacher_rl" / "metrics.jsonl").read_text().splitlines()]
+    assert m["steps"] == 40 and [h["step"] for h in history] == list(range(1, 41))
+    assert _leftovers(root, stage_env) == []
+
+
+_KILL_AT = """
+import os, signal, sys
+from stages import artifacts
+moment, argv = sys.argv[1], sys.argv[2:]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+real_put, real_write, real_clear = artifacts.LocalStore.put_file, artifacts.LocalStore.write_bytes, artifacts.clear_state
+def put(self, local, uri):
+    if moment == "mid_file" and uri.endswith("model.safetensors") and "/_resume/" not in uri:
+        os.replace = lambda *a: die()  # the temporary is written in full, the rename never happens
+    real_put(self, local, uri)
+def write(self, uri, data):
+    if moment == "before_manifest" and uri.endswith("/manifest.json"):
+        die()
+    real_write(self, uri, data)
+def clear(uri):
+    if moment == "after_manifest":
+        die()
+    real_clear(uri)
+artifacts.LocalStore.put_file, artifacts.LocalStore.write_bytes, artifacts.clear_state = put, write, clear
+from stages.__main__ import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize("moment", ["mid_file", "before_manifest", "after_manifest"])
+def test_kill_9_while_publishing_never_leaves_a_wrong_stage_and_the_retry_repairs(moment, base_models, tmp_path, stage_env):
+    root = tmp_path / "root"
+    args = ["teacher_rl", "--config", "tiny", "--root", str(root), "--teacher", base_models,
+            *[a for o in _overrides("teacher_rl.steps=4") for a in ("--set", o)]]
+    p = subprocess.run([sys.executable, "-c", _KILL_AT, moment, *args], env=stage_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-3000:]
+    m = _check_published(str(root / "teacher_rl"))  # whatever is there is complete and verified
+    assert (m is not None) == (moment == "after_manifest")
+    assert _latest(root) is not None  # the training state outlives a kill before its cleanup
+    assert _leftovers(root, stage_env)  # kill -9 runs no cleanup code ...
+    p = _stage(root, base_models, "teacher_rl.steps=4", env=stage_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["skipped"] is (moment == "after_manifest")
+    assert _check_published(str(root / "teacher_rl"))["steps"] == 4
+    assert _latest(root) is None and _leftovers(root, stage_env) == []  # ... the next run sweeps it
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """Mount a tmpfs (root only; skipped elsewhere). Yields mount(path, size, ro=False) -> path."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI containers run as root)")
+    mounted = []
+
+    def mount(path: Path, size: str, ro: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        opts = f"size={size}" + (",ro" if ro else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_full_disk_fails_cleanly_and_the_retry_completes(base_models, tmp_path, stage_env, small_mount):
+    root = small_mount(tmp_path / "disk", "300k")  # a resume state of the test teacher is ~1 MB
+    p = _stage(root, base_models, "teacher_rl.steps=4", env=stage_env)
+    line = _error_line(p)
+    assert p.returncode == 1 and "No space left on device" in line, line
+    assert artifacts.read_manifest(str(root / "teacher_rl")) is None and _latest(root) is None
+    assert _leftovers(root, stage_env) == []  # no half-written temporaries eat the little space there is
+    subprocess.run(["mount", "-o", "remount,size=64m", str(root)], check=True)
+    p = _stage(root, base_models, "teacher_rl.steps=4", env=stage_env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _check_published(str(root / "teacher_rl"))["steps"] == 4
+
+
+def test_unwritable_root_and_empty_split_are_found_before_any_model_or_mlflow_run(base_models, tmp_path, stage_env, small_mount):
+    db = tmp_path / "mlflow.db"
+    env = {**stage_env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    ro = small_mount(tmp_path / "ro", "1m", ro=True)
+    for root, extra, expected in [
+        (ro / "runs", [], f"artifact folder {ro / 'runs' / 'teacher_rl'} is not writable: Read-only file system"),
+        (tmp_path / "root", ["task.sizes.teacher_rl=0"], "teacher_rl: the task split teacher_rl is empty (task.sizes / task.files)"),
+    ]:
+        p = _stage(root, base_models, "tracking.enabled=true", *extra, env=env)
+        assert p.returncode == 2 and _error_line(p) == f"error: {expected}", p.stderr[-3000:]
+        assert "Loading" not in p.stderr and "load_model" not in p.stderr
+    if db.exists():  # MLflow may have created its store; it must hold no run
+        import sqlite3
+
+        with sqlite3.connect(db) as c:
+            assert c.execute("select count(*) from runs").fetchone()[0] == 0
+    assert _leftovers(tmp_path / "root", stage_env) == []
