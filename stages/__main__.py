@@ -25,9 +25,10 @@ import signal
 import sys
 from pathlib import Path
 
+from .registry import STAGES
+
 NOT_PLANNED = 99
-COMMANDS = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "evaluate",
-            "workflow", "validate", "plan", "report")
+COMMANDS = (*STAGES, "workflow", "validate", "plan", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,8 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="tiny", help="preset name (stages/configs/) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set teacher_rl.steps=10 (repeatable)")
-    p.add_argument("--root", default=os.environ.get("S2D_ARTIFACT_ROOT", "runs/default"),
-                   help="artifact root: local folder or s3://bucket/prefix (env S2D_ARTIFACT_ROOT)")
+    p.add_argument("--root", default=None,
+                   help="this run's artifact root: local folder or s3://bucket/prefix "
+                        "(default: <S2D_ARTIFACT_ROOT>/default; S2D_ARTIFACT_ROOT is the base folder all runs live "
+                        "under, as for the DAG: default 'runs')")
     p.add_argument("--teacher", help="teacher checkpoint URI (default: from the config)")
     p.add_argument("--student", help="student checkpoint URI (default: from the config)")
     p.add_argument("--model", help="checkpoint to evaluate (evaluate)")
@@ -53,16 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_input(uri: str, what: str, spec=None) -> None:
     """Fail before any model loads when an input is missing, unfinished, unreadable or unreachable."""
-    from .artifacts import ArtifactError, CorruptManifest, StorageUnavailable, check_files, find_manifest
+    from .artifacts import ArtifactError, CorruptManifest, StorageUnavailable, check_files, find_manifest, uri_kind
     from .config import InputError
     from .models import check_source
 
+    kind = uri_kind(uri)
     path = Path(uri.removeprefix("file://"))
-    local = "://" not in uri or uri.startswith("file://")
-    if local and not path.exists() and (uri.startswith((".", "/", "file://")) or uri.count("/") != 1):
+    if kind == "local" and not path.exists():
         raise InputError(f"{what} {uri} does not exist (has the stage that writes it finished?)")
     try:
-        found = find_manifest(uri) if local and path.exists() or uri.startswith("s3://") else None
+        found = find_manifest(uri) if kind in ("local", "s3") else None
     except CorruptManifest as e:  # the input is bad (not a storage fault): say which file
         raise InputError(f"{what}: {e}") from None
     if found is None:
@@ -80,7 +83,9 @@ def check_input(uri: str, what: str, spec=None) -> None:
 
 
 def emit(args, payload: dict) -> None:
-    line = json.dumps(payload)
+    from .artifacts import dumps
+
+    line = dumps(payload)  # strict JSON: orchestrators parse this line
     if args.xcom_file:
         Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.xcom_file).write_text(line)
@@ -113,12 +118,12 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
 def main(argv=None) -> int:
     """Run a command; every failure is one line on stderr (2: a user error, 1: anything else)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .artifacts import ArtifactError, LockHeld, NotWritable
-    from .config import InputError
-
     # SIGTERM (Airflow, Kubernetes, docker stop) unwinds like an exception: scratch folders, locks and
     # MLflow runs are closed by the code that opened them
     import threading
+
+    from .artifacts import ArtifactError, LockHeld, NotWritable
+    from .config import InputError
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
@@ -186,7 +191,7 @@ def _main(argv: list[str]) -> int:
 
     from . import workflow
 
-    root = args.root.rstrip("/")
+    root = (args.root or f"{os.environ.get('S2D_ARTIFACT_ROOT', 'runs').rstrip('/')}/default").rstrip("/")
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
@@ -201,22 +206,14 @@ def _main(argv: list[str]) -> int:
         return 0
 
     cmd = args.command
-    if args.if_planned and cmd != "evaluate" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
+    if args.if_planned and STAGES[cmd].kind != "tool" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
-    if cmd == "evaluate":
-        inputs = {"model": args.model or workflow.final_models(workflow.plan(cfg, root), cfg, root)["final_student"]}
-    else:
-        planned = {s["stage"]: s["inputs"] for s in workflow.plan(cfg, root)}
-        base = {"teacher": workflow.base_uri(cfg, root, "teacher"), "student": workflow.base_uri(cfg, root, "student")}
-        base["base_student"] = base["student"]
-        inputs = planned.get(cmd) or {k: base[role] for k, role in workflow.ROLES[cmd].items()}
-        explicit = {"teacher": args.teacher, "student": args.student,
-                    "policy": args.teacher if cmd == "teacher_rl" else args.student}
-        inputs = {k: explicit.get(k) or v for k, v in inputs.items()}
+    explicit = {"teacher": args.teacher, "student": args.student, "base_student": args.student, "final_student": args.model}
+    inputs = workflow.stage_inputs(cfg, root, cmd, explicit)
     for what, uri in inputs.items():
-        role = what if what in ("teacher", "student") else ("teacher" if cmd == "teacher_rl" else "student")
-        check_input(uri, what, getattr(cfg.models, role, None))
+        role = STAGES[cmd].inputs[what]
+        check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
     manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],

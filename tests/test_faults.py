@@ -311,7 +311,6 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     if case == "input_missing":
         return stage + ["--teacher", str(tmp / "nope" / "model")], f"policy {tmp / 'nope' / 'model'} does not exist"
     if case == "unpublished_s3":
-        bucket = None
         return stage + ["--teacher", "s3://{bucket}/runs/x/teacher_rl/model"], "not a published artifact"
     raise AssertionError(case)
 
