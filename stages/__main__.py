@@ -18,7 +18,6 @@ before any model loads; any other failure is one line and exit code 1; ``--debug
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
