@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -427,17 +428,21 @@ def test_divergence_stops_before_the_step_publishes_nothing_and_keeps_the_last_s
 
 def test_concurrent_run_refused_sigterm_cleans_up_and_corrupted_state_falls_back(base_models, tmp_path, stage_env):
     root = tmp_path / "root"
-    first = _stage(root, base_models, "teacher_rl.steps=40", env=stage_env, wait=False)
-    deadline = time.time() + 240
+    first = _stage(root, base_models, "teacher_rl.steps=16", env=stage_env, wait=False)
+    deadline = time.time() + 300
     while time.time() < deadline and not ((_latest(root) or {}).get("step", 0) >= 4):
         assert first.poll() is None, first.stderr.read()
         time.sleep(0.05)
-    # a second run of the same stage into the same root refuses while the first holds the lock
-    second = _stage(root, base_models, "teacher_rl.steps=40", env=stage_env)
-    line = _error_line(second)
-    assert second.returncode == 1 and f"teacher_rl is being written by another run (pid {first.pid} on " in line, line
-    # SIGTERM (docker stop, a pod deletion, an Airflow timeout): cleans up, publishes nothing, keeps the state
-    os.kill(first.pid, 15)
+    os.kill(first.pid, signal.SIGSTOP)  # paused mid-training (still holding its lock), so it cannot finish meanwhile
+    try:
+        # a second run of the same stage into the same root refuses while the first holds the lock
+        second = _stage(root, base_models, "teacher_rl.steps=16", env=stage_env)
+        line = _error_line(second)
+        assert second.returncode == 1 and f"teacher_rl is being written by another run (pid {first.pid} on " in line, line
+    finally:
+        # SIGTERM (docker stop, a pod deletion, an Airflow timeout): cleans up, publishes nothing, keeps the state
+        os.kill(first.pid, signal.SIGTERM)
+        os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 143 and "terminated (SIGTERM)" in err, err[-3000:]
     assert artifacts.read_manifest(str(root / "teacher_rl")) is None
@@ -449,12 +454,12 @@ def test_concurrent_run_refused_sigterm_cleans_up_and_corrupted_state_falls_back
     b = bytearray(newest.read_bytes())
     b[len(b) // 2] ^= 0x01
     newest.write_bytes(bytes(b))
-    p = _stage(root, base_models, "teacher_rl.steps=40", "checkpoint_every=100", env=stage_env, timeout=600)
+    p = _stage(root, base_models, "teacher_rl.steps=16", "checkpoint_every=100", env=stage_env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resume state latest.json is unusable" in p.stderr and "trying the previous one" in p.stderr
     m = _check_published(str(root / "teacher_rl"))
     history = [json.loads(r) for r in (root / "teacher_rl" / "metrics.jsonl").read_text().splitlines()]
-    assert m["steps"] == 40 and [h["step"] for h in history] == list(range(1, 41))
+    assert m["steps"] == 16 and [h["step"] for h in history] == list(range(1, 17))
     assert _leftovers(root, stage_env) == []
 
 
