@@ -385,14 +385,18 @@ class S3Store(Store):
                 return None
             raise
 
-    def read_with_etag(self, uri: str) -> tuple[bytes, str] | None:
+    def read_with_etag(self, uri: str) -> tuple[bytes, str, float] | None:
+        """The object's bytes, ETag and age in seconds, by the server's clock (client clocks may disagree)."""
+        from email.utils import parsedate_to_datetime
+
         bucket, key = self._split(uri)
         with self._errors(uri, "read"):
             try:
                 r = self.client.get_object(Bucket=bucket, Key=key)
             except self.client.exceptions.NoSuchKey:
                 return None
-            return r["Body"].read(), r["ETag"]
+            now = parsedate_to_datetime(r["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return r["Body"].read(), r["ETag"], (now - r["LastModified"]).total_seconds()
 
     def delete_if(self, uri: str, etag: str) -> None:
         bucket, key = self._split(uri)
@@ -621,7 +625,8 @@ class StageLock:
     dies, so a killed run never blocks the next one. S3: a ``.lock`` object created with a conditional PUT
     (``If-None-Match: *``) and renewed by a heartbeat thread (``If-Match``) every third of its lease
     (``S2D_LOCK_LEASE_S``, default 120 s); a lock whose heartbeat is older than its lease belongs to a
-    dead run and is taken over (again a compare-and-swap, so two takers cannot both win).
+    dead run and is taken over (again a compare-and-swap, so two takers cannot both win). The heartbeat's
+    age is read from the server's clock (``Date`` minus ``LastModified``), so client clocks need not agree.
     """
 
     def __init__(self, stage_uri: str, lease_s: float | None = None):
@@ -674,13 +679,20 @@ class StageLock:
         return dumps({**self.info, "heartbeat": time.time(), "lease_s": self.lease_s}).encode()
 
     def _acquire_s3(self, store: "S3Store") -> None:
-        etag = store.create_if_absent(self.uri, self._body())
+        try:
+            etag = store.create_if_absent(self.uri, self._body())
+        except StorageUnavailable as e:
+            if "NotImplemented" not in str(e):
+                raise
+            # an S3-compatible server without conditional writes: run unlocked rather than not at all
+            log.warning("%s: the endpoint does not support conditional writes; no stage lock", self.stage_uri)
+            return
         if etag is None:
             found = store.read_with_etag(self.uri)
             if found is not None:
                 try:
                     holder = json.loads(found[0])
-                    age = time.time() - float(holder["heartbeat"])
+                    age = found[2]  # since its last heartbeat, by the server's clock
                     lease = float(holder.get("lease_s", self.lease_s))
                 except (ValueError, KeyError, TypeError):
                     holder, age, lease = {}, float("inf"), 0.0  # unreadable: nobody can renew it
