@@ -208,7 +208,7 @@ def _main(argv: list[str]) -> int:
     if args.if_planned and STAGES[cmd].kind != "tool" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
-    explicit = {"teacher": args.teacher, "student": args.student, "base_student": args.student, "final_student": args.model}
+    explicit = {"teacher": args.teacher, "student": args.student, "final_student": args.model}
     inputs = workflow.stage_inputs(cfg, root, cmd, explicit)
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]

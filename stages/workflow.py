@@ -66,13 +66,16 @@ def final_models(cfg: Config, root: str) -> dict[str, str]:
 
 def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | None] | None = None) -> dict[str, str]:
     """A stage's input URIs: from the plan when it is planned, else the roles' base checkpoints (the final
-    student for ``evaluate``); ``explicit`` maps roles to URIs given on the command line."""
+    student for ``evaluate``); ``explicit`` maps roles to URIs given on the command line (``student`` also
+    stands for ``base_student``)."""
+    explicit = {k: v for k, v in (explicit or {}).items() if v}
+    explicit.setdefault("base_student", explicit.get("student"))
     steps, roles = _walk(cfg, root)
     roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
     spec = get(stage)
     inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
                   {k: roles[role] for k, role in spec.inputs.items()})
-    return {k: (explicit or {}).get(spec.inputs[k]) or v for k, v in inputs.items()}
+    return {k: explicit.get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
 def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: str | None = None) -> tuple[dict, bool]:
