@@ -372,6 +372,8 @@ def check_runtime(cfg: Config) -> None:
 
 
 def check_device(device: str) -> None:
+    if device == "cpu":
+        return  # always there; and `validate` stays free of a torch import
     import torch
 
     if device.startswith("cuda"):
