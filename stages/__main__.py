@@ -5,6 +5,7 @@
     python -m stages validate --config qwen3-1.7b                      # check a config, load nothing
     python -m stages plan --config tiny --root runs/demo               # stage order + inputs, MLflow parent run
     python -m stages report --config tiny --root runs/demo --parent-run-id ID   # the table, from manifests
+    python -m stages close-runs --root runs/demo --status FAILED      # end the root's open MLflow runs
 
 Stage inputs default to the workflow's plan (e.g. kl_warmup reads <root>/teacher_rl/model when
 stage 1 is on); --teacher / --student override them.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 NOT_PLANNED = 99
 COMMANDS = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "evaluate",
-            "workflow", "validate", "plan", "report")
+            "workflow", "validate", "plan", "report", "close-runs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLflow parent run to attach the stage's child run to (env S2D_PARENT_RUN_ID)")
     p.add_argument("--if-planned", action="store_true",
                    help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
+    p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
+                   help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
     return p.parse_args(argv)
 
@@ -119,8 +122,30 @@ def main(argv=None) -> int:
         return 0
 
     from . import workflow
+    from .tracking import TrackingUnavailable, close_runs, resolve_model_uri
 
     root = args.root.rstrip("/")
+    if args.command == "close-runs":  # the DAG's failure callback / teardown: no run stays RUNNING forever
+        try:
+            closed = close_runs(cfg.tracking, root, args.status)
+        except TrackingUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        emit(args, {"root": root, "status": args.status, "closed": closed})
+        return 0
+    try:
+        return _run(args, cfg, root, workflow, resolve_model_uri)
+    except TrackingUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if str(e).startswith("models:/"):  # a registry reference that does not resolve
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
@@ -139,14 +164,15 @@ def main(argv=None) -> int:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
     if cmd == "evaluate":
-        inputs = {"model": args.model or workflow.final_models(workflow.plan(cfg, root), cfg, root)["final_student"]}
+        inputs = {"model": resolve_model_uri(args.model) if args.model else workflow.final_models(workflow.plan(cfg, root), cfg, root)["final_student"]}
     else:
         planned = {s["stage"]: s["inputs"] for s in workflow.plan(cfg, root)}
         base = {"teacher": workflow.base_uri(cfg, root, "teacher"), "student": workflow.base_uri(cfg, root, "student")}
         base["base_student"] = base["student"]
         inputs = planned.get(cmd) or {k: base[role] for k, role in workflow.ROLES[cmd].items()}
-        explicit = {"teacher": args.teacher, "student": args.student,
-                    "policy": args.teacher if cmd == "teacher_rl" else args.student}
+        explicit = {"teacher": args.teacher and resolve_model_uri(args.teacher),
+                    "student": args.student and resolve_model_uri(args.student),
+                    "policy": resolve_model_uri((args.teacher if cmd == "teacher_rl" else args.student) or "") or None}
         inputs = {k: explicit.get(k) or v for k, v in inputs.items()}
     for what, uri in inputs.items():
         check_input(uri, what)

@@ -118,19 +118,23 @@ class StageRun:
 
     # ------------------------------------------------------------ tracking
     def start_tracking(self, resume_run_id: str | None = None) -> None:
-        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name,
-                  **{f"input.{k}": v for k, v in self.inputs.items()}}
+        """Create (or reopen) the stage's MLflow run. Never blocks on an unreachable server: records are
+        kept and sent when it is back (see ``tracking``)."""
+        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name}
         section = getattr(self.cfg, self.stage, None)
         if section is not None:
             params.update({f"{self.stage}.{k}": v for k, v in _flatten(section.model_dump()).items()})
         params.update({"seed": self.cfg.seed, "sampling.temperature": self.cfg.sampling.temperature,
                        "sampling.max_new_tokens": self.cfg.sampling.max_new_tokens})
-        rid = self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
-                                 resume_run_id=resume_run_id)
+        self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
+                           resume_run_id=resume_run_id, params=None if resume_run_id else params)
         if not resume_run_id:
-            self.tracker.params(params)
-            self.tracker.tags({f"s2d.input.{k}": v for k, v in self.inputs.items()})
-        self.run_id = rid
+            self.tracker.link_inputs(self.stage, self.root, self.inputs)
+
+    @property
+    def run_id(self) -> str | None:
+        """The stage's MLflow run id; None until the tracking server has created the run."""
+        return self.tracker.run_id if self.tracker else None
 
     def log_dataset(self, split: str, problems: list[Problem], context: str = "training") -> None:
         digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
@@ -179,18 +183,18 @@ class StageRun:
             "inputs": self.inputs,
             "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
             "metrics": self.metrics,
-            "mlflow_run_id": getattr(self, "run_id", None),
+            "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
             **self.extra,
         }
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)
         if self.tracker and self.tracker.enabled:
-            self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
-            self.tracker.metrics({f"final.{k}": v for k, v in self.metrics.items()})
+            # after the manifest: an unreachable server costs a warning, never the stage (a skip repairs it)
             for name in ("metrics.jsonl", "curves.png"):
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
+            self.tracker.reconcile(manifest, self.uri, self.root, self.parent_run_id, history)
         shutil.rmtree(self.work, ignore_errors=True)
         acc.wait_for_everyone()
         return manifest
