@@ -38,8 +38,10 @@ PARENT_ENV = "S2D_PARENT_RUN_ID"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
 RETRY_S = float(os.environ.get("S2D_MLFLOW_RETRY_S", "10"))  # probe interval while the server is away
+IDLE_S = 30.0  # an idle sender thread ends after this long (a new record starts another)
 MAX_BUFFERED = 100_000  # metric points kept while offline; the oldest go first (metrics.jsonl keeps all)
-WORKFLOW_KIND = "workflow"
+# the MLflow 3 UI opens an experiment of this kind on its runs (the classic ML view), not on GenAI traces
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 AIRFLOW_ENV = ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER")
 
 
@@ -159,12 +161,14 @@ class Tracker:
                                           "without it (records are sent when it is back)")
             log.warning("MLflow at %s is unreachable (%s): training goes on, records are kept and sent when it is back",
                         self.tracking_uri, self.error)
-        self._thread = threading.Thread(target=self._work, name="mlflow-outbox", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ the outbox
     def _put(self, desc: str, fn, metrics: int = 0) -> None:
         with self._cv:
+            if self._thread is None:  # the sender runs while there is something to send (then idles out)
+                self._thread = threading.Thread(target=self._work, name="mlflow-outbox", daemon=True)
+                self._thread.start()
             self._ops.append((desc, fn, metrics))
             if metrics and sum(m for _, _, m in self._ops) > MAX_BUFFERED:
                 for i, op in enumerate(self._ops):
@@ -178,8 +182,9 @@ class Tracker:
         tries = 0
         while True:
             with self._cv:
-                while not self._ops:
-                    self._cv.wait()
+                if not self._cv.wait_for(lambda: self._ops, timeout=IDLE_S):
+                    self._thread = None
+                    return
                 if self.error:  # offline: wait, then probe before sending anything
                     self._cv.wait_for(lambda: self._wake, timeout=RETRY_S)
                     self._wake = False
@@ -250,7 +255,10 @@ class Tracker:
     def _experiment(self, c) -> str:
         if self.experiment_id is None:
             exp = c.get_experiment_by_name(self.cfg.experiment)
-            self.experiment_id = exp.experiment_id if exp else c.create_experiment(self.cfg.experiment)
+            self.experiment_id = exp.experiment_id if exp else c.create_experiment(self.cfg.experiment, tags=EXPERIMENT_TAGS)
+            if exp and any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):
+                for k, v in EXPERIMENT_TAGS.items():
+                    c.set_experiment_tag(self.experiment_id, k, v)
         return self.experiment_id
 
     def start(self, name: str, parent_run_id: str | None = None, tags: dict | None = None,
@@ -278,6 +286,8 @@ class Tracker:
         return self.run_id
 
     def params(self, params: dict) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -397,7 +407,7 @@ def producer_of(c, exp_id: str, uri: str) -> tuple[str | None, str | None]:
     found = artifacts.find_manifest(uri)
     if found is None:
         return None, None
-    stage_uri, m = found
+    m = found[1]
     rid = m.get("mlflow_run_id")
     if rid is None and m.get("config_hash"):
         run = find_stage_run(c, exp_id, m["stage"], m["config_hash"])
@@ -482,7 +492,7 @@ def _reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, 
         if lm is None or lm.source_run_id != rid or lm.tags.get("s2d.published") != manifest.get("published_at"):
             lm = c.create_logged_model(exp_id, name=model_name(stage, out), source_run_id=rid, model_type="s2d-checkpoint",
                                        tags={"s2d.uri": uri, "s2d.stage": stage, "s2d.root": root, "s2d.output": out,
-                                             "s2d.published": manifest.get("published_at", ""), "mlflow.external": "true"},
+                                             "s2d.published": manifest.get("published_at", ""), "mlflow.model.isExternal": "true"},
                                        params={"config_hash": manifest["config_hash"],
                                                **{f"input.{role_of(stage, k)}": v[:6000] for k, v in manifest.get("inputs", {}).items()}})
             c.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)

@@ -161,7 +161,7 @@ def test_server_killed_mid_stage_then_restarted(server, tmp_path):
             assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:] if p.poll() is not None else "timeout"
             time.sleep(0.5)
         server.kill()
-        out, err = p.communicate(timeout=600)
+        err = p.communicate(timeout=600)[1]
     finally:
         if p.poll() is None:
             p.kill()
