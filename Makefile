@@ -28,7 +28,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install demo workflow test stack bench-paper bench-speed clean
+.PHONY: install demo workflow test stack bench-paper bench-speed gpu-wheels clean
 install: $(VENV)/.installed
 
 demo: $(AIRFLOW_HOME)/.ready
@@ -43,6 +43,7 @@ workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 
 stack: $(AIRFLOW_HOME)/.ready
@@ -53,6 +54,15 @@ bench-paper: $(VENV)/.installed
 
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
+
+# The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (README "GPU path")
+GPU_WHEELS = pydantic==2.13.5 pydantic_core==2.46.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 hjson==3.1.0
+gpu-wheels: $(VENV)/.installed
+	mkdir -p .whl
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -w .whl deepspeed==0.19.8
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

@@ -81,10 +81,13 @@ def metric_name(key: str) -> str:
 
 
 def role_of(stage: str, key: str) -> str:
-    """One name per model role in every stage: a GRPO stage's ``policy`` is the teacher or a student."""
-    if key == "policy":
-        return "teacher" if stage.startswith("teacher") else "student"
-    return key
+    """One name per model role in every stage (from the stage table): a GRPO stage's ``policy`` is the
+    teacher or a student, the baseline's base student is a student."""
+    from .registry import STAGES
+
+    st = STAGES.get(stage.split("/")[0])
+    role = st.inputs.get(key, key) if st else key
+    return {"base_student": "student", "final_student": key}.get(role, role)
 
 
 def short_uri(uri: str, root: str) -> str:
@@ -555,7 +558,7 @@ def close_runs(cfg: Tracking, root: str, status: str) -> list[str]:
 def resolve_model_uri(uri: str) -> str:
     """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's checkpoint URI
     (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged."""
-    if not uri.startswith("models:/"):
+    if artifacts.uri_kind(uri) != "registry":
         return uri
     for k, v in HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
