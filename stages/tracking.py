@@ -155,6 +155,7 @@ class Tracker:
         self._cv = threading.Condition()
         self._busy = False
         self._wake = False
+        self._points = 0  # metric points in the outbox
         self._attempts = 0  # sends and probes finished: lets flush stop early while the server is away
         self.error = probe(self.tracking_uri)
         if self.error:
@@ -173,11 +174,13 @@ class Tracker:
                 self._thread = threading.Thread(target=self._work, name="mlflow-outbox", daemon=True)
                 self._thread.start()
             self._ops.append((desc, fn, metrics))
-            if metrics and sum(m for _, _, m in self._ops) > MAX_BUFFERED:
+            self._points += metrics
+            if metrics and self._points > MAX_BUFFERED:  # full: the oldest metric record goes
                 for i, op in enumerate(self._ops):
                     if op[2]:
                         del self._ops[i]
                         self.dropped += op[2]
+                        self._points -= op[2]
                         break
             self._cv.notify_all()
 
@@ -203,7 +206,7 @@ class Tracker:
                 fn(self.client)
                 tries = 0
                 with self._cv:
-                    self._ops.popleft()
+                    self._points -= self._ops.popleft()[2]
             except Exception as e:  # noqa: BLE001 - tracking must never take the stage down
                 tries += 1
                 if _transient(e) and tries < 5:
@@ -216,7 +219,7 @@ class Tracker:
                     self.lost.append(f"{desc}: {str(e)[:200]}")
                     tries = 0
                     with self._cv:
-                        self._ops.popleft()
+                        self._points -= self._ops.popleft()[2]
             finally:
                 with self._cv:
                     self._busy = False

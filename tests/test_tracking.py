@@ -223,3 +223,22 @@ def test_kill_after_manifest_is_repaired_by_the_skip(server, tmp_path):
                           "--set", "tracking.experiment=faults"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout.splitlines()[-1])["closed"] == [open_id], out.stderr[-2000:]
     assert c.get_run(open_id).info.status == "KILLED" and c.get_run(m["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_outbox_is_bounded_while_the_server_is_away(monkeypatch):
+    """In-process: with nothing listening, records queue up to the bound (oldest metrics dropped, counted);
+    structural records (run creation, tags) are never dropped; a flush gives back what is unsent."""
+    from stages import tracking
+    from stages.config import Tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(tracking, "MAX_BUFFERED", 50)
+    t = tracking.Tracker(Tracking(experiment="bounded"))
+    assert t.error  # the probe saw nothing listening
+    assert t.start("stage", tags={"s2d.stage": "x"}) is None
+    for step in range(100):
+        t.metrics({"loss": 1.0, "reward": 0.5}, step)
+    t.tags({"s2d.output.model": "x/model"})
+    left = t.flush(5)
+    assert left[0] == "create run stage" and left[-1] == "tags"
+    assert t.dropped == 150 and sum(d.startswith("metrics") for d in left) == 25
