@@ -121,3 +121,5 @@ with DAG(
     boot >> baseline
     report = stage_task("report", trigger_rule="none_failed", outlets=[FINAL_STUDENT])(plan)
     [prev, baseline] >> report
+    # teardown: a failed or killed run leaves none of its MLflow runs RUNNING (nothing to do after success)
+    report >> stage_task("close-runs")(plan).as_teardown()

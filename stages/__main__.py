@@ -5,6 +5,7 @@
     python -m stages validate --config qwen3-1.7b                      # check a config, load nothing
     python -m stages plan --config tiny --root runs/demo               # stage order + inputs, MLflow parent run
     python -m stages report --config tiny --root runs/demo --parent-run-id ID   # the table, from manifests
+    python -m stages close-runs --root runs/demo --status FAILED      # end the root's open MLflow runs
 
 Stage inputs default to the workflow's plan (e.g. kl_warmup reads <root>/teacher_rl/model when
 stage 1 is on); --teacher / --student override them.
@@ -27,7 +28,7 @@ from pathlib import Path
 from .registry import STAGES
 
 NOT_PLANNED = 99
-COMMANDS = (*STAGES, "workflow", "validate", "plan", "report")
+COMMANDS = (*STAGES, "workflow", "validate", "plan", "report", "close-runs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLflow parent run to attach the stage's child run to (env S2D_PARENT_RUN_ID)")
     p.add_argument("--if-planned", action="store_true",
                    help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
+    p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
+                   help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
@@ -189,8 +192,30 @@ def _main(argv: list[str]) -> int:
     check_runtime(cfg)
 
     from . import workflow
+    from .tracking import TrackingUnavailable, close_runs, resolve_model_uri
 
     root = (args.root or f"{os.environ.get('S2D_ARTIFACT_ROOT', 'runs').rstrip('/')}/default").rstrip("/")
+    if args.command == "close-runs":  # the DAG's failure callback / teardown: no run stays RUNNING forever
+        try:
+            closed = close_runs(cfg.tracking, root, args.status)
+        except TrackingUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        emit(args, {"root": root, "status": args.status, "closed": closed})
+        return 0
+    try:
+        return _run(args, cfg, root, workflow, resolve_model_uri)
+    except TrackingUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if str(e).startswith("models:/"):  # a registry reference that does not resolve
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
@@ -209,7 +234,8 @@ def _main(argv: list[str]) -> int:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
     explicit = {"teacher": args.teacher, "student": args.student, "final_student": args.model}
-    inputs = workflow.stage_inputs(cfg, root, cmd, explicit)
+    # models:/<name>/<version> (or @alias) names a registered version: its checkpoint URI is the input
+    inputs = workflow.stage_inputs(cfg, root, cmd, {k: v and resolve_model_uri(v) for k, v in explicit.items()})
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)

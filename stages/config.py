@@ -225,6 +225,13 @@ class EvalConfig(Strict):
 class Tracking(Strict):
     enabled: bool = True
     experiment: str = "sparse-to-dense"
+    # an unreachable tracking server at start: false = train anyway (records are kept and sent when it
+    # is back, the run is reconciled at publish); true = a fast error naming the URI, before any model loads
+    required: bool = False
+    flush_timeout_s: float = Field(30.0, ge=0)  # longest wait for the server when a stage publishes
+    # registered-model names for the workflow's final student and RL teacher ("" = do not register)
+    registered_models: dict[Literal["student", "teacher"], str] = Field(
+        default_factory=lambda: {"student": "s2d-student", "teacher": "s2d-teacher"})
 
 
 class Workflow(Strict):

@@ -133,7 +133,6 @@ class StageRun:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.work), True) if self.work else None
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
-        self.run_id: str | None = None  # this stage's MLflow run, once tracking has started
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
@@ -199,27 +198,31 @@ class StageRun:
     @contextlib.contextmanager
     def tracking(self, trainer: "Trainer | None" = None, datasets: dict[str, list[Problem]] | None = None,
                  context: str = "training"):
-        """The stage's MLflow child run for the block: created (params, dataset inputs) or, when ``trainer``
-        resumed a state, reopened; ended FINISHED, or FAILED on an exception."""
+        """The stage's MLflow child run for the block: created (params, input lineage, dataset inputs) or,
+        when ``trainer`` resumed a state, reopened; ended FINISHED, or FAILED on an exception. Never blocks
+        on an unreachable server: records are kept and sent when it is back (see ``tracking``)."""
         resume_run_id = (trainer.resumed or {}).get("mlflow_run_id") if trainer else None
-        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name,
-                  **{f"input.{k}": v for k, v in self.inputs.items()}}
+        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name}
         section = getattr(self.cfg, self.stage, None)
         if section is not None:
             params.update({f"{self.stage}.{k}": v for k, v in _flatten(section.model_dump()).items()})
         params.update({"seed": self.cfg.seed, "sampling.temperature": self.cfg.sampling.temperature,
                        "sampling.max_new_tokens": self.cfg.sampling.max_new_tokens})
-        self.run_id = self.tracker.start(self.stage, self.parent_run_id, resume_run_id=resume_run_id,
-                                         tags={"s2d.stage": self.stage, "s2d.root": self.root})
+        self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
+                           resume_run_id=resume_run_id, params=None if resume_run_id else params)
         if not resume_run_id:
-            self.tracker.params(params)
-            self.tracker.tags({f"s2d.input.{k}": v for k, v in self.inputs.items()})
+            self.tracker.link_inputs(self.stage, self.root, self.inputs)
             for split, problems in (datasets or {}).items():
                 digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
                 self.tracker.dataset(f"{self.cfg.task.kind}/{split}", digest, f"task:{self.cfg.task.kind}:{split}",
                                      len(problems), context)
         with self.tracker.running():
             yield self
+
+    @property
+    def run_id(self) -> str | None:
+        """The stage's MLflow run id; None until the tracking server has created the run."""
+        return self.tracker.run_id if self.tracker else None
 
     # ------------------------------------------------------------ publish
     @property
@@ -269,11 +272,11 @@ class StageRun:
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)
         if self.tracker and self.tracker.enabled:
-            self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
-            self.tracker.metrics({f"final.{k}": v for k, v in metrics.items()})
+            # after the manifest: an unreachable server costs a warning, never the stage (a skip repairs it)
             for name in ("metrics.jsonl", "curves.png"):
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
+            self.tracker.reconcile(manifest, self.uri, self.root, self.parent_run_id, history)
         self.close()
         acc.wait_for_everyone()
         return manifest
