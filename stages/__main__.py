@@ -94,6 +94,10 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import ray_train
+
+    if ray_train.wanted(argv):  # S2D_ENGINE=ray: this same command on S2D_RAY_WORKERS Ray Train workers
+        return ray_train.run(argv)
     relaunch = relaunch_command(argv)
     if relaunch is not None:
         import subprocess
