@@ -9,6 +9,7 @@ About 3-4 minutes on 2 CPU cores (the cluster starts once for the module).
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -29,6 +30,8 @@ from stages.runtime import StageRun
 pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
+# token authentication, as Ray's own default for a new cluster, with this module's token (never ~/.ray's)
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 SETS = ["torch_threads=1", "teacher_rl.steps=6", "tracking.enabled=true", "tracking.experiment=ray-test"]
 
 
@@ -89,7 +92,7 @@ def cluster():
     ip = get_node_ip_address()
     temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short path: Ray's unix sockets live below it
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **AUTH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 << 20),
               "--node-ip-address", ip, "--disable-usage-stats"]
     procs = []
@@ -139,7 +142,7 @@ def _cmd(root: str) -> list[str]:
 
 def _env(db: Path, **extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_USAGE_STATS_ENABLED": "0", **extra}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{db}", **AUTH, **extra}
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "S2D_GPUS", ray_train.INSIDE):
         env.pop(k, None)
     return env

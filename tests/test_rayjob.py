@@ -346,3 +346,32 @@ def test_dag_parses_with_rayjob_runner_and_has_create_wait_delete_per_stage(monk
     assert t["kl_warmup.create"].upstream_task_ids == {"plan", "teacher_rl.wait"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl.wait", "direct_grpo.wait"}
     assert type(t["plan"]).__name__ == "KubernetesPodOperator"
+
+
+def test_rbac_lets_the_airflow_workers_manage_rayjobs_and_nothing_else():
+    import kubernetes_validate
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "infra/k8s/manifests/15-rayjob-rbac.yaml").read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    by = {d["kind"]: d for d in docs}
+    verbs = {res: set(rule["verbs"]) for rule in by["Role"]["rules"] for res in rule["resources"]}
+    assert verbs["rayjobs"] >= {"create", "get", "delete"} and "secrets" not in verbs and "pods" not in verbs
+    assert all(rule["apiGroups"] == ["ray.io"] for rule in by["Role"]["rules"])
+    stage_rbac = {d["kind"]: d for d in yaml.safe_load_all((REPO / "infra/k8s/manifests/10-stage-rbac.yaml").read_text()) if d}
+    assert by["RoleBinding"]["subjects"] == stage_rbac["RoleBinding"]["subjects"]  # the same Airflow workers
+    assert by["Role"]["metadata"]["namespace"] == r.setting("k8s_namespace", "s2d")
+
+
+def test_deferred_sensor_hands_the_wait_to_the_trigger(settings, api_for):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    _, Sensor, _, Trigger = rj._operators()
+    api, _ = api_for([STATUS["running"]])
+    api.objects["j"] = spec("j")
+    sensor = Sensor(task_id="wait", name="j", namespace="s2d", poke_interval=5)
+    with pytest.raises(TaskDeferred) as e:
+        sensor.execute({})
+    assert isinstance(e.value.trigger, Trigger) and e.value.trigger.serialize()[1]["name"] == "j"
+    assert e.value.method_name == "execute_complete"
