@@ -71,11 +71,11 @@ def _ray_ports() -> list[str]:
             "--min-worker-port", str(lo), "--max-worker-port", str(lo + 99)]
 
 
-def _wait_port(ip: str, port: int, proc, timeout: float = 120) -> None:
+def _wait_port(ip: str, port: int, proc, log: Path, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
+            raise RuntimeError(f"ray start exited with {proc.returncode}: {log.read_text()[-2000:]}")
         with socket.socket() as s:
             if s.connect_ex((ip, port)) == 0:
                 return
@@ -95,27 +95,28 @@ def cluster():
     env = {**os.environ, **AUTH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 << 20),
               "--node-ip-address", ip, "--disable-usage-stats"]
-    procs = []
+    procs, logs = [], [Path(temp) / "head.log", Path(temp) / "node2.log"]
     try:
-        procs.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                                       "--ray-client-server-port", str(free_port()), "--temp-dir", temp, *common, *_ray_ports()],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        _wait_port(ip, port, procs[0])
-        procs.append(subprocess.Popen([RAY, "start", "--address", f"{ip}:{port}", *common, *_ray_ports()],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        yield {"address": f"{ip}:{port}", "second": procs[1]}
+        with open(logs[0], "w") as log:
+            procs.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                                           "--ray-client-server-port", str(free_port()), "--temp-dir", temp, *common, *_ray_ports()],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_port(ip, port, procs[0], logs[0])
+        with open(logs[1], "w") as log:
+            procs.append(subprocess.Popen([RAY, "start", "--address", f"{ip}:{port}", *common, *_ray_ports()],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        yield {"address": f"{ip}:{port}", "second": procs[1], "logs": logs}
     finally:
+        import psutil
+
+        # every process of both nodes (ray start, raylet, GCS, agents, workers), found before any is stopped
+        ours = [psutil.Process(p.pid) for p in procs if p.poll() is None]
+        ours += [c for p in ours for c in p.children(recursive=True)]
         for p in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
             p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # anything of that node left behind
-            except ProcessLookupError:
-                pass
+        gone, alive = psutil.wait_procs(ours, timeout=20)
+        for p in alive:  # Ray's drain timed out: stop what is left, by process id
+            p.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
