@@ -36,8 +36,6 @@ log = logging.getLogger("stages.ray")
 
 ENGINE = "S2D_ENGINE"
 INSIDE = "S2D_RAY_RANK"  # set in each worker: the stage command there runs the stage, never Ray again
-# the stage commands that train or sample; bookkeeping commands and the whole workflow stay in one process
-RAY_COMMANDS = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "evaluate")
 FORWARD_PREFIXES = ("S2D_", "MLFLOW_", "AWS_", "HF_", "TQDM_", "TOKENIZERS_", "OMP_", "PYTHONPATH", "DS_ACCELERATOR")
 SECRET_WORDS = ("KEY", "TOKEN", "PASSWORD", "SECRET", "CREDENTIAL")
 
@@ -48,7 +46,9 @@ def wanted(argv: list[str], env=os.environ) -> bool:
     engine = env.get(ENGINE, "")
     if engine not in ("", "ray", "local"):
         raise SystemExit(f"error: {ENGINE} must be 'ray' or unset, got {engine!r}")
-    return engine == "ray" and INSIDE not in env and bool(argv) and argv[0] in RAY_COMMANDS
+    from .registry import STAGES  # the stage commands; bookkeeping commands and the workflow stay in one process
+
+    return engine == "ray" and INSIDE not in env and bool(argv) and argv[0] in STAGES
 
 
 def _int(env, name: str, default: int, low: int = 0) -> int:
