@@ -11,7 +11,7 @@ Every task runs the same stage command (``python -m stages <stage> ...``, see ``
 tasks pass only the artifact root and the MLflow parent run id. Stages switched off in the form are
 skipped (the paper's ablations). Re-running a DAG run, or triggering with the same artifact root,
 skips the stages already published. Deployment settings (env ``S2D_*`` or Airflow Variables
-``s2d_*``): ``runner`` (local | docker | kubernetes), ``schedule`` (cron; default none),
+``s2d_*``): ``runner`` (local | docker | kubernetes | rayjob: s2d_rayjob), ``schedule`` (cron; default none),
 ``artifact_root``, ``stage_python``, ``image``, ``gpu_pool``, ``stage_timeout_hours``.
 """
 

@@ -1,10 +1,9 @@
 """A stage as a Ray Train job (stages/ray_train.py) on a real local Ray cluster: a head and a second raylet
 on this machine (``ray start``, random ports, one CPU each, so the two workers land on two "nodes"), gloo.
 
-Checks: 2 workers give the single-process result for the same global batch; one MLflow child run, the
-manifest published once; killing the worker on the second node mid-stage makes Ray restart the group and
-the stage resume from its resume state and publish; the published checkpoint loads with from_pretrained.
-About 3-4 minutes on 2 CPU cores (the cluster starts once for the module).
+Checks, in one run: killing the worker on the second node mid-stage makes Ray restart the group and the
+stage resume from its resume state and publish; the result is the single-process one for the same global
+batch (float tolerance); one MLflow child run; the published checkpoint loads with from_pretrained.
 """
 
 import json
@@ -143,7 +142,7 @@ def _cmd(root: str) -> list[str]:
 
 def _env(db: Path, **extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{db}", **AUTH, **extra}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_DEDUP_LOGS": "0", **AUTH, **extra}
     for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "S2D_GPUS", ray_train.INSIDE):
         env.pop(k, None)
     return env
@@ -179,37 +178,19 @@ def _child_runs(db: Path) -> list:
     return client.search_runs([exp.experiment_id], "tags.`s2d.stage` = 'teacher_rl'")
 
 
-def test_stage_on_two_ray_workers_matches_one_process(cluster, boot):
-    root = str(boot["base"] / "two")
-    shutil.copytree(boot["boot"], root)
-    db = boot["base"] / "two-mlflow.db"
-    out = subprocess.run(_cmd(root), env=_ray_env(cluster, db), capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "running teacher_rl on 2 Ray Train workers" in out.stderr
-    assert "rank 0/2" in out.stderr and "rank 1/2" in out.stderr
-    summary = json.loads(out.stdout.strip().splitlines()[-1])  # the contract: last stdout line, rank 0's
-    assert summary["skipped"] is False and summary["uri"] == f"{root}/teacher_rl"
-    _same_as_reference(root, boot["ref"])
-    # rank 0 alone publishes and tracks: one child run, finished, with the manifest's id
-    runs = _child_runs(db)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow_run_id"]
-    # the published checkpoint is a plain Hugging Face folder
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
-    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], _weights(root)["model.embed_tokens.weight"])
-
-
 def _node_workers(proc) -> list:
     import psutil
 
     return [c for c in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(c.cmdline())]
 
 
-def test_killed_worker_restarts_the_group_which_resumes_and_publishes(cluster, boot):
-    root = str(boot["base"] / "killed")
+def test_stage_on_two_ray_workers_survives_a_lost_worker_and_matches_one_process(cluster, boot):
+    """One run (to keep the suite short) checks both: the worker on the second node is SIGKILLed after the
+    first resume state; Ray restarts the group, the stage resumes and publishes, and the result is the
+    single-process one for the same global batch."""
+    root = str(boot["base"] / "two")
     shutil.copytree(boot["boot"], root)
-    db = boot["base"] / "killed-mlflow.db"
+    db = boot["base"] / "two-mlflow.db"
     latest = Path(root) / "teacher_rl/_resume/policy/latest.json"
     proc = subprocess.Popen(_cmd(root), env=_ray_env(cluster, db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -227,12 +208,20 @@ def test_killed_worker_restarts_the_group_which_resumes_and_publishes(cluster, b
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, stderr[-4000:]
+    logs = stdout + stderr
+    assert "running teacher_rl on 2 Ray Train workers" in stderr
     assert killed_at == 2  # checkpoint_every=2, 4 steps: the one state before the end
-    assert stderr.count("rank 1/2") == 2  # the group was started twice
-    assert f"teacher_rl: resumed policy from step {killed_at}" in stdout + stderr  # from the state, not from scratch
-    summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["skipped"] is False
-    _same_as_reference(root, boot["ref"])  # resuming changed nothing
-    runs = _child_runs(db)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed stage reopened its MLflow run
+    assert logs.count("rank 0/2") >= 2 and logs.count("rank 1/2") >= 2  # the group was started again
+    assert f"teacher_rl: resumed policy from step {killed_at}" in logs  # from the state, not from scratch
+    summary = json.loads(stdout.strip().splitlines()[-1])  # the contract: last stdout line, rank 0's
+    assert summary["skipped"] is False and summary["uri"] == f"{root}/teacher_rl"
+    _same_as_reference(root, boot["ref"])  # = one process on the same global batch; resuming changed nothing
     assert not (Path(root) / "teacher_rl/_resume").exists()
+    # rank 0 alone publishes and tracks: one child run (the resumed stage reopened it), with the manifest's id
+    runs = _child_runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow_run_id"]
+    # the published checkpoint is a plain Hugging Face folder
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], _weights(root)["model.embed_tokens.weight"])
