@@ -131,8 +131,10 @@ def rayjob_done(obj: dict | None, name: str = "RayJob") -> bool:
 def _operators():
     """The Airflow classes, imported when the runner is used (the DAG module stays light)."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-    from airflow.providers.cncf.kubernetes.operators.resource import (KubernetesCreateResourceOperator,
-                                                                       KubernetesDeleteResourceOperator)
+    from airflow.providers.cncf.kubernetes.operators.resource import (
+        KubernetesCreateResourceOperator,
+        KubernetesDeleteResourceOperator,
+    )
     from airflow.sdk import BaseSensorOperator
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_OVERRIDES, free_port
 from safetensors.torch import load_file
 
-from conftest import TEST_OVERRIDES, free_port
 from stages import bootstrap, ray_train
 from stages.runtime import StageRun
 
