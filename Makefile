@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[ray]' -c constraints.txt
 	touch $@
 
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed

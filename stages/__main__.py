@@ -164,6 +164,10 @@ def _terminate(signum, frame):
 
 
 def _main(argv: list[str]) -> int:
+    from . import ray_train
+
+    if ray_train.wanted(argv):  # S2D_ENGINE=ray: this same command on S2D_RAY_WORKERS Ray Train workers
+        return ray_train.run(argv)
     relaunch = relaunch_command(argv)
     if relaunch is not None:
         import subprocess

@@ -313,7 +313,9 @@ def full_weights(model):
 
 def make_accelerator(cfg: Config):
     """The process's ``Accelerator``: plain when not launched, the launcher's setup (DDP, DeepSpeed) when
-    started by ``accelerate launch``."""
+    started by ``accelerate launch``. In a Ray Train worker (stages/ray_train.py) Ray has already created the
+    process group and set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``: accelerate adopts it (MULTI_CPU with gloo on
+    the CPU, MULTI_GPU with NCCL on GPUs) without initialising another, so nothing here differs."""
     from accelerate import Accelerator
 
     # cpu=True would switch a DeepSpeed launch off; under DeepSpeed on a CPU (DS_ACCELERATOR=cpu, as in the
@@ -511,6 +513,7 @@ class Trainer:
             shutil.copyfile(d / "rollouts.jsonl", self.run.rollout_file)
         self.step = self.saved_step = latest["step"]
         self.resumed = latest
+        log.info("%s: resumed %s from step %d", self.run.stage, self.name, self.step)
         self.history = latest["history"]
         self.state = latest.get("state", {})
         return latest
