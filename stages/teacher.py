@@ -50,7 +50,11 @@ class Teacher(ABC):
     def logprobs(self, ro: Rollouts) -> torch.Tensor: ...
 
     @abstractmethod
-    def topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log p_T(x_t) [B, L], top-k ids [B, L, k], top-k log-probs [B, L, k]) in one pass."""
+
+    def topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score(ro, k)[1:]
 
     def close(self) -> None:
         pass
@@ -69,13 +73,15 @@ class LocalTeacher(Teacher):
         return token_logprobs(self.model, ro, self.temperature, self.chunk)
 
     @torch.no_grad()
-    def topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # chunk by chunk over positions: one chunk's [B, chunk, V] logits at a time, [B, L, k] kept
-        head = self.model.get_output_embeddings()
+        head, T = self.model.get_output_embeddings(), self.temperature
         h = hidden_states(self.model, ro)[:, :-1]
-        parts = [topk_logprobs(head(h[:, s : s + self.chunk]), k, self.temperature) for s in range(0, h.shape[1], self.chunk)]
+        chosen = chosen_logprobs(head, h, ro.input_ids[:, 1:], T, self.chunk)
+        parts = [topk_logprobs(head(h[:, s : s + self.chunk]), k, T) for s in range(0, h.shape[1], self.chunk)]
         ids, lp = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-        return F.pad(ids, (0, 0, 1, 0), value=-1), F.pad(lp, (0, 0, 1, 0), value=-torch.inf)
+        return (F.pad(chosen, (1, 0)), F.pad(ids, (0, 0, 1, 0), value=-1),
+                F.pad(lp, (0, 0, 1, 0), value=-torch.inf))
 
     @torch.no_grad()
     def chosen(self, ro: Rollouts, targets_from: int) -> torch.Tensor:
@@ -136,7 +142,7 @@ class ServerTeacher(Teacher):
                 raise TokenizerMismatch(f"teacher server {self.url} ({self.model}) tokenizes {text!r} as {theirs[:12]}..., "
                                         f"the student as {ours[:12]}...: they must share one tokenizer")
 
-    def score(self, sequences: list[list[int]], k: int) -> list[list[dict | None]]:
+    def prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list[dict | None]]:
         """vLLM's ``prompt_logprobs`` for each sequence, as returned: one entry per position (None for the
         first), each ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` with the k most likely
         tokens and the token actually at that position."""
@@ -177,20 +183,21 @@ class ServerTeacher(Teacher):
     def logprobs(self, ro: Rollouts) -> torch.Tensor:
         out = torch.zeros(ro.input_ids.shape, dtype=torch.float32)
         rows, starts = _sequences(ro)
-        for i, (seq, o, entries) in enumerate(zip(rows, starts, self.score(rows, 0))):
+        for i, (seq, o, entries) in enumerate(zip(rows, starts, self.prompt_logprobs(rows, 0))):
             out[i, o + 1 : o + len(seq)] = torch.tensor(chosen_from_payload(entries, seq))
         return out.to(ro.input_ids.device)
 
-    def topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, L = ro.input_ids.shape
+        chosen = torch.zeros((B, L), dtype=torch.float32)
         ids = torch.full((B, L, k), -1, dtype=torch.long)
         lp = torch.full((B, L, k), -torch.inf, dtype=torch.float32)
         rows, starts = _sequences(ro)
-        for i, (seq, o, entries) in enumerate(zip(rows, starts, self.score(rows, k))):
-            ti, tl = topk_from_payload(entries, k)
-            ids[i, o + 1 : o + len(seq)], lp[i, o + 1 : o + len(seq)] = ti, tl
+        for i, (seq, o, entries) in enumerate(zip(rows, starts, self.prompt_logprobs(rows, k))):
+            chosen[i, o + 1 : o + len(seq)] = torch.tensor(chosen_from_payload(entries, seq))
+            ids[i, o + 1 : o + len(seq)], lp[i, o + 1 : o + len(seq)] = topk_from_payload(entries, k)
         dev = ro.input_ids.device
-        return ids.to(dev), lp.to(dev)
+        return chosen.to(dev), ids.to(dev), lp.to(dev)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -227,12 +234,31 @@ def topk_from_payload(entries: list[dict | None], k: int) -> tuple[torch.Tensor,
     return ids, lp
 
 
-def make_teacher(cfg, model=None) -> Teacher:
-    """The engine ``teacher.engine`` names; ``model``: the loaded teacher for the local engine."""
+def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, object | None]:
+    """The engine ``teacher.engine`` names, after the tokenizer check: (teacher, the loaded teacher
+    model for ``local``, None for ``server``: the training process never loads a served teacher)."""
+    from . import models
+
+    cfg = run.cfg
+    if cfg.teacher.engine == "local":
+        model, t_tok = run.load_model(teacher_uri, "teacher")
+        models.check_compatible(t_tok, tok, model, student)
+        model.requires_grad_(False).eval()
+        return LocalTeacher(model, cfg.sampling.temperature, cfg.logprob_chunk), model
     t = cfg.teacher
-    if t.engine == "local":
-        if model is None:
-            raise ValueError("teacher.engine local needs the teacher model loaded")
-        return LocalTeacher(model, cfg.sampling.temperature, cfg.logprob_chunk)
-    return ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
-                         concurrency=t.concurrency, timeout_s=t.timeout_s, retries=t.retries)
+    server = ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
+                           concurrency=t.concurrency, timeout_s=t.timeout_s, retries=t.retries)
+    server.check_tokenizer(tok)
+    return server, None
+
+
+@torch.no_grad()
+def sampled_c2(run, student, tok, teacher: Teacher, prompts, label: str = "c2") -> float:
+    """C2 through the teacher interface: the k1 estimate of KL(student || teacher) per completion token on
+    student rollouts, mean of log p_S(x) - log p_T(x) (what a served teacher allows: no full vocabulary).
+    Same rollouts as :func:`stages.evaluation.student_teacher_kl`; an unbiased estimate of its value."""
+    from .losses import sampled_reverse_kl
+
+    ro = run.sample(student, tok, prompts[: run.cfg.eval.c2_prompts], step=0, salt=label)
+    m = ro.completion.float()
+    return float((sampled_reverse_kl(ro.logprobs, teacher.logprobs(ro)) * m).sum() / m.sum().clamp(min=1))
