@@ -241,7 +241,7 @@ def find_manifest(uri: str) -> tuple[str, dict] | None:
     return None
 
 
-def fetch(uri: str, cache_dir: Path | None = None) -> Path:
+def fetch(uri: str, cache_dir: Path | None = None, only=None) -> Path:
     """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``).
 
     Files are checked against the owning stage's manifest; a missing manifest means the stage did
@@ -253,6 +253,8 @@ def fetch(uri: str, cache_dir: Path | None = None) -> Path:
     stage_uri, manifest = found
     sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
     wanted = {rel: meta for rel, meta in manifest["files"].items() if not sub or rel.startswith(sub + "/")}
+    if only is not None:  # a subset, e.g. only a checkpoint's tokenizer files
+        wanted = {rel: meta for rel, meta in wanted.items() if only(rel)}
     if not wanted:
         raise ArtifactError(f"{uri}: the manifest of {stage_uri} lists no files under '{sub}'")
     store = store_for(uri)

@@ -23,15 +23,24 @@ from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
 from .rollout import chosen_logprobs, hidden_states, map_positions, token_logprobs
 from .runtime import StageRun, decode
+from .teacher import open_teacher, sampled_c2
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, d = run.cfg, run.cfg.onpolicy_distill
-    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
+    student, tok = run.load_model(student_uri, "student")
+    # teacher.engine local: the model in this process; server: log-probs served by vLLM (never loaded here)
+    scorer, teacher = open_teacher(run, teacher_uri, tok, student)
     prompts = run.task.problems("prompts")
+
+    def c2(label: str = "c2") -> float:  # full vocabulary in process; the sampled-token estimate when served
+        if teacher is None:
+            return sampled_c2(run, student, tok, scorer, prompts, label)
+        return student_teacher_kl(run, student, teacher, tok, prompts, label=label)
+
     trainer = run.trainer("student", student, d.optim, d.steps, {"prompts": prompts})
     if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
-        trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
+        trainer.state["c2_before"] = c2()
     T, chunk = cfg.sampling.temperature, cfg.logprob_chunk
 
     def step_fn(step: int) -> dict:
@@ -40,8 +49,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         ro = run.sample(student, tok, batch, step)
         mask = ro.completion
         if d.form == "sampled":
-            with torch.no_grad():
-                t_lp = token_logprobs(teacher, ro, T, chunk)
+            t_lp = scorer.logprobs(ro)  # one log-prob per position: prompt_logprobs=0 when served
             adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
             logp = token_logprobs(student, ro, T, chunk)
             loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
@@ -77,7 +85,8 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         history = trainer.fit(step_fn)
         run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval")).items()}
         run.metrics |= {"c2_before": trainer.state["c2_before"],
-                        "c2_after": student_teacher_kl(run, student, teacher, tok, prompts)}
-        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
+                        "c2_after": c2()}
+        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
+                     "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled"}
         return run.publish({"model": student}, tok, history=history)
 

@@ -151,7 +151,9 @@ class StageRun:
                     row["reward"] = rewards[i]
                 f.write(json.dumps(row) + "\n")
 
-    def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None) -> dict:
+    def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None,
+                outputs: dict[str, str] | None = None) -> dict:
+        """``outputs``: other published folders (name -> path under the stage's out/, e.g. Parquet data)."""
         acc = self.accelerator
         # ZeRO-3 shards the weights: gather a full state dict (a collective: every rank takes part)
         states = {name: acc.get_state_dict(self.engines[id(m)]) if id(m) in self.engines else None
@@ -177,7 +179,8 @@ class StageRun:
             "stage": self.stage,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
-            "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
+            "outputs": {name: artifacts.join(self.uri, name) for name in models_out}
+                       | {name: artifacts.join(self.uri, rel) for name, rel in (outputs or {}).items()},
             "metrics": self.metrics,
             "mlflow_run_id": getattr(self, "run_id", None),
             "wall_time_s": round(time.perf_counter() - self.started, 1),

@@ -29,7 +29,7 @@ import torch
 from . import artifacts
 from .rollout import Rollouts, left_pad
 from .runtime import StageRun
-from .teacher import LocalTeacher, Teacher
+from .teacher import LocalTeacher, Teacher, open_teacher
 
 log = logging.getLogger("stages")
 
@@ -44,10 +44,36 @@ SCHEMA = pa.schema([
 DATA = "data"
 
 
-def run(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
-    """``teacher``: the engine (see :func:`stages.teacher.open_teacher`); ``teacher_model``: the loaded
-    teacher when the engine is local (the trainer's sampler generates with it)."""
-    cfg, d = run.cfg, run.cfg.teacher_data
+def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+    """The student checkpoint gives the tokenizer (only its tokenizer files are read); the teacher is the
+    configured engine, checked against it."""
+    tok = load_tokenizer(student_uri)
+    teacher, model = open_teacher(run, teacher_uri, tok)
+    try:
+        return generate(run, teacher, tok, model)
+    finally:
+        teacher.close()
+
+
+def load_tokenizer(uri: str):
+    """A checkpoint's tokenizer without its weights: a published artifact folder (only the tokenizer files,
+    checksums verified), a local folder or a hub id."""
+    from transformers import AutoTokenizer
+
+    from .runtime import _is_hub_id
+
+    found = None if _is_hub_id(uri) else artifacts.find_manifest(uri)
+    path = artifacts.fetch(uri, only=lambda rel: "tokenizer" in rel.rsplit("/", 1)[-1] or rel.endswith("special_tokens_map.json")) if found else uri
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
+    """Generate, score and store; ``teacher_model``: the loaded teacher for the local engine (the
+    trainer's sampler generates with it)."""
+    d = run.cfg.teacher_data
     problems = run.task.problems("prompts")[: d.prompts]
     n_shards = math.ceil(len(problems) / d.rows_per_shard)
     shards = run.work / "out" / DATA
@@ -62,23 +88,23 @@ def run(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
         run.log_dataset("prompts", problems)
     else:
         log.info("teacher_data: resuming after %d of %d shards", done, n_shards)
-    for i in range(done, n_shards):
-        batch = problems[i * d.rows_per_shard : (i + 1) * d.rows_per_shard]
-        ro = teacher_rollouts(run, teacher, tok, batch, step=i, model=teacher_model)
-        table = to_table(batch, ro, *teacher.score(ro, d.top_k))
-        pq.write_table(table, shards / f"shard-{i:05d}.parquet")
-        artifacts.save_state(run.uri, "shards", i + 1, shards,
-                             {"config_hash": run.config_hash, "mlflow_run_id": getattr(run, "run_id", None)})
-        if run.tracker:
-            run.tracker.metrics({"shards_done": i + 1, "rows": (i + 1) * d.rows_per_shard}, i + 1)
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards.glob("*.parquet"))
-    tokens = sum(pq.read_table(f, columns=["token_logprobs"]).column(0).combine_chunks().value_lengths().to_numpy().sum()
-                 for f in shards.glob("*.parquet"))
-    return run.publish({}, tok, outputs={"data": DATA},
-                       metrics={"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k},
-                       extra={"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
-                              **({"served_model": teacher.model, "teacher_url": teacher.url}
-                                 if teacher.engine == "server" else {})})
+    with run.tracker.running():  # FAILED in MLflow when the teacher goes away; resumable
+        for i in range(done, n_shards):
+            batch = problems[i * d.rows_per_shard : (i + 1) * d.rows_per_shard]
+            ro = teacher_rollouts(run, teacher, tok, batch, step=i, model=teacher_model)
+            table = to_table(batch, ro, *teacher.score(ro, d.top_k))
+            pq.write_table(table, shards / f"shard-{i:05d}.parquet")
+            artifacts.save_state(run.uri, "shards", i + 1, shards,
+                                 {"config_hash": run.config_hash, "mlflow_run_id": getattr(run, "run_id", None)})
+            if run.tracker:
+                run.tracker.metrics({"shards_done": i + 1}, i + 1)
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards.glob("*.parquet"))
+        tokens = sum(pq.read_table(f, columns=["token_logprobs"]).column(0).combine_chunks().value_lengths().to_numpy().sum()
+                     for f in shards.glob("*.parquet"))
+        run.metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
+        run.extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
+                     **({"served_model": teacher.model, "teacher_url": teacher.url} if teacher.engine == "server" else {})}
+        return run.publish({}, tok, outputs={"data": DATA})
 
 
 def teacher_rollouts(run: StageRun, teacher: Teacher, tok, problems, step: int, model=None) -> Rollouts:
@@ -130,7 +156,8 @@ def to_table(problems, ro: Rollouts, chosen: torch.Tensor, topk_ids: torch.Tenso
 
 def load(uri: str) -> list[dict]:
     """The rows of a published teacher_data stage (checksums verified by :func:`artifacts.fetch`)."""
-    folder = artifacts.fetch(artifacts.join(uri, DATA) if not uri.rstrip("/").endswith(DATA) else uri)
+    uri = uri.rstrip("/")
+    folder = artifacts.fetch(uri if uri.endswith("/" + DATA) else artifacts.join(uri, DATA))
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise artifacts.ArtifactError(f"{uri}: no Parquet shards")
