@@ -20,9 +20,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, get_current_context, task
-
 import s2d_runners as r
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 DAG_ID = "sparse_to_dense"
 RUNNER = r.setting("runner", "local")
@@ -30,7 +29,7 @@ POOL = r.setting("gpu_pool", "gpu")
 TIMEOUT = timedelta(hours=float(r.setting("stage_timeout_hours", "24")))
 STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]
 STEP_STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"]
-ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", *STEP_STAGES]}
+ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", "teacher_data", *STEP_STAGES]}
 FINAL_STUDENT = Asset(f"s2d://{DAG_ID}/final_student")
 
 params = {
@@ -114,7 +113,8 @@ with DAG(
     plan = stage_task("plan")()
     boot = stage_task("bootstrap", outlets=[ASSETS["bootstrap"]])(plan)
     prev = boot
-    for stage in STAGES:
+    # teacher_data (stored teacher top-k for kl_warmup.form topk) runs before 2a; skipped when not planned
+    for stage in ["teacher_rl", "teacher_data", *STAGES[1:]]:
         nxt = stage_task(stage, trigger_rule="none_failed", outlets=[ASSETS[stage]])(plan)
         prev >> nxt
         prev = nxt

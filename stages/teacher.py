@@ -65,17 +65,17 @@ class LocalTeacher(Teacher):
 
     engine = "local"
 
-    def __init__(self, model, temperature: float = 1.0, chunk: int = 512):
-        self.model, self.temperature, self.chunk = model, temperature, chunk
+    def __init__(self, model, chunk: int = 512):
+        self.model, self.chunk = model, chunk
 
     @torch.no_grad()
     def logprobs(self, ro: Rollouts) -> torch.Tensor:
-        return token_logprobs(self.model, ro, self.temperature, self.chunk)
+        return token_logprobs(self.model, ro, self.chunk)
 
     @torch.no_grad()
     def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # chunk by chunk over positions: one chunk's [B, chunk, V] logits at a time, [B, L, k] kept
-        head, T = self.model.get_output_embeddings(), self.temperature
+        head, T = self.model.get_output_embeddings(), ro.temperature
         h = hidden_states(self.model, ro)[:, :-1]
         chosen = chosen_logprobs(head, h, ro.input_ids[:, 1:], T, self.chunk)
         parts = [topk_logprobs(head(h[:, s : s + self.chunk]), k, T) for s in range(0, h.shape[1], self.chunk)]
@@ -83,12 +83,6 @@ class LocalTeacher(Teacher):
         return (F.pad(chosen, (1, 0)), F.pad(ids, (0, 0, 1, 0), value=-1),
                 F.pad(lp, (0, 0, 1, 0), value=-torch.inf))
 
-    @torch.no_grad()
-    def chosen(self, ro: Rollouts, targets_from: int) -> torch.Tensor:
-        """log p_T of tokens ``targets_from..L-1`` only ([B, L - targets_from]): the completion part."""
-        h = hidden_states(self.model, ro)[:, targets_from - 1 : -1]
-        return chosen_logprobs(self.model.get_output_embeddings(), h, ro.input_ids[:, targets_from:], self.temperature,
-                               self.chunk)
 
 
 class ServerTeacher(Teacher):
@@ -244,7 +238,7 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
         model, t_tok = run.load_model(teacher_uri, "teacher")
         models.check_compatible(t_tok, tok, model, student)
         model.requires_grad_(False).eval()
-        return LocalTeacher(model, cfg.sampling.temperature, cfg.logprob_chunk), model
+        return LocalTeacher(model, cfg.logprob_chunk), model
     t = cfg.teacher
     server = ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
                            concurrency=t.concurrency, timeout_s=t.timeout_s, retries=t.retries)
@@ -253,12 +247,13 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
 
 
 @torch.no_grad()
-def sampled_c2(run, student, tok, teacher: Teacher, prompts, label: str = "c2") -> float:
+def sampled_c2(rollouts, student, tok, teacher: Teacher, prompts, label: str = "c2") -> float:
     """C2 through the teacher interface: the k1 estimate of KL(student || teacher) per completion token on
     student rollouts, mean of log p_S(x) - log p_T(x) (what a served teacher allows: no full vocabulary).
-    Same rollouts as :func:`stages.evaluation.student_teacher_kl`; an unbiased estimate of its value."""
+    Same rollouts as :func:`stages.scoring.student_teacher_kl`; an unbiased estimate of its value.
+    ``rollouts``: the stage's :class:`stages.runtime.RolloutMaker`."""
     from .losses import sampled_reverse_kl
 
-    ro = run.sample(student, tok, prompts[: run.cfg.eval.c2_prompts], step=0, salt=label)
+    ro = rollouts.sample(student, tok, prompts[: rollouts.cfg.eval.c2_prompts], step=0, salt=label)
     m = ro.completion.float()
     return float((sampled_reverse_kl(ro.logprobs, teacher.logprobs(ro)) * m).sum() / m.sum().clamp(min=1))

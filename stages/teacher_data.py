@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,7 +29,7 @@ import torch
 
 from . import artifacts
 from .rollout import Rollouts, left_pad
-from .runtime import StageRun
+from .runtime import StageRun, seed_for
 from .teacher import LocalTeacher, Teacher, open_teacher
 
 log = logging.getLogger("stages")
@@ -83,44 +84,39 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
     if not done:
         for f in shards.glob("*"):
             f.unlink()
-    run.start_tracking(resume_run_id=latest and done and latest.get("mlflow_run_id"))
-    if not done:
-        run.log_dataset("prompts", problems)
-    else:
+    if done:
         log.info("teacher_data: resuming after %d of %d shards", done, n_shards)
-    with run.tracker.running():  # FAILED in MLflow when the teacher goes away; resumable
+    # the MLflow run is reopened on resume (tracking() reads it from the restored state)
+    with run.tracking(SimpleNamespace(resumed=latest if done else None), {"prompts": problems}):
         for i in range(done, n_shards):
             batch = problems[i * d.rows_per_shard : (i + 1) * d.rows_per_shard]
             ro = teacher_rollouts(run, teacher, tok, batch, step=i, model=teacher_model)
             table = to_table(batch, ro, *teacher.score(ro, d.top_k))
             pq.write_table(table, shards / f"shard-{i:05d}.parquet")
             artifacts.save_state(run.uri, "shards", i + 1, shards,
-                                 {"config_hash": run.config_hash, "mlflow_run_id": getattr(run, "run_id", None)})
-            if run.tracker:
-                run.tracker.metrics({"shards_done": i + 1}, i + 1)
+                                 {"config_hash": run.config_hash, "mlflow_run_id": run.run_id})
+            run.tracker.metrics({"shards_done": i + 1}, i + 1)
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards.glob("*.parquet"))
         tokens = sum(pq.read_table(f, columns=["token_logprobs"]).column(0).combine_chunks().value_lengths().to_numpy().sum()
                      for f in shards.glob("*.parquet"))
-        run.metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
-        run.extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
-                     **({"served_model": teacher.model, "teacher_url": teacher.url} if teacher.engine == "server" else {})}
-        return run.publish({}, tok, outputs={"data": DATA})
+        metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
+        extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
+                 **({"served_model": teacher.model, "teacher_url": teacher.url} if teacher.engine == "server" else {})}
+        return run.publish({}, tok, metrics=metrics, extra=extra, outputs={"data": DATA})
 
 
 def teacher_rollouts(run: StageRun, teacher: Teacher, tok, problems, step: int, model=None) -> Rollouts:
     """The teacher's completions for ``problems``: the trainer's sampler on the local model, or the server."""
     if isinstance(teacher, LocalTeacher):
-        return run.sample(model, tok, problems, step)
+        return run.rollouts.sample(model, tok, problems, step)
     s = run.cfg.sampling
-    from .runtime import seed_for
-
-    prompts = run.encode(tok, problems)
+    prompts = run.rollouts.encode(tok, problems)
     comps = teacher.generate(prompts, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                              seed=seed_for(run.cfg.seed, run.stage, "", step), eos_id=tok.eos_token_id)
-    return from_token_ids(prompts, comps, tok.pad_token_id)
+    return from_token_ids(prompts, comps, tok.pad_token_id, s.temperature)
 
 
-def from_token_ids(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
+def from_token_ids(prompts: list[list[int]], completions: list[list[int]], pad_id: int, temperature: float) -> Rollouts:
     """The :class:`Rollouts` layout for given prompt and completion ids (log-probs/entropy left 0)."""
     ids, attn = left_pad(prompts, pad_id)
     B, P = ids.shape
@@ -133,7 +129,7 @@ def from_token_ids(prompts: list[list[int]], completions: list[list[int]], pad_i
     zeros = torch.zeros((B, P + N))
     completion = torch.cat([torch.zeros_like(attn), comp_att], 1)
     return Rollouts(torch.cat([ids, comp_ids], 1), torch.cat([attn, comp_att], 1), completion, zeros,
-                    zeros.clone(), P)
+                    zeros.clone(), P, temperature)
 
 
 def to_table(problems, ro: Rollouts, chosen: torch.Tensor, topk_ids: torch.Tensor, topk_lp: torch.Tensor) -> pa.Table:
@@ -164,12 +160,13 @@ def load(uri: str) -> list[dict]:
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pylist()
 
 
-def batch_tensors(rows: list[dict], pad_id: int, device="cpu") -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
+def batch_tensors(rows: list[dict], pad_id: int, temperature: float = 1.0,
+                  device="cpu") -> tuple[Rollouts, torch.Tensor, torch.Tensor]:
     """Stored rows -> (Rollouts, top-k ids [B, L, k], top-k log-probs [B, L, k]) in the trainer's layout:
     column t holds the teacher distribution of token t (completion columns only; -1 / -inf elsewhere)."""
     prompts = [r["token_ids"][: r["prompt_len"]] for r in rows]
     comps = [r["token_ids"][r["prompt_len"] :] for r in rows]
-    ro = from_token_ids(prompts, comps, pad_id)
+    ro = from_token_ids(prompts, comps, pad_id, temperature)
     B, L = ro.input_ids.shape
     k = max((len(r["topk_ids"][0]) for r in rows if r["topk_ids"]), default=1)
     ids = torch.full((B, L, k), -1, dtype=torch.long)
@@ -181,6 +178,4 @@ def batch_tensors(rows: list[dict], pad_id: int, device="cpu") -> tuple[Rollouts
             ids[i, P : P + n] = torch.tensor(r["topk_ids"], dtype=torch.long)
             lp[i, P : P + n] = torch.tensor(r["topk_logprobs"], dtype=torch.float32)
             ro.logprobs[i, P : P + n] = torch.tensor(r["token_logprobs"])
-    dev = torch.device(device)
-    ro = Rollouts(*(t.to(dev) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)), P)
-    return ro, ids.to(dev), lp.to(dev)
+    return ro.to(device), ids.to(device), lp.to(device)

@@ -35,10 +35,11 @@ def test_dag_imports_without_errors_and_without_torch():
 
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
-    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl",
-                                 "direct_grpo", "report"}
+    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
+                                 "student_rl", "direct_grpo", "report"}
     t = dag.task_dict
-    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_rl"}
+    assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
+    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
     assert t["direct_grpo"].upstream_task_ids == {"plan", "bootstrap"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl", "direct_grpo"}
     for name in ("bootstrap", "teacher_rl", "student_rl", "direct_grpo"):
@@ -150,6 +151,7 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
     """What the DAG sends is accepted by the stage CLI's parser, every stage."""
     monkeypatch.syspath_prepend(str(DAGS))
     import s2d_runners as r
+
     from stages.__main__ import parse_args
 
     for cmd in ("plan", *r.GPU_STAGES, "report"):

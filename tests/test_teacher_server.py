@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-
 from conftest import TEST_OVERRIDES, free_port
+
 from stages import artifacts, kl_warmup, onpolicy_distill, teacher_data
 from stages.config import TinyArch, load_config
 from stages.models import TokenizerMismatch, char_tokenizer, load, save, tiny_qwen3

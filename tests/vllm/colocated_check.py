@@ -60,8 +60,8 @@ def main(out: Path) -> None:
     after = sampler.generate(model, prompts, **kw)
     m = after.completion.bool()
     with torch.no_grad():
-        new_lp, old_lp = token_logprobs(model, after, 1.0), token_logprobs(old, after, 1.0)
-        again_old = token_logprobs(old, before, 1.0)
+        new_lp, old_lp = token_logprobs(model, after), token_logprobs(old, after)
+        again_old = token_logprobs(old, before)
     result |= {
         "before_vs_old_trainer_max_abs": float((again_old - before.logprobs)[before.completion.bool()].abs().max()),
         "after_vs_new_trainer_max_abs": float((new_lp - after.logprobs)[m].abs().max()),
