@@ -61,9 +61,7 @@ def load_tokenizer(uri: str):
     checksums verified), a local folder or a hub id."""
     from transformers import AutoTokenizer
 
-    from .runtime import _is_hub_id
-
-    found = None if _is_hub_id(uri) else artifacts.find_manifest(uri)
+    found = None if artifacts.uri_kind(uri) == "hub" else artifacts.find_manifest(uri)
     path = artifacts.fetch(uri, only=lambda rel: "tokenizer" in rel.rsplit("/", 1)[-1] or rel.endswith("special_tokens_map.json")) if found else uri
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:

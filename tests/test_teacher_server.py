@@ -26,8 +26,8 @@ from conftest import TEST_OVERRIDES, free_port
 
 from stages import artifacts, kl_warmup, onpolicy_distill, teacher_data
 from stages.config import TinyArch, load_config
+from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, load, save, tiny_qwen3
-from stages.rollout import HFSampler
 from stages.runtime import StageRun
 from stages.teacher import LocalTeacher, ServerTeacher, TeacherUnavailable, chosen_from_payload, topk_from_payload
 
@@ -51,7 +51,9 @@ def served(tmp_path_factory):
         [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d / "teacher"), "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs", "64",
          "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.2", "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # a fixed 1 GiB KV cache: the default share of RAM fails when other processes hold memory
+        env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 300
