@@ -244,7 +244,13 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
-    manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    from .teacher import TeacherUnavailable
+
+    try:
+        manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    except TeacherUnavailable as e:  # nothing published; the last saved state is kept for the rerun
+        print(f"error: {e} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
+        return 1
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
                 "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})
     return 0

@@ -509,7 +509,7 @@ def check_files(uri: str) -> None:
             raise ArtifactError(f"{f}: listed in its manifest but {what} (deleted or overwritten after publishing?)")
 
 
-def fetch(uri: str, cache_dir: Path | None = None) -> Path:
+def fetch(uri: str, cache_dir: Path | None = None, only=None) -> Path:
     """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``).
 
     Files are checked against the owning stage's manifest; a missing manifest means the stage did
@@ -521,6 +521,8 @@ def fetch(uri: str, cache_dir: Path | None = None) -> Path:
     stage_uri, manifest = found
     sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
     wanted = {rel: meta for rel, meta in manifest["files"].items() if not sub or rel.startswith(sub + "/")}
+    if only is not None:  # a subset, e.g. only a checkpoint's tokenizer files
+        wanted = {rel: meta for rel, meta in wanted.items() if only(rel)}
     if not wanted:
         raise ArtifactError(f"{uri}: the manifest of {stage_uri} lists no files under '{sub}'")
     store = store_for(uri)

@@ -131,6 +131,36 @@ class VLLMOptions(Strict):
     max_model_len: int | None = Field(None, gt=0, description="default: the model's")
 
 
+class TeacherEngine(Strict):
+    """How stages 2a/2b reach the teacher (README, "Teacher as a service"): ``local`` loads it in the
+    training process; ``server`` scores with an OpenAI-compatible vLLM server holding it."""
+
+    engine: Literal["local", "server"] = "local"
+    url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
+    model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
+    sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
+    concurrency: int = Field(4, gt=0, description="requests in flight")
+    timeout_s: float = Field(300.0, gt=0, description="per request")
+    retries: int = Field(3, ge=0, description="per request, with backoff, on connection errors and 5xx")
+
+    def resolved_url(self) -> str:
+        import os
+
+        url = os.environ.get("S2D_TEACHER_URL") or self.url
+        if not url:
+            raise ConfigError("teacher.engine server needs teacher.url (or S2D_TEACHER_URL)")
+        return url
+
+
+class TeacherDataConfig(Strict):
+    """Stage ``teacher_data``: teacher rollouts with their top-k log-probs, generated once and stored as
+    Parquet for every warmup run with the same teacher and prompts (``kl_warmup.form: topk``)."""
+
+    top_k: int = Field(64, gt=0, description="teacher log-probs kept per position (the server needs --max-logprobs >= k)")
+    prompts: int | None = Field(None, gt=0, description="first N problems of the prompts split; default: all")
+    rows_per_shard: int = Field(256, gt=0, description="rollouts per Parquet shard (the unit of resume)")
+
+
 class Sampling(Strict):
     """One temperature for sampling and for the trainer's log-probs (a mismatch biases every ratio)."""
 
@@ -194,7 +224,9 @@ class WarmupConfig(Strict):
     sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
     steps: int = Field(50, ge=0)
-    form: Literal["token_kl", "seq_sft"] = "token_kl"
+    # topk: forward KL over the teacher's stored top-k + a tail bucket, trained from stage teacher_data's
+    # Parquet (the teacher is not loaded for training)
+    form: Literal["token_kl", "seq_sft", "topk"] = "token_kl"
     prompts_per_step: int = Field(32, gt=0)
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
     c2_every: int = Field(10, gt=0)
@@ -261,6 +293,8 @@ class Config(Strict):
     task: TaskConfig = TaskConfig()
     models: Models
     sampling: Sampling = Sampling()
+    teacher: TeacherEngine = TeacherEngine()
+    teacher_data: TeacherDataConfig = TeacherDataConfig()
     bootstrap: Bootstrap = Bootstrap()
     teacher_rl: GRPOConfig = GRPOConfig()
     kl_warmup: WarmupConfig = WarmupConfig()
@@ -277,6 +311,21 @@ class Config(Strict):
         if not DEVICE.match(v):
             raise ValueError("not a device: use cpu, cuda, cuda:N or mps")
         return v
+
+    @model_validator(mode="after")
+    def _served_teacher(self):
+        """A served teacher gives log-probs at temperature 1 and top-k, never the full vocabulary."""
+        if self.teacher.engine != "server":
+            return self
+        if self.sampling.temperature != 1.0:
+            raise ValueError("teacher.engine server scores at temperature 1: set sampling.temperature to 1.0")
+        if self.kl_warmup.form == "token_kl":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set kl_warmup.form to topk (or seq_sft)")
+        if self.onpolicy_distill.form == "full":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set onpolicy_distill.form to sampled")
+        return self
 
     def student_step_budget(self) -> int:
         """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""

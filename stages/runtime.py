@@ -240,9 +240,10 @@ class StageRun:
                 f.write(artifacts.dumps(row) + "\n")
 
     def publish(self, models_out: dict, tokenizer, *, metrics: dict, extra: dict | None = None,
-                history: list[dict] | None = None) -> dict:
+                history: list[dict] | None = None, outputs: dict[str, str] | None = None) -> dict:
         """Write the stage's outputs (checkpoints ``models_out``, ``metrics.jsonl`` and curves from
-        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow."""
+        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow.
+        ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data)."""
         acc = self.accelerator
         out = self.work / "out"
         for name, model in models_out.items():
@@ -263,7 +264,8 @@ class StageRun:
             "stage": self.stage,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
-            "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
+            "outputs": {name: artifacts.join(self.uri, name) for name in models_out}
+                       | {name: artifacts.join(self.uri, rel) for name, rel in (outputs or {}).items()},
             "metrics": metrics,
             "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),

@@ -31,6 +31,9 @@ def _planned(cfg: Config, name: str) -> bool:
     kind = STAGES[name].kind
     if kind == "setup":  # a setup stage runs when a base model comes from it (models.*.source: bootstrap)
         return name in (cfg.models.teacher.source, cfg.models.student.source)
+    if kind == "data":  # made for a planned consumer that reads it (teacher_data: kl_warmup.form topk)
+        stage, key, value = STAGES[name].when
+        return stage in cfg.workflow.stages and getattr(getattr(cfg, stage), key) == value
     if kind == "workflow":
         return name in cfg.workflow.stages
     return kind == "baseline" and cfg.workflow.baseline
@@ -44,10 +47,11 @@ def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
     for name, st in STAGES.items():
         if st.kind == "tool" or not _planned(cfg, name):
             continue
-        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()},
+        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()
+                                                if role in roles or k not in st.optional},
                       "uri": artifacts.join(root, name)})
-        if st.output:  # every stage publishes its model at <root>/<stage>/model
-            roles[st.output] = artifacts.join(root, name, "model")
+        if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
+            roles[st.output] = artifacts.join(root, name, st.published)
     roles["final_student"] = roles["student"]
     return steps, roles
 
@@ -78,7 +82,7 @@ def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | N
     roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
     spec = get(stage)
     inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
-                  {k: roles[role] for k, role in spec.inputs.items()})
+                  {k: roles[role] for k, role in spec.inputs.items() if role in roles or k not in spec.optional})
     return {k: explicit.get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
