@@ -114,8 +114,19 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command != "report":  # task data and plugin: checked before any model loads or MLflow run starts
+        from .prompting import preflight
+        from .tasks import TaskError
+
+        try:
+            warnings = preflight(cfg, allow_unavailable=args.command == "validate")
+        except TaskError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     if args.command == "validate":
-        emit(args, {"valid": True, "name": cfg.name})
+        emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
 
     from . import workflow
