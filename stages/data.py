@@ -95,7 +95,8 @@ def load_split(src: DataSource, where: str):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TaskError(f"{where}: cannot read {src.path}: {type(e).__name__}: {msg}") from None
     if src.rows is not None:
-        ds = ds.select(range(min(src.rows[0], len(ds)), min(src.rows[1], len(ds))))
+        lo, hi = min(src.rows[0], len(ds)), min(src.rows[1], len(ds))
+        ds = ds.select(range(lo, hi) if hi > lo else [])
     return ds
 
 

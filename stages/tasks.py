@@ -155,7 +155,12 @@ def make_task(cfg: TaskConfig) -> Task:
         factory = getattr(importlib.import_module(module), attr)
     except Exception as e:  # noqa: BLE001 - an import can fail in any way; say which plugin and why
         raise TaskError(f"task.kind: cannot load plugin '{cfg.kind}': {type(e).__name__}: {e}") from None
-    task = factory(cfg)
+    try:
+        task = factory(cfg)
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a bad task.options value; name the plugin
+        raise TaskError(f"task.kind: plugin '{cfg.kind}' failed to build its task: {type(e).__name__}: {e}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task.kind: '{cfg.kind}' returned {type(task).__name__}, which lacks problems(split) and reward(completion, problem)")
     return task

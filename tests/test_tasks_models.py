@@ -11,7 +11,7 @@ from stages.config import TaskConfig, TinyArch
 from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
 from stages.rollout import HFSampler, token_logprobs
 from stages.runtime import teacher_forced
-from stages.tasks import ArithmeticTask, MathJsonlTask, Problem, make_task
+from stages.tasks import ArithmeticTask, Problem, TaskError, make_task
 
 ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
 
@@ -78,8 +78,8 @@ def test_math_jsonl_task_with_math_verify(tmp_path):
 
 def test_math_jsonl_missing_file_is_a_clear_error(tmp_path):
     cfg = TaskConfig(kind="math_jsonl", files={"teacher_rl": str(tmp_path / "x.jsonl"), "prompts": "a", "eval": "b"})
-    with pytest.raises(FileNotFoundError, match="task.files.teacher_rl"):
-        MathJsonlTask(cfg)
+    with pytest.raises(TaskError, match="task.files.teacher_rl: .*x.jsonl does not exist"):
+        make_task(cfg).problems("teacher_rl")
 
 
 def test_checkpoint_round_trip_is_a_real_hf_folder(tmp_path):

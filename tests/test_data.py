@@ -1,0 +1,198 @@
+"""Dataset-backed tasks on local fixtures (Parquet, JSONL, CSV, a save_to_disk folder; nothing downloaded),
+recipes, field mapping and answer extraction, overlap warnings, and every bad data file refused by
+`python -m stages validate` with one line, exit 2, before any model or MLflow run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.__main__ import main
+from stages.config import DataSource, TaskConfig, load_config
+from stages.data import DatasetTask
+from stages.tasks import TaskError, check_task
+
+MATH_ROWS = [
+    {"problem": f"What is {a} + {b}?", "solution": f"We add: {a} + {b} = \\boxed{{{a + b}}}.", "level": "Level 1"}
+    for a, b in [(1, 2), (3, 4), (10, 20), (7, 8), (2, 2), (5, 6)]
+]
+
+
+def write_parquet(path: Path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
+
+
+def data_task(**data) -> TaskConfig:
+    return TaskConfig(kind="dataset", sizes={}, data=data)
+
+
+def test_parquet_math_recipe_answers_are_the_last_box_of_the_solution(tmp_path):
+    f = write_parquet(tmp_path / "math.parquet", MATH_ROWS)
+    cfg = data_task(teacher_rl={"recipe": "math", "path": f, "rows": [0, 3]},
+                    prompts={"recipe": "math", "path": f, "rows": [3, 5], "answer_field": None},
+                    eval={"recipe": "math", "path": f, "rows": [5, 6]})
+    task = DatasetTask(cfg)
+    tr = task.problems("teacher_rl")
+    assert [p.answer for p in tr] == ["3", "7", "30"]
+    assert tr[0].prompt.startswith("What is 1 + 2?\n") and "\\boxed{}" in tr[0].prompt
+    assert [p.id for p in task.problems("prompts")] == ["prompts-3", "prompts-4"]
+    assert all(p.answer is None for p in task.problems("prompts"))
+    assert task.reward("so \\boxed{3}", tr[0]) == 1.0 and task.reward("3", tr[0]) == 0.0
+    assert task.check() == []  # disjoint rows: no overlap warning
+
+
+def test_gsm8k_jsonl_csv_and_saved_dataset_folder(tmp_path):
+    import datasets
+
+    g = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 2 apples and buys 3. How many?",
+                                                 "answer": "2 + 3 = 5\n#### 5"}])
+    csv = tmp_path / "eval.csv"
+    csv.write_text("q,a\n\"2+2?\",4\n\"1,000 + 1?\",1001\n")
+    disk = tmp_path / "saved"
+    datasets.Dataset.from_list([{"problem": "x?", "answer": "\\frac{1}{2}"}]).save_to_disk(str(disk))
+    cfg = data_task(teacher_rl={"recipe": "gsm8k", "path": g}, prompts={"path": str(disk)},
+                    eval={"path": str(csv), "problem_field": "q", "answer_field": "a"})
+    task = DatasetTask(cfg)
+    assert task.problems("teacher_rl")[0].answer == "5"
+    ev = task.problems("eval")
+    assert [p.answer for p in ev] == ["4", "1001"]
+    assert task.reward("\\boxed{1,001}", ev[1]) == 1.0
+    assert task.problems("prompts")[0].prompt.startswith("x?")
+
+
+def test_recipes_name_the_papers_data():
+    math500 = DataSource(recipe="math500")
+    assert (math500.path, math500.split, math500.answer) == ("HuggingFaceH4/MATH-500", "test", "plain")
+    assert DataSource(recipe="math").answer == "boxed" and DataSource(recipe="math").answer_field == "solution"
+    assert DataSource(recipe="gsm8k").answer == "gsm8k" and DataSource(recipe="gsm8k").name == "main"
+    assert DataSource(recipe="aime24", split="test").split == "test"  # explicit keys win
+
+
+def test_overlap_between_held_out_and_training_splits_is_warned(tmp_path):
+    f = write_parquet(tmp_path / "m.parquet", MATH_ROWS)
+    cfg = data_task(teacher_rl={"recipe": "math", "path": f}, prompts={"recipe": "math", "path": f, "rows": [0, 2]},
+                    eval={"recipe": "math", "path": f, "rows": [4, 6]})
+    warnings = DatasetTask(cfg).check()
+    assert any("2 of 2 'eval' problems also appear in 'teacher_rl'" in w for w in warnings), warnings
+
+
+def _cli_cfg(tmp_path, data: dict, extra: dict | None = None) -> str:
+    """A config file of the tiny preset with a data task (bootstrap off: models from a folder)."""
+    import yaml
+
+    tree = yaml.safe_load(Path("stages/configs/tiny.yaml").read_text())
+    tree["task"] = {"kind": "dataset", "sizes": {}, "data": data}
+    tree["models"] = {"teacher": {"source": str(tmp_path / "model")}, "student": {"source": str(tmp_path / "model")}}
+    tree["tracking"] = {"enabled": True, "experiment": "never-created"}
+    for k, v in (extra or {}).items():
+        tree[k] = v
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return str(p)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A real checkpoint folder: a tiny Qwen3 with the char tokenizer (context 256)."""
+    from stages.config import TinyArch
+    from stages.models import char_tokenizer, save, tiny_qwen3
+
+    tok = char_tokenizer()
+    save(tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0), tok,
+         tmp_path / "model")
+    return tmp_path / "model"
+
+
+def _bad_cases(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    notjson = tmp_path / "notjson.jsonl"
+    notjson.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", answer: 4}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    nofield = write_jsonl(tmp_path / "nofield.jsonl", [{"question": "1+1?", "answer": "2"}])
+    emptyprob = write_jsonl(tmp_path / "emptyprob.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "  ", "answer": "3"}])
+    noanswer = write_jsonl(tmp_path / "noanswer.jsonl", [{"problem": "1+1?", "answer": ""}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"problem": "9" * 300, "answer": "2"}])
+    near = write_jsonl(tmp_path / "near.jsonl", [{"problem": "9" * 200, "answer": "2"}])  # 200 + 64 new > 256
+    emptypq = write_parquet(tmp_path / "empty.parquet", [{"problem": "x", "answer": "1"}])
+    base = {"teacher_rl": {"path": good}, "prompts": {"path": good}, "student_rl": {"path": good}, "eval": {"path": good}}
+    return {
+        "not JSON": ({**base, "eval": {"path": str(notjson)}}, {}, f"{notjson}:2: not JSON"),
+        "missing field": ({**base, "teacher_rl": {"path": nofield}}, {}, "has no field 'problem'"),
+        "empty file": ({**base, "prompts": {"path": str(empty)}}, {}, f"{empty}: empty file"),
+        "empty rows": ({**base, "eval": {"path": emptypq, "rows": [5, 9]}}, {}, "has no rows in rows [5, 9]"),
+        "empty problem": ({**base, "student_rl": {"path": emptyprob}}, {}, "row 2: empty 'problem'"),
+        "empty answer": ({**base, "eval": {"path": noanswer}}, {}, "row 1: empty 'answer'"),
+        "file does not exist": ({**base, "eval": {"path": str(tmp_path / "nope.parquet")}}, {}, "nope.parquet does not exist"),
+        "prompt longer than the context": ({**base, "eval": {"path": long}}, {}, "longer than the context"),
+        "prompt + max_new_tokens beyond the context": ({**base, "eval": {"path": near}}, {"sampling": {"max_new_tokens": 64}},
+                                                        "exceeds the context"),
+        "unlabeled training split": ({**base, "teacher_rl": {"path": good, "answer_field": None}}, {}, "needs answers"),
+        "a stage's split missing": ({k: v for k, v in base.items() if k != "student_rl"}, {},
+                                    "reads split 'student_rl'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases(Path("/nonexistent"))))
+def test_validate_refuses_bad_data_with_one_line(case, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    data, extra, expected = _bad_cases(tmp_path)[case]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = _cli_cfg(tmp_path, data, extra)
+    for command in (["validate"], ["teacher_rl", "--root", str(tmp_path / "root")]):
+        capsys.readouterr()
+        assert main([command[0], "--config", cfg, *command[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and expected in err, err
+    assert not (tmp_path / "root").exists()  # nothing written, no stage started
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run created
+
+
+def test_validate_accepts_good_data_and_reports_overlap(tmp_path, tiny_model_dir, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"problem": "2+2?", "answer": "4"}])
+    cfg = _cli_cfg(tmp_path, {"teacher_rl": {"path": good}, "prompts": {"path": other}, "student_rl": {"path": other},
+                              "eval": {"path": good}})
+    assert main(["validate", "--config", cfg]) == 0
+    out = capsys.readouterr()
+    assert "'eval' problems also appear in 'teacher_rl'" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["valid"] is True
+
+
+def test_plugin_that_does_not_import_or_lacks_the_contract_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad_plugins.py").write_text(
+        "def no_contract(cfg):\n    return object()\n"
+        "def raises(cfg):\n    raise ValueError('options.size must be > 0')\n")
+    (tmp_path / "broken_plugin.py").write_text("import not_a_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for kind, expected in (("no_such_module:make_task", "cannot load plugin 'no_such_module:make_task'"),
+                           ("broken_plugin:make_task", "No module named 'not_a_module_anywhere'"),
+                           ("bad_plugins:missing", "has no attribute 'missing'"),
+                           ("bad_plugins:no_contract", "lacks problems(split) and reward"),
+                           ("bad_plugins:raises", "failed to build its task: ValueError: options.size must be > 0")):
+        assert main(["validate", "--config", "tiny", "--set", f"task.kind={kind}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: task.kind:") and expected in err and "\n" not in err, err
+
+
+def test_bootstrap_needs_a_task_with_worked_solutions(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    cfg = load_config("tiny", ["task.kind=dataset", "task.sizes={}",
+                               f"task.data={{teacher_rl: {{path: {f}}}, prompts: {{path: {f}}}, student_rl: {{path: {f}}}, eval: {{path: {f}}}}}"])
+    with pytest.raises(TaskError, match="has no solution"):
+        check_task(cfg)
