@@ -113,6 +113,7 @@ class DatasetTask:
             self.sources = dict(cfg.data)
             self.where = {s: f"task.data.{s}" for s in cfg.data}
         self._cache: dict[str, list[Problem]] = {}
+        self._worked: dict[Problem, str] = {}  # labeled problem -> its worked solution
         self.warnings: list[str] = []
 
     def splits(self) -> list[str]:
@@ -165,6 +166,8 @@ class DatasetTask:
                     continue
             pid = str(cols[src.id_field][i]) if src.id_field in cols else f"{split}-{row}"
             out.append(Problem(pid, self.cfg.prompt_template.format(problem=problem), answer))
+            if labeled:
+                self._worked[out[-1]] = _worked_solution(str(cols[src.answer_field][i]), answer, src.answer)
         if skipped:
             self.warnings.append(f"{where}: {skipped} of {len(ds)} rows skipped: no '{src.answer}' answer in '{src.answer_field}'")
         if not out:
@@ -174,11 +177,31 @@ class DatasetTask:
     def reward(self, completion: str, problem: Problem) -> float:
         return score(completion, problem.answer, self.cfg.answer_format)
 
+    def solution(self, problem: Problem, rng=None, noise: float = 0.0) -> str:
+        """The dataset's worked solution ending in ``\\boxed{answer}`` (``task.data.bootstrap`` trains the
+        tiny base models on these); with probability ``noise`` the final answer is another problem's."""
+        text = self._worked.get(problem) or f"\\boxed{{{problem.answer}}}"
+        if rng is not None and rng.random() < noise:
+            wrong = rng.choice(list(self._worked)).answer if self._worked else problem.answer
+            if wrong != problem.answer:
+                text = text[: text.rfind("\\boxed{")] + f"\\boxed{{{wrong}}}"
+        return text
+
     def check(self) -> list[str]:
         """Load every split (errors raise), then warn about problems shared by held-out and training splits."""
         for s in self.sources:
             self.problems(s)
         return self.warnings + overlap_warnings({s: self.problems(s) for s in self.sources})
+
+
+def _worked_solution(raw: str, answer: str, how: str) -> str:
+    """A completion that ends in the boxed gold answer: MATH's solution as is, GSM8K's reasoning with its
+    ``#### answer`` line boxed, a plain answer boxed on its own."""
+    if how == "boxed":
+        return raw.strip()
+    if how == "gsm8k":
+        return f"{raw.rsplit('####', 1)[0].strip()}\nThe answer is \\boxed{{{answer}}}."
+    return f"\\boxed{{{answer}}}"
 
 
 def _norm(text: str) -> str:

@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from . import artifacts, models
+from . import artifacts, models, prompting
 from .config import Config, Optim
 from .rollout import Rollouts, Sampler, concat
-from .tasks import Problem, make_task
+from .tasks import STAGE_SPLITS, Problem, data_digest, make_task
 from .tracking import Tracker, plot_history
 
 log = logging.getLogger("stages")
@@ -57,6 +57,9 @@ class StageRun:
         self.inputs = inputs or {}
         # inputs are identified by URI and by the digest of the manifest that published them
         ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
+        # ... and by the problems it reads: editing a data file (or a task plugin) in place re-runs it
+        self.task = make_task(cfg.task)
+        ident["task_data"] = data_digest(self.task, STAGE_SPLITS.get(stage.split("/")[0], tuple(cfg.eval.sets)))
         self.config_hash = cfg.stage_hash(stage, ident)
         m = artifacts.read_manifest(self.uri)
         self.finished = m if m and m.get("config_hash") == self.config_hash else None
@@ -68,7 +71,6 @@ class StageRun:
         self.is_main = self.accelerator.is_main_process
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking) if not self.finished else None
-        self.task = make_task(cfg.task)
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
         self.sampler: Sampler | None = None
         self.engines: dict[int, object] = {}  # id(model) -> its DeepSpeed engine, when there is one
@@ -197,13 +199,9 @@ class StageRun:
 
     # ------------------------------------------------------------ helpers
     def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
-        out = []
-        for p in problems:
-            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
-            out.append(ids)
-        return out
+        """Prompt ids, through the chat template when ``task.chat_template`` says so (sampling, training
+        and evaluation all encode here)."""
+        return prompting.encode(tok, problems, self.cfg.task.chat_template)
 
     def batch_of(self, problems: list[Problem], n: int, step: int, salt: str = "") -> list[Problem]:
         """Problems for ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
@@ -221,10 +219,11 @@ class StageRun:
         random.Random(seed_for(self.cfg.seed, self.stage, salt, epoch)).shuffle(order)
         return order
 
-    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
-        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
-        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
-        gets the gathered batch."""
+    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False,
+               temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+        """Rollouts for ``problems`` (at the sampling settings unless given, as evaluation does). Under
+        several processes each rank generates a contiguous slice of the rows (the uniforms are per row,
+        so the tokens do not depend on the split) and every rank gets the gathered batch."""
         s = self.cfg.sampling
         # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
         scope = () if salt.startswith("eval") else (self.stage,)
@@ -237,8 +236,8 @@ class StageRun:
         ro = None
         if hi > lo:
             with self.generation_weights(model):
-                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
-                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
+                ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
+                                           max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
         if acc.num_processes == 1:
             return ro

@@ -11,6 +11,7 @@ default extraction from the whole completion (boxed first, then any expression).
 
 from __future__ import annotations
 
+import functools
 import re
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*{")
@@ -59,17 +60,24 @@ def extract_gold(solution: str, how: str) -> str | None:
     return solution.strip() or None
 
 
+@functools.lru_cache(maxsize=65536)
+def _parse_gold(gold: str):
+    from math_verify import parse
+
+    return parse(f"\\boxed{{{normalize(gold)}}}")
+
+
 def score(completion: str, gold: str, answer_format: str = "boxed") -> float:
     """1.0 when the completion's final answer equals ``gold`` (math-verify), else 0.0."""
     from math_verify import LatexExtractionConfig, parse, verify
 
-    gold_parsed = parse(f"\\boxed{{{normalize(gold)}}}")
+    content = last_boxed(completion) if answer_format == "boxed" else None
+    if answer_format == "boxed" and content is None:
+        return 0.0
+    gold_parsed = _parse_gold(gold)  # the same golds are scored G times a step: parsed once
     if not gold_parsed:
         return 0.0
     if answer_format == "boxed":
-        content = last_boxed(completion)
-        if content is None:
-            return 0.0
         # only the boxed content is parsed: nothing outside the box can match
         pred = parse(f"\\boxed{{{normalize(content)}}}",
                      extraction_config=[LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=True)])

@@ -190,9 +190,95 @@ def test_plugin_that_does_not_import_or_lacks_the_contract_is_refused(tmp_path, 
         assert err.startswith("error: task.kind:") and expected in err and "\n" not in err, err
 
 
-def test_bootstrap_needs_a_task_with_worked_solutions(tmp_path):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"problem": "1+1?", "answer": "2"}])
-    cfg = load_config("tiny", ["task.kind=dataset", "task.sizes={}",
-                               f"task.data={{teacher_rl: {{path: {f}}}, prompts: {{path: {f}}}, student_rl: {{path: {f}}}, eval: {{path: {f}}}}}"])
+def test_bootstrap_needs_a_task_with_worked_solutions(tmp_path, monkeypatch):
+    (tmp_path / "nosol.py").write_text(
+        "from stages.tasks import ArithmeticTask\n"
+        "class T:\n    def __init__(self, cfg): self.a = ArithmeticTask(cfg)\n"
+        "    def problems(self, split): return self.a.problems(split)\n"
+        "    def reward(self, c, p): return 0.0\n"
+        "def make_task(cfg): return T(cfg)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TaskError, match="has no solution"):
-        check_task(cfg)
+        check_task(load_config("tiny", ["task.kind=nosol:make_task"]))
+    # a data task has worked solutions (MATH's, GSM8K's reasoning, or the boxed answer); bootstrap reads its split
+    f = write_parquet(tmp_path / "m.parquet", MATH_ROWS)
+    g = write_jsonl(tmp_path / "g.jsonl", [{"question": "2 and 3?", "answer": "2 + 3 = 5\n#### 5"}])
+    cfg = data_task(bootstrap={"recipe": "math", "path": f}, teacher_rl={"recipe": "gsm8k", "path": g},
+                    prompts={"path": f, "answer_field": None}, eval={"path": g, "problem_field": "question"})
+    task = DatasetTask(cfg)
+    p = task.problems("bootstrap")[0]
+    assert task.solution(p) == MATH_ROWS[0]["solution"] and task.reward(task.solution(p), p) == 1.0
+    q = task.problems("teacher_rl")[0]
+    assert task.solution(q) == "2 + 3 = 5\nThe answer is \\boxed{5}." and task.reward(task.solution(q), q) == 1.0
+    import random
+
+    noisy = [task.solution(p, random.Random(i), noise=1.0) for i in range(10)]
+    assert any(task.reward(t, p) == 0.0 for t in noisy)
+
+
+def _sum_rows(n: int, seed: int, hard: bool = False) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if hard:
+            rows.append({"problem": f"What is {a} + {b} + {a}?", "answer": str(2 * a + b)})
+        else:
+            rows.append({"problem": f"What is {a} + {b}?", "solution": f"{a} + {b} = {a + b}, so \\boxed{{{a + b}}}."})
+    return rows
+
+
+def test_parquet_task_runs_the_workflow_evaluates_several_sets_and_data_edits_rerun_stages(tmp_path, capsys):
+    """The whole tiny workflow on a local Parquet fixture (bootstrap on its worked solutions included), the
+    `evaluate` command over two named eval sets into one table and MLflow, and skip-if-done keyed on the
+    data: editing rows that only student_rl reads re-runs student_rl and direct_grpo, nothing else."""
+    import yaml
+    from conftest import TEST_OVERRIDES
+    from mlflow import MlflowClient
+
+    train = tmp_path / "data" / "train.parquet"
+    rows = _sum_rows(300, 0)
+    write_parquet(train, rows)
+    write_parquet(tmp_path / "data" / "test.parquet", [{"problem": r["problem"], "answer": r["solution"].split("{")[1].rstrip("}.")}
+                                                        for r in _sum_rows(20, 1)])
+    write_parquet(tmp_path / "data" / "hard.parquet", _sum_rows(10, 2, hard=True))
+    math = {"path": str(train), "answer_field": "solution", "answer": "boxed"}
+    tree = yaml.safe_load(Path("stages/configs/tiny.yaml").read_text())
+    tree["task"] = {"kind": "dataset", "data": {
+        "bootstrap": {**math, "rows": [0, 200]}, "teacher_rl": {**math, "rows": [200, 240]},
+        "prompts": {**math, "rows": [240, 280], "answer_field": None}, "student_rl": {**math, "rows": [280, 300]},
+        "eval": {"path": str(tmp_path / "data" / "test.parquet")}, "hard": {"path": str(tmp_path / "data" / "hard.parquet")}}}
+    tree["eval"] = {"sets": ["eval", "hard"]}
+    cfg = tmp_path / "parquet.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
+    root = str(tmp_path / "run")
+    sets = [a for o in TEST_OVERRIDES if not o.startswith("task.") for a in ("--set", o)] + ["--set", "sampling.max_new_tokens=24"]
+
+    assert main(["workflow", "--config", str(cfg), "--root", root, *sets]) == 0
+    out = capsys.readouterr().out
+    stages = ["bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"]
+    assert "skipped" not in out and all(Path(root, s, "manifest.json").exists() for s in stages)
+
+    assert main(["evaluate", "--config", str(cfg), "--root", root, "--model", f"{root}/student_rl/model",
+                 "--label", "final", *sets, "--set", "tracking.enabled=true", "--set", "tracking.experiment=ev"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert {"eval.eval.avg@2", "eval.hard.avg@2", "eval.avg@2"} <= set(summary["metrics"])
+    table = Path(root, "evaluate", "final", "eval_table.md").read_text()
+    assert "| eval | 8 |" in table and "| hard | 8 |" in table and "avg@2" in table
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert "eval.hard.avg_at_2" in run.data.metrics  # MLflow keys cannot hold "@"
+    assert "eval_table.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    assert main(["workflow", "--config", str(cfg), "--root", root, *sets]) == 0
+    assert capsys.readouterr().out.count("skipped") == len(stages)  # same data: everything reused
+
+    rows[290] = {**rows[290], "problem": rows[290]["problem"].replace("What", "How much")}  # a student_rl row
+    write_parquet(train, rows)  # edited in place
+    assert main(["workflow", "--config", str(cfg), "--root", root, *sets]) == 0
+    out = capsys.readouterr().out
+    rerun = [s for s in stages if f"[{s}] already published" not in out]
+    assert rerun == ["student_rl", "direct_grpo"], out
