@@ -29,7 +29,7 @@ class ReverseTask:
         lo, hi, alphabet = self.opts["min_len"], self.opts["max_len"], self.opts["alphabet"]
         if not 1 <= lo <= hi or len(set(alphabet)) < 2:
             raise TaskError(f"task.options: need 1 <= min_len <= max_len and 2+ letters, got {self.opts}")
-        rng, seen = random.Random(cfg.seed), set()
+        rng, seen, self.sizes = random.Random(cfg.seed), set(), dict(cfg.sizes)
         self._splits: dict[str, list[str]] = {}
         # held-out splits first, so changing the training sizes never changes them
         for split in ("eval", "validation", "student_rl", "teacher_rl", "prompts", "bootstrap"):
@@ -61,9 +61,11 @@ class ReverseTask:
         return "".join(out)
 
     def check(self) -> list[str]:
-        short = [s for s, w in self._splits.items() if len(w) < 1 and s in ("teacher_rl", "prompts", "eval")]
+        """Called by `validate` and before every stage: the splits got the sizes asked for."""
+        short = {s: len(w) for s, w in self._splits.items() if len(w) < self.sizes.get(s, 0)}
         if short:
-            raise TaskError(f"task.options: the alphabet and lengths allow too few words for splits {short}")
+            raise TaskError(f"task.options: alphabet {self.opts['alphabet']!r} and lengths {self.opts['min_len']}-"
+                            f"{self.opts['max_len']} allow too few distinct words for task.sizes (got {short})")
         return []
 
 
