@@ -68,6 +68,7 @@ def test_last_boxed_and_gold_extraction():
 
 
 if __name__ == "__main__":
-    print("| case | completion | gold | reward |\n|---|---|---|---|")
+    # answer_format any = math-verify's default extraction, which is what math_jsonl rewarded before
+    print("| case | completion | gold | boxed (default) | any |\n|---|---|---|---|---|")
     for what, completion, gold, _ in CASES:
-        print(f"| {what} | `{completion[:60]}` | `{gold}` | {score(completion, gold):.0f} |")
+        print(f"| {what} | `{completion[:60]}` | `{gold}` | {score(completion, gold):.0f} | {score(completion, gold, 'any'):.0f} |")
