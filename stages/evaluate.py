@@ -10,32 +10,28 @@ on MATH-500 (split ``eval``) and AIME 2024 (``aime24``), at ``eval.temperature``
 
 from __future__ import annotations
 
-from .evaluation import evaluate
 from .runtime import StageRun
+from .scoring import score
 
 
 def run(run: StageRun, model_uri: str) -> dict:
     cfg = run.cfg
     model, tok = run.load_model(model_uri, "student")
-    run.start_tracking()
     sets = {name: run.task.problems(name) for name in cfg.eval.sets}
-    for name, problems in sets.items():
-        run.log_dataset(name, problems, context="evaluation")
-    with run.tracker.running():
-        results = {name: evaluate(run, model, tok, problems) for name, problems in sets.items()}
+    with run.tracking(datasets=sets, context="evaluation"):
+        results = {name: score(run.rollouts, model, tok, problems) for name, problems in sets.items()}
         # the default set keeps its historical keys (eval.avg@k ...); every set also as eval.<set>.<metric>
-        run.metrics = {f"eval.{name}.{k}": v for name, r in results.items() for k, v in r.items()}
+        metrics = {f"eval.{name}.{k}": v for name, r in results.items() for k, v in r.items()}
         if "eval" in results:
-            run.metrics |= {f"eval.{k}": v for k, v in results["eval"].items()}
-        run.tracker.metrics(run.metrics)
+            metrics |= {f"eval.{k}": v for k, v in results["eval"].items()}
+        run.tracker.metrics(metrics)
         table = format_table(results, {name: min(len(p), cfg.eval.problems) for name, p in sets.items()}, cfg, model_uri)
         print(table, flush=True)
         path = run.work / "out" / "eval_table.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table + "\n")
         run.tracker.artifact(str(path))
-        run.extra = {"labeled_examples": 0, "student_steps": 0, "eval_table": results}
-        return run.publish({}, tok)
+        return run.publish({}, tok, metrics=metrics, extra={"labeled_examples": 0, "student_steps": 0, "eval_table": results})
 
 
 def format_table(results: dict[str, dict], sizes: dict[str, int], cfg, model_uri: str) -> str:

@@ -30,10 +30,6 @@ from typing import Protocol, runtime_checkable
 from .config import Config, TaskConfig
 
 LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
-# the splits each stage reads (its data digest covers exactly these)
-STAGE_SPLITS = {"bootstrap": ("bootstrap", "eval"), "teacher_rl": ("teacher_rl", "eval"),
-                "kl_warmup": ("prompts", "eval"), "onpolicy_distill": ("prompts", "eval"),
-                "student_rl": ("student_rl", "eval"), "direct_grpo": ("teacher_rl", "student_rl", "eval")}
 
 
 class TaskError(ValueError):
@@ -166,14 +162,21 @@ def make_task(cfg: TaskConfig) -> Task:
     return task
 
 
+def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
+    """The splits a stage reads (its data digest covers exactly these): the ones it trains on (the stage
+    table) and ``eval``, which every stage scores its output on; ``evaluate``: the ``eval.sets``."""
+    from .registry import get
+
+    s = get(stage)
+    return tuple(cfg.eval.sets) if s.kind == "tool" else s.splits + ("eval",)
+
+
 def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
     """The splits each planned stage (and the ``evaluate`` command) reads."""
     stages = list(cfg.workflow.stages) + (["direct_grpo"] if cfg.workflow.baseline else [])
     if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
         stages.insert(0, "bootstrap")
-    out = {s: STAGE_SPLITS[s] for s in stages}
-    out["evaluate"] = tuple(cfg.eval.sets)
-    return out
+    return {s: stage_splits(s, cfg) for s in stages + ["evaluate"]}
 
 
 def data_digest(task: Task, splits) -> str:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from stages.config import TaskConfig, TinyArch
+from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
-from stages.rollout import HFSampler, token_logprobs
+from stages.rollout import token_logprobs
 from stages.runtime import teacher_forced
 from stages.tasks import ArithmeticTask, Problem, TaskError, make_task
 
@@ -119,7 +120,7 @@ def test_sampler_logprobs_match_trainer_logprobs_with_left_padding():
     for temp in (1.0, 0.7):
         ro = sampler.generate(model, prompts, temperature=temp, max_new_tokens=12, seed=11)
         with torch.no_grad():
-            lp = token_logprobs(model, ro, temp, chunk=5)
+            lp = token_logprobs(model, ro, chunk=5)
         m = ro.completion.bool()
         assert m.any()
         assert torch.allclose(lp[m], ro.logprobs[m], atol=1e-4)
@@ -175,7 +176,7 @@ def test_sampling_training_and_evaluation_share_the_chat_encoding(small_cfg, tmp
     """A stage on a checkpoint with a chat template: rollouts, recorded prompts and evaluation all
     start from the templated prompt (one encoder)."""
     from stages import artifacts, workflow
-    from stages.runtime import StageRun
+    from stages.runtime import RolloutMaker
 
     tok = char_tokenizer()
     tok.chat_template = CHAT
@@ -183,14 +184,14 @@ def test_sampling_training_and_evaluation_share_the_chat_encoding(small_cfg, tmp
     cfg = small_cfg(f"models.teacher.source={tmp_path / 'm'}", f"models.student.source={tmp_path / 'm'}",
                     "teacher_rl.steps=1", "sampling.max_new_tokens=4")
     seen = []
-    real = StageRun.sample
+    real = RolloutMaker.sample
 
     def spy(self, model, tok, problems, *a, **k):
         ro = real(self, model, tok, problems, *a, **k)
         seen.append(tok.decode(ro.input_ids[0][ro.attention[0].bool()][: ro.prompt_len]))
         return ro
 
-    monkeypatch.setattr(StageRun, "sample", spy)
+    monkeypatch.setattr(RolloutMaker, "sample", spy)
     workflow.run_stage(cfg, str(tmp_path / "root"), "teacher_rl", {"policy": str(tmp_path / "m")})
     # eval before, one training step, eval after (sampled + greedy)
     assert len(seen) >= 3 and all(s.startswith("<s><|user|>") and s.endswith("<|assistant|>") for s in seen), seen
