@@ -44,15 +44,15 @@ def _files(src: DataSource, where: str) -> list[str] | None:
     if len(suffixes) != 1 or next(iter(suffixes)) not in BUILDERS:
         raise TaskError(f"{where}: data files must all be one of {', '.join(BUILDERS)} (got {', '.join(sorted(suffixes))})")
     for f in out:
-        _check_file(f)
+        _check_file(f, where)
     return out
 
 
-def _check_file(path: str) -> None:
+def _check_file(path: str, where: str) -> None:
     """Errors ``datasets`` reports poorly: an empty file, and JSON lines that do not parse (``file:line``)."""
     raw = Path(path).read_bytes()
     if not raw.strip():
-        raise TaskError(f"{path}: empty file")
+        raise TaskError(f"{where}: {path}: empty file")
     if Path(path).suffix.lower() in (".json", ".jsonl") and not raw.lstrip().startswith(b"["):
         for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
@@ -60,9 +60,9 @@ def _check_file(path: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TaskError(f"{path}:{n}: not JSON ({e.msg}, column {e.colno})") from None
+                raise TaskError(f"{where}: {path}:{n}: not JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise TaskError(f"{path}:{n}: each line must be a JSON object, got {type(row).__name__}")
+                raise TaskError(f"{where}: {path}:{n}: each line must be a JSON object, got {type(row).__name__}")
 
 
 def load_split(src: DataSource, where: str):
