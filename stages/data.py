@@ -81,7 +81,8 @@ def load_split(src: DataSource, where: str):
                 ds = ds[src.split]
         elif isinstance(src.path, str) and Path(src.path).is_dir():
             ds = datasets.load_dataset(src.path, src.name, split=src.split)  # a folder of data files
-        elif isinstance(src.path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", src.path) and not src.path.startswith("."):
+        elif (isinstance(src.path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", src.path) and not src.path.startswith(".")
+              and not Path(src.path.split("/")[0]).is_dir()):  # data/math with ./data present: a missing folder
             try:
                 ds = datasets.load_dataset(src.path, src.name, split=src.split)  # a hub id
             except (ConnectionError, OSError) as e:

@@ -76,6 +76,19 @@ def test_gsm8k_jsonl_csv_and_saved_dataset_folder(tmp_path):
     assert task.problems("prompts")[0].prompt.startswith("x?")
 
 
+def test_missing_local_folder_is_an_error_and_offline_hub_data_a_warning_for_validate(tmp_path, monkeypatch):
+    from stages.data import load_split
+    from stages.tasks import DataUnavailable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(TaskError, match="task.data.eval: data/math does not exist") as e:
+        load_split(DataSource(path="data/math"), "task.data.eval")
+    assert not isinstance(e.value, DataUnavailable)
+    with pytest.raises(DataUnavailable, match="hub dataset org/name cannot be read here"):  # HF_HUB_OFFLINE=1
+        load_split(DataSource(path="org/name"), "task.data.eval")
+
+
 def test_recipes_name_the_papers_data():
     math500 = DataSource(recipe="math500")
     assert (math500.path, math500.split, math500.answer) == ("HuggingFaceH4/MATH-500", "test", "plain")
