@@ -99,7 +99,7 @@ def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: s
     root and MLflow parent run from ``plan``'s XCom (``plan`` itself computes the root)."""
     problem = refusal(params, form)
     if problem:
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(f"error: {problem}")  # a refusal is not retried
     if isinstance(plan, str):
@@ -246,11 +246,11 @@ def run_local(args: list[str], airflow_env: dict[str, str]) -> dict:
         lines.append(line)
     rc = proc.wait()
     if rc == NOT_PLANNED:
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         raise AirflowSkipException("switched off by this run's parameters")
     if rc == USER_ERROR:  # bad input (config, data, models): the same on every retry
-        from airflow.exceptions import AirflowFailException
+        from airflow.sdk.exceptions import AirflowFailException
 
         said = [x.strip() for x in lines if x.startswith("error:")]
         raise AirflowFailException(said[-1] if said else f"error: the stage command refused its input (exit {rc})")
@@ -443,6 +443,6 @@ def skip_missed_slot(context) -> None:
     slot = dag_run.run_after or dag_run.logical_date
     late = datetime.datetime.now(datetime.timezone.utc) - slot
     if late > timedelta(minutes=float(setting("missed_slot_grace_minutes", "60"))):
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         raise AirflowSkipException(f"missed slot {slot.isoformat()} ({late} late): not run late; the next slot runs")

@@ -33,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="tiny", help="preset name (stages/configs/) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set teacher_rl.steps=10 (repeatable)")
-    p.add_argument("--root", default=os.environ.get("S2D_ARTIFACT_ROOT", "runs/default"),
-                   help="artifact root: local folder or s3://bucket/prefix (env S2D_ARTIFACT_ROOT)")
+    # S2D_ARTIFACT_ROOT is the BASE of artifact roots, here as in the DAG (<base>/<dag_id>/<run_id>)
+    p.add_argument("--root", default=os.environ.get("S2D_ARTIFACT_ROOT", "runs").rstrip("/") + "/default",
+                   help="artifact root: local folder or s3://bucket/prefix (default: <S2D_ARTIFACT_ROOT or runs>/default)")
     p.add_argument("--teacher", help="teacher checkpoint URI (default: from the config)")
     p.add_argument("--student", help="student checkpoint URI (default: from the config)")
     p.add_argument("--model", help="checkpoint to evaluate (evaluate)")

@@ -49,20 +49,15 @@ def test_dag_shape(monkeypatch):
     assert type(dag.timetable).__name__ == "NullTimetable"  # no schedule unless deployment config sets one
 
 
-def test_schedule_is_deployment_configuration(monkeypatch):
-    dag = load_dag(monkeypatch, S2D_SCHEDULE="0 3 * * 1")
-    assert dag.timetable.expression == "0 3 * * 1"
-
-
 @pytest.mark.parametrize("conf, bad", [
     ({"preset": "gpt-9"}, "preset"),
     ({"stages": ["teacher_rl", "teacher_rl"]}, "stages"),
     ({"stages": ["sft"]}, "stages"),
+    ({"stages": []}, "stages"),
     ({"seed": -1}, "seed"),
-    ({"steps": {"teacher_rl": -5}}, "steps"),
-    ({"steps": {"pretrain": 5}}, "steps"),
-    ({"artifact_root": "gs://bucket/x"}, "artifact_root"),
-    ({"overrides": ["no equals sign"]}, "overrides"),
+    ({"teacher_rl_steps": -5}, "teacher_rl_steps"),
+    ({"kl_warmup_steps": "ten"}, "kl_warmup_steps"),
+    ({"overrides": "teacher_rl.steps=3"}, "overrides"),
 ])
 def test_invalid_params_are_refused_by_the_form(monkeypatch, conf, bad):
     dag = load_dag(monkeypatch)
@@ -71,11 +66,140 @@ def test_invalid_params_are_refused_by_the_form(monkeypatch, conf, bad):
     assert bad in str(e.value)
 
 
-def test_valid_params_pass(monkeypatch):
+def test_form_widgets_cannot_be_mistyped(monkeypatch):
+    """One integer field per step budget, a multi-select of the stages, titles and sections on every
+    field; nothing marked required that may be empty (the UI requires a field whose type has no null)."""
     dag = load_dag(monkeypatch)
-    conf = {"preset": "qwen3-1.7b", "stages": ["teacher_rl", "onpolicy_distill"], "steps": {"teacher_rl": 10},
-            "artifact_root": "s3://my-bucket/runs/x", "teacher": "Qwen/Qwen3-8B"}
-    assert _with_conf(dag, conf).validate()["steps"] == {"teacher_rl": 10}
+    import s2d_runners as r
+
+    schema = {k: p.schema for k, p in dag.params.items()}
+    for stage in r.STEP_STAGES:
+        assert schema[f"{stage}_steps"]["type"] == ["null", "integer"] and schema[f"{stage}_steps"]["minimum"] == 0
+    stages = schema["stages"]
+    assert "array" in stages["type"] and stages["examples"] == stages["items"]["enum"]  # renders as a multi-select
+    assert set(stages["values_display"]) == set(stages["examples"])
+    for name in ("teacher", "student", "artifact_root", "overrides", *(f"{s}_steps" for s in r.STEP_STAGES)):
+        assert "null" in schema[name]["type"], name
+    for name, s in schema.items():
+        assert s.get("title") and s.get("section"), name
+    assert "steps" not in schema  # no JSON editor
+
+
+def test_valid_params_pass(monkeypatch):
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT="s3://my-bucket/runs")
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    conf = {"preset": "qwen3-1.7b", "stages": ["teacher_rl", "onpolicy_distill"], "teacher_rl_steps": 10,
+            "artifact_root": "s3://my-bucket/runs/x", "teacher": "Qwen/Qwen3-8B", "overrides": ["teacher_rl.group_size=4"]}
+    params = _with_conf(dag, conf).validate()
+    assert r.refusal(params, m.FORM) is None
+    assert "teacher_rl.steps=10" in r.overrides(params) and not any(o.startswith("kl_warmup.steps") for o in r.overrides(params))
+
+
+# ---------------------------------------------------------------- the trigger form is a security boundary
+
+BASE_REFUSALS = [  # (conf, what the one-line refusal must say)
+    ({"artifact_root": "/"}, "artifact_root '/' is outside the artifact base"),
+    ({"artifact_root": "../../etc"}, "artifact_root '../../etc' contains '..'"),
+    ({"artifact_root": "{base}/../x"}, "contains '..'"),
+    ({"artifact_root": "/tmp/elsewhere"}, "is outside the artifact base"),
+    ({"artifact_root": "s3://someone-elses-bucket/runs"}, "bucket 'someone-elses-bucket' is not an allowed bucket"),
+    ({"artifact_root": "gs://bucket/x"}, "neither a local path nor s3://"),
+    ({"stages": None}, "stages: choose at least one stage"),
+    ({"overrides": ["models.teacher.trust_remote_code=true"]}, "loads code"),
+    ({"overrides": ["task.kind=os:system"]}, "loads code"),
+    ({"overrides": ["task.files={eval: /etc/passwd}"]}, "loads code"),
+    ({"overrides": ["models.student={source: x, trust_remote_code: true}"]}, "loads code"),
+    ({"overrides": ["device=cuda:7"]}, "'device' is not an allowed key"),
+    ({"overrides": ["no equals sign"]}, "is not key.path=value"),
+    ({"overrides": ["models.teacher.source=someone/evil-model"]}, "not under an allowed model prefix"),
+    ({"teacher": "someone/evil-model"}, "teacher 'someone/evil-model' is not under an allowed model prefix"),
+    ({"student": "/etc/models/x"}, "student '/etc/models/x' is outside the artifact base"),
+    ({"steps": {"teacher_rl": 5}}, "steps: not a parameter of this DAG"),
+]
+
+
+@pytest.mark.parametrize("conf, said", BASE_REFUSALS)
+def test_trigger_refusals(monkeypatch, tmp_path, conf, said):
+    """What the schema cannot say, refused in one line by the check every task runs first."""
+    base = tmp_path / "runs"
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT=str(base))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    conf = {k: v.replace("{base}", str(base)) if isinstance(v, str) else v for k, v in conf.items()}
+    params = _with_conf(dag, conf)
+    values = {k: params[k] for k in params}  # unknown conf keys arrive as plain values, as in a DagRun
+    problem = r.refusal(values, m.FORM)
+    assert problem and said in problem and "\n" not in problem
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="^error: "):  # fails without retries
+        r.task_args("plan", values, m.FORM, "sparse_to_dense", "manual__1", None)
+
+
+def test_trigger_allowed_inside_the_base_and_deployment_allow_lists(monkeypatch, tmp_path):
+    base = tmp_path / "runs"
+    (tmp_path / "link").symlink_to("/etc")
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT=str(base), S2D_WORKDIR=str(tmp_path))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    ok = _with_conf(dag, {"artifact_root": "runs/mine", "student": f"{base}/x/kl_warmup/model",
+                          "overrides": ["teacher_rl.steps=3", "models.teacher.source=models:/s2d-teacher/2"]}).validate()
+    assert r.refusal(ok, m.FORM) is None
+    assert r.task_args("plan", ok, m.FORM, "sparse_to_dense", "r1")[:5] == ["plan", "--config", "tiny", "--root", "runs/mine"]
+    # a symlink out of the base is followed before the check
+    assert "outside the artifact base" in r.refusal({**ok, "artifact_root": "link/x"}, m.FORM)
+    # the deployment widens the lists explicitly (a code-loading key only when named)
+    monkeypatch.setenv("S2D_ALLOWED_OVERRIDES", "teacher_rl,task.kind")
+    monkeypatch.setenv("S2D_ALLOWED_MODEL_PREFIXES", "bootstrap,my-org/")
+    monkeypatch.setenv("S2D_ALLOWED_BUCKETS", "team-bucket")
+    assert r.refusal({**ok, "overrides": ["task.kind=my_pkg.tasks:make"], "teacher": "my-org/t",
+                      "artifact_root": "s3://team-bucket/runs/a", "student": None}, m.FORM) is None
+    assert "not an allowed key" in r.refusal({**ok, "overrides": ["eval.samples=4"]}, m.FORM)
+    assert "allowed model prefix" in r.refusal({**ok, "teacher": "Qwen/Qwen3-8B"}, m.FORM)
+
+
+def test_refusals_through_a_real_dag_run(tmp_path):
+    """Each refusal triggered as a DAG run (``dag.test``, the real task runner, SQLite database): the
+    plan task fails with the one-line refusal, without retries, and no stage runs."""
+    import os
+
+    home = tmp_path / "airflow"
+    base = tmp_path / "runs"
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "S2D_ARTIFACT_ROOT": str(base), "S2D_WORKDIR": str(tmp_path),
+           "S2D_STAGE_PYTHON": "/nonexistent/python"}  # a stage command that ran would fail differently
+    assert subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env,
+                          capture_output=True, timeout=300).returncode == 0
+    cases = [(c, said) for c, said in BASE_REFUSALS if "steps" not in c]
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(DAGS)!r})
+from airflow.dag_processing.dagbag import DagBag
+for conf in json.loads(sys.argv[1]):
+    # a fresh DAG per run, as the scheduler deserializes one: dag.test leaves a run's conf in dag.params
+    dag = DagBag(dag_folder={str(DAGS)!r}).dags["sparse_to_dense"]
+    conf = {{k: v.replace("{{base}}", {str(base)!r}) if isinstance(v, str) else v for k, v in conf.items()}}
+    dr = dag.test(run_conf=conf)
+    states = {{ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
+    print("RESULT " + json.dumps({{"state": str(dr.state), "tasks": states}}), flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([c for c, _ in cases])], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert len(results) == len(cases), out[-5000:]
+    (tmp_path / "out.log").write_text(out)
+    chunks = proc.stdout.split("RESULT ")  # each run's log precedes its RESULT line
+    for (conf, said), res, log in zip(cases, results, chunks):
+        assert res["state"].endswith("failed"), (conf, res)
+        assert res["tasks"]["plan"].endswith("failed"), (conf, res)
+        assert all(s.endswith("upstream_failed") for t, s in res["tasks"].items() if t != "plan"), (conf, res)
+        refusals = [x for x in log.splitlines() if "AirflowFailException: error: " in x]
+        assert len(refusals) == 1 and said in refusals[0], (conf, refusals or log[-3000:])
+    assert "/nonexistent/python" not in out  # no stage command was started
 
 
 def _with_conf(dag, conf):
@@ -102,7 +226,8 @@ def _render(op, dag, params, plan_json):
 
 
 PARAMS = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
-          "baseline": True, "seed": 3, "steps": {"teacher_rl": 7}, "artifact_root": None, "overrides": []}
+          "baseline": True, "seed": 3, "teacher_rl_steps": 7, "kl_warmup_steps": None, "onpolicy_distill_steps": None,
+          "student_rl_steps": None, "direct_grpo_steps": None, "artifact_root": None, "overrides": []}
 PLAN = json.dumps({"root": "s3://b/runs/r", "parent_run_id": "abc123", "stages": []})
 
 
