@@ -389,3 +389,103 @@ def test_rendered_stage_pod_is_a_valid_kubernetes_pod(monkeypatch):
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env["S2D_GPUS"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+
+
+# ---------------------------------------------------------------- scheduled retraining
+
+
+def test_schedules_folder(monkeypatch, tmp_path, caplog):
+    """One DAG per schedule file, its conf the scheduled runs' values; a bad file is logged and
+    ignored while every other DAG still loads."""
+    (tmp_path / "weekly.yaml").write_text(
+        'cron: "0 3 * * 1"\nconf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
+    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
+    (tmp_path / "bad-cron.yaml").write_text('cron: "61 3 * * 1"\nconf: {}\n')
+    (tmp_path / "bad-value.yaml").write_text('cron: "0 3 * * 1"\nconf: {seed: -1}\n')
+    (tmp_path / "bad-key.yaml").write_text('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n')
+    (tmp_path / "refused.yaml").write_text('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n')
+    (tmp_path / "not-yaml.yaml").write_text("cron: [unclosed\n")
+    with caplog.at_level("ERROR"):
+        dag = load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts import_errors == {}
+    import sparse_to_dense as m
+
+    dags = m.scheduled_dags(tmp_path)
+    assert sorted(dags) == ["sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
+    weekly = dags["sparse_to_dense__weekly"]
+    assert type(weekly.timetable).__name__ == "CronTriggerTimetable" and weekly.timetable.expression == "0 3 * * 1"
+    assert weekly.catchup is False and weekly.max_active_runs == 1
+    values = weekly.params.validate()
+    assert values["teacher_rl_steps"] == 40 and values["seed"] == 7 and values["overrides"] == ["task.seed=99"]
+    assert values["stages"] == dag.params["stages"]  # everything else: the form's defaults
+    assert weekly.params.get_param("seed").schema["title"] == "Seed"  # the same form, other defaults
+    assert set(weekly.task_ids) == set(dag.task_ids)
+    data = dags["sparse_to_dense__on-new-data"]
+    assert type(data.timetable).__name__ == "AssetTriggeredTimetable"
+    assert "s3://s2d-data/arithmetic/latest" in str(data.timetable.asset_condition)
+    logged = caplog.text
+    for name, why in [("bad-cron", "61 3 * * 1"), ("bad-value", "-1"), ("bad-key", "steps"), ("refused", "loads code"),
+                      ("not-yaml", "")]:
+        assert f"{name}.yaml ignored" in logged and why in logged, name
+
+
+def test_no_surprise_run_for_the_last_missed_slot(monkeypatch, tmp_path):
+    """With catchup off, Airflow's cron timetable still proposes the most recent past slot when a
+    schedule is switched on: plan skips such a late run, and a skipped plan skips every task."""
+    import datetime
+
+    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    (tmp_path / "weekly.yaml").write_text('cron: "0 3 * * 1"\nconf: {}\n')
+    load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    dag = m.scheduled_dags(tmp_path)["sparse_to_dense__weekly"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    # what the scheduler does on enable: the core timetable (the DAG's, serialized) proposes a past slot
+    core = decode_timetable(encode_timetable(dag.timetable))
+    first = core.next_dagrun_info(last_automated_data_interval=None,
+                                  restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=False))
+    assert first.run_after <= now  # the "surprise" run Airflow would start at once
+
+    class Run:
+        def __init__(self, run_type, run_after):
+            self.run_type, self.run_after, self.logical_date = run_type, run_after, run_after
+
+    with pytest.raises(AirflowSkipException, match="missed slot"):
+        r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(hours=2))})
+    r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(minutes=1))})  # on time: runs
+    r.skip_missed_slot({"dag_run": Run("manual", now - datetime.timedelta(days=9))})  # a trigger is never late
+    monkeypatch.setenv("S2D_MISSED_SLOT_GRACE_MINUTES", "600")
+    r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(hours=2))})
+    t = dag.task_dict
+    assert t["plan"]._pre_execute_hook is r.skip_missed_slot
+    # a skipped plan skips the rest: every task waits for plan, directly or not, with rules that skip
+    # when nothing upstream succeeded
+    assert t["bootstrap"].trigger_rule == "all_success"
+    for name in ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "report"):
+        assert t[name].trigger_rule == "none_failed_min_one_success" and "plan" in t[name].upstream_task_ids
+
+
+@pytest.mark.parametrize("runner", ["local", "docker", "kubernetes"])
+def test_final_student_asset_event_for_every_runner(monkeypatch, runner):
+    """The report task's asset event names the final student, whatever the runner (one hook)."""
+    pytest.importorskip("airflow.providers.docker")
+    pytest.importorskip("airflow.providers.cncf.kubernetes")
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    dag = load_dag(monkeypatch, runner)
+    import s2d_runners as r
+
+    report = dag.task_dict["report"]
+    assert report._post_execute_hook is r.final_student_event
+    assert [a.uri for a in report.outlets] == [r.FINAL_STUDENT_URI]
+    summary = {"final_student": "s3://b/r/student_rl/model", "teacher": "s3://b/r/teacher_rl/model", "headline": "x"}
+    for result in (summary, "log line\n" + json.dumps(summary) + "\n"):  # a dict (local, pod) or printed text (docker)
+        events = OutletEventAccessors()
+        r.final_student_event({"outlet_events": events}, result)
+        assert events[Asset(r.FINAL_STUDENT_URI)].extra == {"uri": summary["final_student"], "teacher": summary["teacher"]}
