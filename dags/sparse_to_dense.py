@@ -48,7 +48,7 @@ LABELS = {"teacher_rl": "1 · Teacher GRPO (sparse verifier reward)", "kl_warmup
           "onpolicy_distill": "2b · On-policy distillation (dense reward)", "student_rl": "3 · Student GRPO",
           "direct_grpo": "Baseline · direct GRPO on the student"}
 RUN, BUDGETS, MODELS, WHERE, ADVANCED = ("What to run", "Step budgets (empty: the preset's)", "Models",
-                                         "Where the artifacts go", "Advanced")
+                                         "Where the artifacts go", "Config overrides (advanced)")
 
 params = {
     "preset": Param("tiny", type="string", enum=["tiny", "qwen3-1.7b", "llama3.1-8b"], title="Preset", section=RUN,

@@ -29,7 +29,7 @@ export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$REPO/mlflow.db}
 export S2D_ARTIFACT_ROOT=${S2D_ARTIFACT_ROOT:-$REPO/runs} S2D_WORKDIR=${S2D_WORKDIR:-$REPO}
 LOGS=$AIRFLOW_HOME/stack-logs
-mkdir -p "$AIRFLOW_HOME" "$LOGS" "$REPO/mlruns"
+mkdir -p "$AIRFLOW_HOME" "$LOGS" "${MLFLOW_ARTIFACTS:-$REPO/mlruns}"
 PASSWORDS=$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
 
 pids=()
@@ -73,7 +73,7 @@ t0=$SECONDS
 "$VENV/bin/airflow" db migrate >"$LOGS/db-migrate.log" 2>&1 || fail "airflow db migrate failed"
 "$VENV/bin/airflow" pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null 2>&1 || fail "airflow pools set failed"
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start mlflow "$VENV/bin/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
-  --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --default-artifact-root "$REPO/mlruns" --no-serve-artifacts --workers 1
+  --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --default-artifact-root "${MLFLOW_ARTIFACTS:-$REPO/mlruns}" --no-serve-artifacts --workers 1
 start api-server "$VENV/bin/airflow" api-server --host 127.0.0.1 --port "$AIRFLOW_PORT" --workers 1
 # task logs are files on this host, read by the api-server: no log servers (they would listen on all interfaces)
 start scheduler "$VENV/bin/airflow" scheduler --skip-serve-logs
