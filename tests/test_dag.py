@@ -314,6 +314,35 @@ def _local_argv_env(monkeypatch, command, args):
     return seen["argv"], seen["env"]
 
 
+def _local_task_argv(monkeypatch, dag, command, plan_json):
+    """What the local runner's task itself executes for this DAG run (its callable, the Popen argv)."""
+    import s2d_runners as r
+
+    seen = {}
+
+    class Proc:
+        def __init__(self, argv, **_):
+            seen["argv"] = argv
+            self.stdout = iter(['{"stage": "%s", "root": "x"}\n' % command])
+
+        def wait(self):
+            return 0
+
+    class TI:
+        try_number = 1
+
+    class DR:
+        dag_id, run_id = "sparse_to_dense", "manual__2026-11-26T00:00:00+00:00"
+
+    task = dag.task_dict[command]
+    ctx = {"params": PARAMS, "dag_run": DR(), "ti": TI(), "outlet_events": {}}
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context", lambda: ctx)
+    monkeypatch.setattr(r.subprocess, "Popen", Proc)
+    monkeypatch.setattr(r, "connection_env", lambda: {})
+    task.python_callable(json.loads(plan_json) if plan_json else None)
+    return seen["argv"]
+
+
 @pytest.mark.parametrize("gpus", ["1", "4"])
 def test_all_runners_send_the_same_command(monkeypatch, gpus):
     """For every stage: local argv == image ENTRYPOINT + DockerOperator command == pod command + args,
@@ -323,6 +352,7 @@ def test_all_runners_send_the_same_command(monkeypatch, gpus):
     env = {"S2D_IMAGE": "registry.example/s2d:1.2", "S2D_GPUS_PER_TASK": gpus, "S2D_STAGE_PYTHON": "/opt/venv/bin/python"}
     docker_dag = load_dag(monkeypatch, "docker", **env)
     k8s_dag = load_dag(monkeypatch, "kubernetes", **env)
+    local_dag = load_dag(monkeypatch, "local", **env)
     import s2d_runners as r
 
     entrypoint = _image_entrypoint()
@@ -337,6 +367,8 @@ def test_all_runners_send_the_same_command(monkeypatch, gpus):
         argv, local_env = _local_argv_env(monkeypatch, command, args)
         assert argv == r.stage_argv(args, "/opt/venv/bin/python") and argv[1:] == want[1:]
         assert local_env["S2D_GPUS"] == str(n)
+        # the local task computes its arguments like the container runners' template (one function)
+        assert _local_task_argv(monkeypatch, local_dag, command, None if command == "plan" else PLAN)[1:] == want[1:]
 
         op = docker_dag.task_dict[command]
         rendered = _render(op, docker_dag, PARAMS, None if command == "plan" else PLAN)
