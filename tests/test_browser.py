@@ -139,9 +139,9 @@ def _walk(page, stack, shots, token, typed_root):
     seed.fill("")
     seed.press_sequentially("3")
     # stages: drop the last one (student GRPO) from the multi-select with the keyboard
-    field("stages").click()
+    dialog.locator("#element_stages [role=combobox]").focus()
     page.keyboard.press("Backspace")
-    page.keyboard.press("Escape")
+    page.keyboard.press("Tab")  # leave the multi-select (Escape would close the whole dialog)
     field("baseline").focus()  # the switch: off, with the keyboard
     page.keyboard.press("Space")
     page.screenshot(path=shots / "2-what-to-run.png")
@@ -155,7 +155,9 @@ def _walk(page, stack, shots, token, typed_root):
     field("artifact_root").press_sequentially(typed_root)
 
     section("Config overrides (advanced)")
-    field("overrides").press_sequentially("\n".join(OVERRIDES))
+    box = field("overrides")
+    for i, line in enumerate(OVERRIDES):  # the UI re-renders per key press: slow, so a line at a time
+        box.press_sequentially(("\n" if i else "") + line, timeout=120_000)
     page.screenshot(path=shots / "4-overrides.png")
     dialog.get_by_role("button", name="Trigger").click()
     page.wait_for_timeout(2000)
@@ -201,18 +203,17 @@ def _walk(page, stack, shots, token, typed_root):
     parent = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'workflow'")[0]
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["bootstrap", "kl_warmup", "onpolicy_distill", "teacher_rl"]
-    expand = page.get_by_role("button", name="Expand").first
-    if expand.count():
-        expand.click()
-        page.wait_for_timeout(1000)
+    page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # the parent's [+]
+    page.wait_for_timeout(1500)
     page.screenshot(path=shots / "8-mlflow-run-tree.png")
     body = page.inner_text("body")
-    assert "workflow" in body and "teacher_rl" in body, body[:2000]
+    assert all(name in body for name in ("workflow", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill")), body[:2000]
     child = next(c for c in children if c.info.run_name == "onpolicy_distill")
     page.goto(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
     page.wait_for_timeout(4000)
-    page.screenshot(path=shots / "9-mlflow-stage-run.png")
-    assert "s2d.input.student" in page.inner_text("body") or "onpolicy_distill" in page.inner_text("body")
+    page.screenshot(path=shots / "9-mlflow-stage-run.png", full_page=True)
+    body = page.inner_text("body")  # the stage run names its parent and its inputs and output
+    assert "workflow" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), body[:3000]
 
 
 def _tree(pid: int) -> set[int]:
