@@ -148,14 +148,14 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
 
 def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri: str) -> float:
     """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)."""
-    from stages.evaluation import student_teacher_kl
     from stages.runtime import StageRun
+    from stages.scoring import student_teacher_kl
 
     cfg = load_config(base, overrides)
     run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
     try:
         t, s, tok = run.load_teacher_student(teacher, student_uri)
-        return student_teacher_kl(run, s, t, tok, run.task.problems("prompts"), label="c2-final")
+        return student_teacher_kl(run.rollouts, s, t, tok, run.task.problems("prompts"), label="c2-final")
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
 

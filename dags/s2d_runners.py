@@ -23,7 +23,10 @@ DEFAULT_IMAGE = "ghcr.io/sparse-to-dense/stages:0.1.0"
 NOT_PLANNED = 99  # the stage command's exit code for "this config switches the stage off"
 USER_ERROR = 2  # the stage command's exit code for bad input (one `error: ...` line on stderr)
 FINAL_STUDENT_URI = "s2d://sparse_to_dense/final_student"
-GPU_STAGES = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
+GPU_STAGES = ("bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
+# stages that talk to the teacher: with a long-lived teacher server (setting ``teacher_url``; infra/k8s
+# teacher-server.yaml, compose service ``teacher``) they get S2D_TEACHER_URL (used by teacher.engine: server)
+TEACHER_STAGES = ("teacher_data", "kl_warmup", "onpolicy_distill")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
 PLAIN_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -98,6 +101,10 @@ def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: s
     container runners through a template macro): the trigger's values checked (:func:`refusal`), the
     root and MLflow parent run from ``plan``'s XCom (``plan`` itself computes the root)."""
     problem = refusal(params, form)
+    if problem and command == "close-runs":  # the teardown: a refused run opened nothing to close
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(f"nothing to close: error: {problem}")
     if problem:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -106,7 +113,8 @@ def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: s
         plan = last_json(plan)
     root = (plan or {}).get("root") or artifact_root(params, dag_id, run_id)
     args = stage_args(command, params, root, (plan or {}).get("parent_run_id"))
-    return args + (["--xcom-file", "/airflow/xcom/return.json"] if runner == "kubernetes" else [])
+    pod = runner == "kubernetes" or runner == "rayjob" and command not in GPU_STAGES  # XCom through the sidecar
+    return args + (["--xcom-file", "/airflow/xcom/return.json"] if pod else [])
 
 
 # ---------------------------------------------------------------- the trigger form is a security boundary
@@ -222,7 +230,10 @@ def stage_argv(args: list[str], python: str | None = None) -> list[str]:
 def stage_env(stage: str) -> dict[str, str]:
     """Environment every runner gives the stage command, besides credentials and tracking settings:
     ``S2D_GPUS`` (GPUs this task holds; the stage relaunches under ``accelerate launch`` above one)."""
-    return {"S2D_GPUS": str(gpu_count(stage)), "PYTHONUNBUFFERED": "1"}
+    env = {"S2D_GPUS": str(gpu_count(stage)), "PYTHONUNBUFFERED": "1"}
+    if stage in TEACHER_STAGES and setting("teacher_url", ""):
+        env["S2D_TEACHER_URL"] = setting("teacher_url", "")
+    return env
 
 
 def last_json(text: str) -> dict:

@@ -18,22 +18,21 @@ Scheduled retraining: one DAG ``sparse_to_dense__<name>`` per ``<name>.yaml`` in
 ``conf:``, the run configuration it uses. A file that does not parse is logged and ignored.
 
 Deployment settings (env ``S2D_*`` or Airflow Variables ``s2d_*``): ``runner`` (local | docker |
-kubernetes), ``artifact_root`` (the BASE of every run's root), ``allowed_overrides``,
+kubernetes | rayjob: s2d_rayjob), ``artifact_root`` (the BASE of every run's root), ``allowed_overrides``,
 ``allowed_model_prefixes``, ``allowed_buckets``, ``schedules``, ``missed_slot_grace_minutes``,
 ``stage_python``, ``image``, ``gpu_pool``, ``stage_timeout_hours``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, get_current_context, task
-
 import s2d_runners as r
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 log = logging.getLogger(__name__)
 DAG_ID = "sparse_to_dense"
@@ -42,7 +41,7 @@ POOL = r.setting("gpu_pool", "gpu")
 TIMEOUT = timedelta(hours=float(r.setting("stage_timeout_hours", "24")))
 STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]
 STEP_STAGES = list(r.STEP_STAGES)
-ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", *STEP_STAGES]}
+ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", "teacher_data", *STEP_STAGES]}
 FINAL_STUDENT = Asset(r.FINAL_STUDENT_URI)
 LABELS = {"teacher_rl": "1 · Teacher GRPO (sparse verifier reward)", "kl_warmup": "2a · Forward-KL warmup of the student",
           "onpolicy_distill": "2b · On-policy distillation (dense reward)", "student_rl": "3 · Student GRPO",
@@ -117,6 +116,10 @@ def stage_task(command: str, **kw):
     template = "{{ s2d_args('%s', params, dag_run.dag_id, dag_run.run_id, %s) }}" % (
         command, "None" if command == "plan" else "ti.xcom_pull(task_ids='plan')")
     make = r.docker_operator if RUNNER == "docker" else r.kubernetes_operator
+    if RUNNER == "rayjob" and gpu:  # a KubeRay RayJob per training stage: create -> wait -> delete (s2d_rayjob)
+        import s2d_rayjob
+
+        make = functools.partial(s2d_rayjob.stage_group, plan_template="{{ ti.xcom_pull(task_ids='plan') }}")
 
     def build(plan=None):
         op = make(command, command, template, **opts)
@@ -149,7 +152,8 @@ def sparse_to_dense(dag_id: str = DAG_ID, schedule=None, form: dict | None = Non
         plan = stage_task("plan")()
         boot = stage_task("bootstrap", outlets=[ASSETS["bootstrap"]])(plan)
         prev = boot
-        for stage in STAGES:
+        # teacher_data (stored teacher top-k for kl_warmup.form topk) runs before 2a; skipped when not planned
+        for stage in ["teacher_rl", "teacher_data", *STAGES[1:]]:
             nxt = stage_task(stage, trigger_rule=after, outlets=[ASSETS[stage]])(plan)
             prev >> nxt
             prev = nxt
@@ -157,6 +161,8 @@ def sparse_to_dense(dag_id: str = DAG_ID, schedule=None, form: dict | None = Non
         boot >> baseline
         report = stage_task("report", trigger_rule=after, outlets=[FINAL_STUDENT])(plan)
         [prev, baseline] >> report
+        # teardown: a failed or killed run leaves none of its MLflow runs RUNNING (nothing to do after success)
+        report >> stage_task("close-runs")(plan).as_teardown()
     return dag
 
 

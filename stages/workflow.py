@@ -9,84 +9,128 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 
 from __future__ import annotations
 
-import json
+import os
+import sys
 from contextlib import nullcontext
 
-from . import artifacts
+from . import artifacts, tracking
 from .config import Config
-from .tracking import Tracker
-
-
-ROLES = {"bootstrap": {}, "teacher_rl": {"policy": "teacher"}, "kl_warmup": {"teacher": "teacher", "student": "student"},
-         "onpolicy_distill": {"teacher": "teacher", "student": "student"}, "student_rl": {"policy": "student"},
-         "direct_grpo": {"policy": "base_student"}}
+from .registry import STAGES, get
+from .tracking import Tracker, quote, short_uri
 
 
 def base_uri(cfg: Config, root: str, role: str) -> str:
     src = getattr(cfg.models, role).source
-    return artifacts.join(root, "bootstrap", role) if src == "bootstrap" else src
+    if src in STAGES and STAGES[src].kind == "setup":
+        return artifacts.join(root, src, role)
+    # models:/<name>/<version> is looked up in the registry: the version's checkpoint URI is the input
+    return tracking.resolve_model_uri(src)
+
+
+def _planned(cfg: Config, name: str) -> bool:
+    kind = STAGES[name].kind
+    if kind == "setup":  # a setup stage runs when a base model comes from it (models.*.source: bootstrap)
+        return name in (cfg.models.teacher.source, cfg.models.student.source)
+    if kind == "data":  # made for a planned consumer that reads it (teacher_data: kl_warmup.form topk)
+        stage, key, value = STAGES[name].when
+        return stage in cfg.workflow.stages and getattr(getattr(cfg, stage), key) == value
+    if kind == "workflow":
+        return name in cfg.workflow.stages
+    return kind == "baseline" and cfg.workflow.baseline
+
+
+def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
+    """The planned stages with their input URIs, and the checkpoint each role holds at the end."""
+    roles = {"teacher": base_uri(cfg, root, "teacher"), "student": base_uri(cfg, root, "student")}
+    roles["base_student"] = roles["student"]
+    steps = []
+    for name, st in STAGES.items():
+        if st.kind == "tool" or not _planned(cfg, name):
+            continue
+        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()
+                                                if role in roles or k not in st.optional},
+                      "uri": artifacts.join(root, name)})
+        if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
+            roles[st.output] = artifacts.join(root, name, st.published)
+    roles["final_student"] = roles["student"]
+    return steps, roles
 
 
 def plan(cfg: Config, root: str) -> list[dict]:
-    """The stages this config runs, in order, with the checkpoint URIs each consumes.
+    """The stages this config runs, in the table's order, with the checkpoint URIs each consumes.
 
     Every stage publishes its model at ``<root>/<stage>/model``, so the whole chain is known before
     anything runs: the Airflow DAG and ``workflow`` both execute this plan. Switched-off stages
     (the paper's ablations) pass their input through: no stage 1 means the raw teacher is used.
     """
-    cur = {"teacher": base_uri(cfg, root, "teacher"), "student": base_uri(cfg, root, "student")}
-    cur["base_student"] = cur["student"]
-    steps = []
-    if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
-        steps.append({"stage": "bootstrap", "inputs": {}})
-    for stage in ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"):
-        if stage in cfg.workflow.stages or (stage == "direct_grpo" and cfg.workflow.baseline):
-            steps.append({"stage": stage, "inputs": {k: cur[role] for k, role in ROLES[stage].items()}})
-            if stage != "direct_grpo":
-                cur["teacher" if stage == "teacher_rl" else "student"] = artifacts.join(root, stage, "model")
-    for s in steps:
-        s["uri"] = artifacts.join(root, s["stage"])
-    return steps
+    return _walk(cfg, root)[0]
 
 
-def final_models(steps: list[dict], cfg: Config, root: str) -> dict:
-    out = {"teacher": base_uri(cfg, root, "teacher"), "final_student": base_uri(cfg, root, "student")}
-    for s in steps:
-        if s["stage"] == "teacher_rl":
-            out["teacher"] = artifacts.join(s["uri"], "model")
-        elif s["stage"] in ("kl_warmup", "onpolicy_distill", "student_rl"):
-            out["final_student"] = artifacts.join(s["uri"], "model")
-    return out
+def final_models(cfg: Config, root: str) -> dict[str, str]:
+    """The teacher and the final student this config's workflow ends with."""
+    roles = _walk(cfg, root)[1]
+    return {"teacher": roles["teacher"], "final_student": roles["final_student"]}
+
+
+def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | None] | None = None) -> dict[str, str]:
+    """A stage's input URIs: from the plan when it is planned, else the roles' base checkpoints (the final
+    student for ``evaluate``); ``explicit`` maps roles to URIs given on the command line (``student`` also
+    stands for ``base_student``)."""
+    explicit = {k: v for k, v in (explicit or {}).items() if v}
+    explicit.setdefault("base_student", explicit.get("student"))
+    steps, roles = _walk(cfg, root)
+    roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
+    spec = get(stage)
+    inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
+                  {k: roles[role] for k, role in spec.inputs.items() if role in roles or k not in spec.optional})
+    return {k: explicit.get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
 def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: str | None = None) -> tuple[dict, bool]:
     """Run one stage unless it is already published; returns (manifest, skipped)."""
-    from . import bootstrap, evaluate, grpo, kl_warmup, onpolicy_distill
     from .runtime import StageRun
 
-    fns = {"bootstrap": bootstrap.run, "teacher_rl": grpo.run, "student_rl": grpo.run, "direct_grpo": grpo.run,
-           "kl_warmup": kl_warmup.run, "onpolicy_distill": onpolicy_distill.run, "evaluate": evaluate.run}
-    name = stage.split("/")[0]
-    r = StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id)
-    if r.finished:
-        return r.finished, True
-    return fns[name](r, *inputs.values()), False
+    # one writer per stage folder (only the main process of a multi-process launch takes the lock); taken
+    # before anything else, so it is also the up-front check that the artifact root is writable
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with artifacts.StageLock(artifacts.join(root, stage)) if main_rank else nullcontext():
+        with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+            if r.finished:
+                if main_rank:  # a kill between manifest and cleanup leaves the training state behind
+                    artifacts.clear_state(r.uri)
+                    # a skip makes the stage's MLflow run say what the manifest says (repairs a run left RUNNING
+                    # or unrecorded by a kill or a tracking outage); a no-op when it already does
+                    Tracker(cfg.tracking).reconcile(r.finished, r.uri, root, parent_run_id)
+                return r.finished, True
+            return get(stage).fn()(r, *inputs.values()), False
+
+
+def parent_name(cfg: Config, root: str) -> str:
+    """A readable parent-run name: the preset and the Airflow DAG run, else the root's last part."""
+    import os
+
+    return f"{cfg.name} · {os.environ.get('AIRFLOW_CTX_DAG_RUN_ID') or root.rstrip('/').rsplit('/', 1)[-1]}"
 
 
 def open_parent(cfg: Config, root: str) -> str | None:
     """The MLflow parent run for this workflow run: reused when one for the same root is still open
-    (an Airflow retry, a re-trigger), else created."""
+    (an Airflow retry, a re-trigger), else created. None when the server does not answer in time
+    (the stages then record their runs without a parent)."""
     tracker = Tracker(cfg.tracking)
     if not tracker.enabled:
         return None
-    found = tracker.client.search_runs([tracker.experiment_id],
-                                       f"tags.`s2d.root` = '{root}' and tags.mlflow.runName = 'workflow' and attributes.status = 'RUNNING'",
-                                       max_results=1)
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow' and attributes.status = 'RUNNING'"
+    found = tracker.call("find the open parent run",
+                         lambda c: c.search_runs([tracker._experiment(c)], query, max_results=1), timeout=cfg.tracking.flush_timeout_s)
     if found:
         return found[0].info.run_id
-    rid = tracker.start("workflow", tags={"s2d.root": root, "s2d.preset": cfg.name})
-    tracker.params({"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
-                    "baseline": cfg.workflow.baseline, "seed": cfg.seed, "student_step_budget": cfg.student_step_budget()})
+    if found is None:  # no answer: do not create a second parent later
+        return None
+    rid = tracker.start(parent_name(cfg, root), tags={"s2d.root": root, "s2d.preset": cfg.name, "s2d.kind": "workflow"},
+                        params={"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
+                                "baseline": cfg.workflow.baseline, "seed": cfg.seed,
+                                "student_step_budget": cfg.student_step_budget()})
+    tracker.flush()
     return rid
 
 
@@ -94,13 +138,16 @@ def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
     tracker.run_id = parent
-    with tracker.running() if not parent_run_id else nullcontext():
-        for step in plan(cfg, root):
-            print(f"[{step['stage']}] running", flush=True)
-            _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
-            if skipped:
-                print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
-        return report(cfg, root, parent, close=False)
+    try:
+        with tracker.running() if not parent_run_id else nullcontext():
+            for step in plan(cfg, root):
+                print(f"[{step['stage']}] running", flush=True)
+                _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
+                if skipped:
+                    print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
+            return report(cfg, root, parent, close=False)
+    finally:
+        tracker.flush()
 
 
 def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True) -> dict:
@@ -112,22 +159,66 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
         if m is None:
             raise artifacts.ArtifactError(f"{s['uri']}: stage {s['stage']} has not published (no manifest)")
         results[s["stage"]] = m
-    models = final_models(steps, cfg, root)
+    models = final_models(cfg, root)
     summary = summarize(cfg, results, models["final_student"], models["teacher"])
     text = format_table(summary)
     print(text, flush=True)
     store = artifacts.store_for(root)
-    store.write_bytes(artifacts.join(root, "summary.json"), json.dumps(summary, indent=2).encode())
+    store.write_bytes(artifacts.join(root, "summary.json"), artifacts.dumps(summary, indent=2).encode())
     store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
     tracker = Tracker(cfg.tracking)
-    if tracker.enabled and parent_run_id:
-        tracker.run_id = parent_run_id
-        tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
-        tracker.tags({"s2d.final_student": models["final_student"], "s2d.teacher": models["teacher"]})
-        tracker.client.log_text(parent_run_id, text, "summary.md")
-        if close:
-            tracker.end("FINISHED")
+    if tracker.enabled:
+        versions = register_models(cfg, tracker, results, models, root, parent_run_id)
+        if parent_run_id:
+            tracker.run_id = parent_run_id
+            tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
+            tracker.tags({"s2d.final_student": short_uri(models["final_student"], root),
+                          "s2d.teacher": short_uri(models["teacher"], root),
+                          **{f"s2d.registered.{role}": f"{mv.name}/{mv.version}" for role, mv in versions.items()}})
+            tracker.params({"final_student": models["final_student"], "teacher": models["teacher"]})
+            tracker.text(text, "summary.md")
+            if close:
+                tracker.end("FINISHED")
+        left = tracker.flush()
+        if left:
+            print(f"warning: MLflow at {tracker.tracking_uri} did not record {', '.join(dict.fromkeys(left))} "
+                  f"({tracker.error or 'no answer in time'})", file=sys.stderr, flush=True)
     return summary
+
+
+def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, root: str, parent_run_id: str | None) -> dict:
+    """Register the RL teacher and the final student (when a stage trained them) as versions of the
+    configured registered models, tagged with their lineage: the teacher's version, the datasets, the
+    Airflow run, the root and preset. Idempotent: a checkpoint already registered is not added twice."""
+    names = cfg.tracking.registered_models
+    trained = {role: any(STAGES[s].kind == "workflow" and STAGES[s].output == role for s in results)
+               for role in ("teacher", "student")}
+    uris = {"teacher": models["teacher"], "student": models["final_student"]}
+
+    def reg(c):
+        exp = tracker._experiment(c)
+        runs = c.search_runs([exp], f"tags.`s2d.root` = '{quote(root)}'", max_results=1000)
+        datasets = sorted({f"{d.dataset.name}@{d.dataset.digest}" for r in runs for d in r.inputs.dataset_inputs})
+        common = {"s2d.preset": cfg.name, "s2d.root": root, "s2d.task": cfg.task.kind, "s2d.datasets": ",".join(datasets),
+                  **({"s2d.parent_run": parent_run_id} if parent_run_id else {}), **tracking.airflow_tags()}
+        out = {}
+        for role in ("teacher", "student"):  # the teacher first: the student's version names it
+            if not (names.get(role) and trained[role]):
+                continue
+            tags = dict(common, **{"s2d.role": role})
+            if "teacher" in out:
+                tags["s2d.teacher_version"] = f"{out['teacher'].name}/{out['teacher'].version}"
+            elif role == "student":
+                tags["s2d.teacher_uri"] = uris["teacher"]
+            mv = tracking.register(c, exp, names[role], uris[role], tags)
+            if mv is not None:
+                out[role] = mv
+        return out
+
+    return tracker.call("register models", reg) or {}
+
+
+
 
 
 def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> dict:
@@ -144,32 +235,34 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
             "time_s": m.get("wall_time_s"),
         })
 
-    if "bootstrap" in results:
-        bm = results["bootstrap"]["metrics"]
-        row("base teacher", bm, "teacher.eval.", "bootstrap")
-        row("base student", bm, "student.eval.", "bootstrap")
-    names = {"teacher_rl": "RL teacher (1)", "kl_warmup": "warmed student (2a)", "onpolicy_distill": "distilled student (2b)",
-             "student_rl": "final student (3)", "direct_grpo": "direct GRPO baseline"}
-    for stage, label in names.items():
-        if stage in results:
-            row(label, results[stage]["metrics"], "eval.", stage)
+    for name, st in STAGES.items():
+        if name not in results:
+            continue
+        if st.kind == "setup":  # the base models
+            for role in ("teacher", "student"):
+                row(f"base {role}", results[name]["metrics"], f"{role}.eval.", name)
+        elif st.label:
+            row(st.label, results[name]["metrics"], "eval.", name)
+    done = [STAGES[n] for n in results]
     headline = {}
-    if "teacher_rl" in results:
-        tm = results["teacher_rl"]["metrics"]
-        headline["c1_teacher_before"] = tm.get(f"eval_before.avg@{k}")
-        headline["c1_teacher_after"] = tm.get(f"eval.avg@{k}")
-    for stage in ("kl_warmup", "onpolicy_distill"):
-        if stage in results:
-            headline[f"c2_{stage}_before"] = results[stage]["metrics"].get("c2_before")
-            headline[f"c2_{stage}_after"] = results[stage]["metrics"].get("c2_after")
-    last_student = next((s for s in ("student_rl", "onpolicy_distill", "kl_warmup") if s in results), None)
-    if last_student:
-        headline["final_student_avg"] = results[last_student]["metrics"].get(f"eval.avg@{k}")
-        headline["workflow_student_steps"] = sum(results[s].get("student_steps", 0) for s in ("kl_warmup", "onpolicy_distill", "student_rl") if s in results)
-    if "direct_grpo" in results:
-        headline["direct_grpo_avg"] = results["direct_grpo"]["metrics"].get(f"eval.avg@{k}")
-        headline["direct_grpo_steps"] = results["direct_grpo"].get("student_steps")
-    headline["labeled_examples_workflow"] = sum(results[s].get("labeled_examples", 0) for s in ("teacher_rl", "student_rl") if s in results)
+    for st in done:
+        m = results[st.name]["metrics"]
+        if st.trains == "teacher" and st.kind == "workflow":  # C1: the teacher's lift from RL
+            headline["c1_teacher_before"] = m.get(f"eval_before.avg@{k}")
+            headline["c1_teacher_after"] = m.get(f"eval.avg@{k}")
+        if "c2_after" in m:  # C2: KL(student || teacher) before and after
+            headline[f"c2_{st.name}_before"] = m.get("c2_before")
+            headline[f"c2_{st.name}_after"] = m.get("c2_after")
+    students = [st for st in done if st.kind == "workflow" and st.output == "student"]
+    if students:
+        headline["final_student_avg"] = results[students[-1].name]["metrics"].get(f"eval.avg@{k}")
+        headline["workflow_student_steps"] = sum(results[st.name].get("student_steps", 0) for st in students)
+    for st in done:
+        if st.kind == "baseline":
+            headline[f"{st.name}_avg"] = results[st.name]["metrics"].get(f"eval.avg@{k}")
+            headline[f"{st.name}_steps"] = results[st.name].get("student_steps")
+    headline["labeled_examples_workflow"] = sum(results[st.name].get("labeled_examples", 0) for st in done
+                                                if st.kind == "workflow" and st.labeled)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
             "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
 

@@ -1,9 +1,9 @@
 """The paper-table benchmark end to end on test-sized settings: every arm runs, budgets are equal."""
 
 import importlib.util
+import json
 import subprocess
 import sys
-import json
 from pathlib import Path
 
 from conftest import TEST_OVERRIDES

@@ -6,7 +6,7 @@ the pre-drawn uniform, masking finished rows, writing the outputs, advancing pos
 works in place on fixed buffers, with the step index kept on the device. So on CUDA it is captured once
 per sub-batch as a CUDA graph and replayed; the host only checks every ``stop_check_every`` steps whether
 every row has emitted EOS (the one sync). On the CPU the same step function runs eagerly, which is how
-the tests check that it produces the same tokens as :class:`stages.rollout.HFSampler`.
+the tests check that it produces the same tokens as :class:`stages.engines.hf.HFSampler`.
 
     sampler = StaticSampler(eos_id, pad_id, batch_size=256)          # decode="auto": graphs on CUDA
     ro = sampler.generate(model, prompts, temperature=1.0, max_new_tokens=256, seed=0)
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from ..rollout import Rollouts, Sampler, assemble, concat, draw_uniforms, left_pad, sample_tokens
+from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens
 
 log = logging.getLogger("stages")
 
@@ -41,10 +41,11 @@ class DecodeState:
 
 
 def decode_step(model, cache, s: DecodeState, prompt_len: int, temperature: float, greedy: bool,
-                eos_id: int, pad_id: int) -> None:
-    """Sample token ``t`` for every row, in place. No host sync, no data-dependent Python control flow."""
+                eos_id: int, pad_id: int, cache_kw: str = "cache") -> None:
+    """Sample token ``t`` for every row, in place. No host sync, no data-dependent Python control flow.
+    ``cache_kw``: the forward's name for the KV cache (:func:`stages.rollout.cache_kwarg`)."""
     B = s.tok.shape[0]
-    logits = model(input_ids=s.tok[:, None], attention_mask=s.attn, position_ids=s.pos[:, None], cache=cache,
+    logits = model(input_ids=s.tok[:, None], attention_mask=s.attn, position_ids=s.pos[:, None], **{cache_kw: cache},
                    use_cache=True).logits[:, -1]
     idx = s.t.expand(B).unsqueeze(1)
     tok, lp, ent = sample_tokens(logits, s.u.gather(1, idx).squeeze(1), temperature, greedy)
@@ -66,7 +67,7 @@ def _record(s: DecodeState, idx, tok, lp, ent, prompt_len, eos_id, pad_id) -> No
 
 class StaticSampler(Sampler):
     """Static-cache engine. ``decode``: ``auto`` (CUDA graphs on CUDA, eager elsewhere), ``cuda_graph``,
-    ``eager``. Same sampling semantics as :class:`stages.rollout.HFSampler` (shared uniforms, inverse CDF)."""
+    ``eager``. Same sampling semantics as :class:`stages.engines.hf.HFSampler` (shared uniforms, inverse CDF)."""
 
     def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256, decode: str = "auto",
                  stop_check_every: int = 16):
@@ -105,7 +106,8 @@ class StaticSampler(Sampler):
         was_training = model.training
         model.eval()
         cache = StaticCache(config=model.config, max_cache_len=P + N)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+        cache_kw = cache_kwarg(model)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{cache_kw: cache}, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         s = DecodeState(
             tok=torch.zeros(B, dtype=torch.long, device=device), pos=pos[:, -1] + 1, attn=attn,
@@ -117,7 +119,7 @@ class StaticSampler(Sampler):
         _record(s, idx, tok, lp, ent, P, self.eos_id, self.pad_id)
 
         def step():
-            decode_step(model, cache, s, P, temperature, greedy, self.eos_id, self.pad_id)
+            decode_step(model, cache, s, P, temperature, greedy, self.eos_id, self.pad_id, cache_kw)
 
         every = self.stop_check_every if mode == "cuda_graph" else 1
         t = 1
@@ -145,4 +147,4 @@ class StaticSampler(Sampler):
         model.train(was_training)
         live_cols = attn[:, P:].any(0)
         n = int(live_cols.nonzero().max()) + 1  # trailing steps where every row had finished: dropped
-        return assemble(ids, attn[:, : P + n], s.out_tok[:, :n], s.out_lp[:, :n], s.out_ent[:, :n])
+        return assemble(ids, attn[:, : P + n], s.out_tok[:, :n], s.out_lp[:, :n], s.out_ent[:, :n], temperature)

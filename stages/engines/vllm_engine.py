@@ -61,7 +61,7 @@ def _token_logprob(entry, token: int) -> float:
     return float(getattr(lp, "logprob", lp))
 
 
-def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: int) -> Rollouts:
+def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: int, temperature: float = 1.0) -> Rollouts:
     """vLLM ``RequestOutput`` list (same order as ``prompts``) -> :class:`Rollouts` in the native layout:
     prompts left-padded to P, completions right-padded to the longest, EOS included, log-probs of the
     sampled tokens from ``outputs[i].outputs[0].logprobs``."""
@@ -90,7 +90,7 @@ def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: 
             ids[i, P : P + len(c)] = torch.tensor(c)
             comp[i, P : P + len(c)] = 1
             logp[i, P : P + len(c)] = torch.tensor(lp)
-    return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P)
+    return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P, temperature)
 
 
 class VLLMSampler(Sampler):
@@ -114,14 +114,16 @@ class VLLMSampler(Sampler):
         return self._llms[key]
 
     def _push_weights(self, llm, model) -> None:
-        """Load the trainer's current weights into the engine (TRL colocate mode's path; see module docstring)."""
-        state = model.state_dict()
+        """Load the trainer's current weights into the engine (see module docstring)."""
+        state = list(model.state_dict().items())
         try:
+            # vLLM's in-place reload: runs the model's own post-load processing (the CPU build repacks
+            # linear weights after loading; a raw ``model.load_weights`` into a processed model fails with
+            # "'Parameter' object has no attribute 'weight_loader'")
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
+        except AttributeError:  # a vLLM without Worker.reload_weights: TRL colocate mode's path
             runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        except AttributeError:
-            llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(state.items()))
-        else:
-            runner_model.load_weights(state.items())
+            runner_model.load_weights(state)
         if hasattr(llm, "reset_prefix_cache"):
             llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
 
@@ -141,6 +143,4 @@ class VLLMSampler(Sampler):
         if self.opt.enable_sleep_mode:
             llm.sleep(level=1)
         device = next(model.parameters()).device
-        ro = outputs_to_rollouts(prompts, outputs, self.eos_id, self.pad_id)
-        return Rollouts(*(t.to(device) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)),
-                        ro.prompt_len)
+        return outputs_to_rollouts(prompts, outputs, self.eos_id, self.pad_id, temperature).to(device)
