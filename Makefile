@@ -53,8 +53,7 @@ demo: $(AIRFLOW_HOME)/.ready
 	@cat $(ROOT)/summary.md
 	@printf '\nArtifacts: $(ROOT)/<stage>/ (checkpoints, rollouts, metrics, manifest.json)\n'
 	@echo "Table:     $(ROOT)/summary.md"
-	@echo "MLflow:    $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  ->  http://127.0.0.1:5000"
-	@echo "Airflow:   make stack  ->  http://127.0.0.1:8080 (DAG sparse_to_dense)"
+	@echo "MLflow + Airflow: make stack  ->  MLflow http://127.0.0.1:5000 (these runs), Airflow http://127.0.0.1:8080"
 
 workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
@@ -63,8 +62,9 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 
+# one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve)
 stack: $(AIRFLOW_HOME)/.ready
-	infra/local-stack.sh
+	VENV=$(VENV) MLFLOW_BACKEND_STORE_URI=$(filter-out http%,$(MLFLOW_TRACKING_URI)) infra/local-stack.sh
 
 bench-paper: $(VENV)/.installed
 	$(VENV)/bin/python bench/paper_table.py --preset cpu --out bench/results
