@@ -4,6 +4,7 @@
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
 # make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
+# make image   -- build the CPU stage image with podman or docker (infra/build-images.sh; no registry needed)
 PY ?= python3
 VENV ?= .venv
 ROOT ?= runs/demo
@@ -29,6 +30,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	touch $@
 
 .PHONY: install demo workflow test stack bench-paper bench-speed clean
+.PHONY: image
 install: $(VENV)/.installed
 
 demo: $(AIRFLOW_HOME)/.ready
@@ -53,6 +55,9 @@ bench-paper: $(VENV)/.installed
 
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
+
+image:
+	infra/build-images.sh stages-cpu
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

@@ -112,8 +112,18 @@ build_stages() {
   pip_config
   local args=("${BUILD_ARGS[@]}" "${MOUNTS[@]}" --build-arg PYTHON_IMAGE="$base" --build-arg TORCH_VERSION="$TORCH_VERSION")
   [[ -n ${TORCH_INDEX:-} ]] && args+=(--build-arg TORCH_INDEX="$TORCH_INDEX")
-  log "building $IMAGE on $base"
-  engine build "${args[@]}" -t "$IMAGE" -f docker/stages-cpu.Dockerfile . >&2
+  # podman's layer cache makes an unchanged rebuild skip every step, but checking the cache and
+  # cleaning up its working containers still takes minutes for a 2 GB image: an image whose label
+  # records the same inputs (the files the Dockerfile copies, build args, base image) is kept as is
+  local digest; digest=$( (engine image inspect --format '{{.Id}}' "$base"; printf '%s\n' "${args[@]}";
+    find docker/stages-cpu.Dockerfile pyproject.toml README.md constraints.txt stages infra/accelerate -type f \
+      ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum) | sha256sum | cut -c1-32)
+  if [[ $(engine image inspect --format '{{index .Labels "s2d.inputs"}}' "$IMAGE" 2>/dev/null) == "$digest" ]]; then
+    log "$IMAGE is up to date (inputs $digest)"
+  else
+    log "building $IMAGE on $base"
+    engine build "${args[@]}" --label s2d.inputs="$digest" -t "$IMAGE" -f docker/stages-cpu.Dockerfile . >&2
+  fi
   engine image inspect --format '{{.Id}}' "$IMAGE"
 }
 
