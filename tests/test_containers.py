@@ -99,7 +99,7 @@ def test_image_contract(image, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, 10001, 10001)
-    sets = [a for o in TEST_OVERRIDES + ["workflow.stages=[teacher_rl]", "workflow.baseline=false"] for a in ("--set", o)]
+    sets = [a for o in TEST_OVERRIDES + ["workflow.stages=[teacher_rl]", "workflow.baseline=false", "teacher_rl.steps=2"] for a in ("--set", o)]
     run = podman("run", "--rm", "--network", "none", "-e", "HF_HUB_OFFLINE=1", "-v", f"{out}:/out", image,
                  "workflow", "--config", "tiny", "--root", "/out/run", *sets, timeout=900)
     for stage in ("bootstrap", "teacher_rl"):
