@@ -4,6 +4,7 @@
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
 # make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
+# make image   -- build the CPU stage image with podman or docker (infra/build-images.sh; no registry needed)
 PY ?= python3
 VENV ?= .venv
 ROOT ?= runs/demo
@@ -43,7 +44,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels clean
+.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -80,6 +81,9 @@ gpu-wheels: $(VENV)/.installed
 	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -w .whl deepspeed==0.19.8
+
+image:
+	infra/build-images.sh stages-cpu
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

@@ -333,30 +333,96 @@ def untemplated(cls: type, *fields: str) -> type:
 
 
 def docker_operator(task_id: str, stage: str, arguments: str, **kw):
-    """DockerOperator running the stage image; GPUs through device requests, secrets through
-    ``private_environment`` (never rendered or logged)."""
-    from airflow.providers.docker.operators.docker import DockerOperator
+    """DockerOperator running the stage image through the Docker API (Docker Engine, or podman's
+    Docker-compatible service: ``docker_url``). GPUs through device requests; credentials as
+    read-only files (see :func:`secret_files`), so they appear in no container spec, log or XCom."""
     from docker.types import DeviceRequest
 
     n = gpu_count(stage)
-    return untemplated(DockerOperator, "environment")(
+    return stage_container_operator()(
         task_id=task_id,
         image=setting("image", DEFAULT_IMAGE),
         # the image's ENTRYPOINT is ENTRYPOINT (docker/*.Dockerfile, tested); this is <args>, rendered
         # to a list (the DAG renders templates as native objects)
         command=arguments,
         environment={**plain_env(), **stage_env(stage)},
-        private_environment={k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ},
         device_requests=[DeviceRequest(count=n, capabilities=[["gpu"]])] if n else None,
         docker_url=setting("docker_url", "unix://var/run/docker.sock"),
+        # "host" when S3 / MLflow listen on the worker's localhost (tests, a single machine)
         network_mode=setting("docker_network", "bridge"),
         shm_size=16 << 30,
-        auto_remove="success",
+        # "never" keeps finished containers for `docker ps -a` / inspect (labels s2d.*)
+        auto_remove=setting("docker_auto_remove", "success"),
+        labels={"s2d.stage": stage},
         mount_tmp_dir=False,
         do_xcom_push=True,
         skip_on_exit_code=NOT_PLANNED,
         **kw,
     )
+
+
+SECRETS_DIR = "/run/secrets/s2d"
+
+
+def secret_files(secrets: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Credentials as files the stage's libraries read themselves: ``{container path: content}`` and
+    the environment that points at them (paths only). A container's environment is part of its spec
+    (``docker inspect`` shows it, whatever the operator calls it); a mounted file's content is not.
+    ``MLFLOW_TRACKING_TOKEN`` has no file form in MLflow: it stays in the environment."""
+    files, env = {}, {}
+    aws = [("aws_access_key_id", "AWS_ACCESS_KEY_ID"), ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+           ("aws_session_token", "AWS_SESSION_TOKEN")]
+    if any(v in secrets for _, v in aws):
+        files[f"{SECRETS_DIR}/aws-credentials"] = "[default]\n" + "".join(f"{k} = {secrets[v]}\n" for k, v in aws if v in secrets)
+        env["AWS_SHARED_CREDENTIALS_FILE"] = f"{SECRETS_DIR}/aws-credentials"
+    if "MLFLOW_TRACKING_PASSWORD" in secrets:  # MLflow reads ~/.mlflow/credentials (the image's HOME)
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        files["/home/s2d/.mlflow/credentials"] = (f"[mlflow]\nmlflow_tracking_username = {user}\n"
+                                                  f"mlflow_tracking_password = {secrets['MLFLOW_TRACKING_PASSWORD']}\n")
+    if "HF_TOKEN" in secrets:
+        files[f"{SECRETS_DIR}/hf-token"] = secrets["HF_TOKEN"]
+        env["HF_TOKEN_PATH"] = f"{SECRETS_DIR}/hf-token"
+    return files, env
+
+
+@functools.cache
+def stage_container_operator() -> type:
+    """DockerOperator that hands the worker's credentials (environment :data:`CREDENTIAL_VARS`, else
+    the ``s2d_s3`` connection) to the container: as read-only bind-mounted files written for the
+    task's duration (setting ``docker_secrets=file``, the default: the engine must see the worker's
+    temp folder, true for a local engine), or as its private environment (``env``: remote engines)."""
+    import tempfile
+    from pathlib import Path
+
+    from airflow.providers.docker.operators.docker import DockerOperator
+    from docker.types import Mount
+
+    class StageContainerOperator(untemplated(DockerOperator, "environment")):
+        def execute(self, context):
+            secrets = {k: os.environ[k] for k in CREDENTIAL_VARS if k in os.environ} or {
+                k: v for k, v in connection_env().items() if k in CREDENTIAL_VARS}
+            ti = context["ti"]
+            self.labels = {**(self.labels or {}), "s2d.dag_id": ti.dag_id, "s2d.run_id": ti.run_id,
+                           "s2d.try_number": str(ti.try_number)}
+            if setting("docker_secrets", "file") == "env":
+                self._private_environment = secrets
+                return super().execute(context)
+            files, env = secret_files(secrets)
+            token = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
+            self._private_environment, base_env, base_mounts = token, dict(self.environment), list(self.mounts)
+            with tempfile.TemporaryDirectory(prefix="s2d-secrets-") as d:  # 0700: other users of the host cannot read
+                for i, (target, content) in enumerate(files.items()):
+                    src = Path(d) / str(i)
+                    src.write_text(content)
+                    src.chmod(0o644)  # the container's user (uid 10001) reads it through the bind mount
+                    self.mounts.append(Mount(target=target, source=str(src), type="bind", read_only=True))
+                self.environment.update(env)
+                try:
+                    return super().execute(context)
+                finally:
+                    self.environment, self.mounts = base_env, base_mounts
+
+    return StageContainerOperator
 
 
 def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
@@ -405,7 +471,8 @@ def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
     )
 
 
-RETRY = {"retries": 2, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": True,
+# retry_delay_s: a setting so that tests (and impatient operators) need not wait a minute per retry
+RETRY = {"retries": 2, "retry_delay": timedelta(seconds=float(setting("retry_delay_s", "60"))), "retry_exponential_backoff": True,
          "max_retry_delay": timedelta(minutes=30)}
 
 
