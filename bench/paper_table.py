@@ -1,24 +1,35 @@
-"""The paper's table in miniature: every arm of the sparse-to-dense ablation, several seeds.
+"""The paper's table in miniature: every arm of the sparse-to-dense ablation, 5 seeds, tuned fairly.
 
-    python bench/paper_table.py --preset cpu                 # <= 30 min on 2 CPU cores
-    python bench/paper_table.py --preset gpu                 # one GPU (bigger models and batches)
-    python bench/paper_table.py --preset cpu --seeds 0 1 2 --root runs/bench-paper --out bench/results
+    python bench/paper_table.py --preset cpu                 # ~30 min on 2 quiet CPU cores (5 seeds)
+    python bench/paper_table.py --preset cpu --digits 2 3 4 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
+    python bench/paper_table.py --preset stages/configs/tiny.yaml --select-only  # learning rates for a preset
+    python bench/paper_table.py --preset gpu --workers 1     # one GPU (bigger models and batches)
 
-Arms (equal student update steps; the labeled examples each arm consumed are in the table):
+Selection (never on eval): on the first seed, the 2a/2b learning rate (one value for both) is swept on the
+full arm, then stage 3's learning rate on the full arm at the chosen 2a/2b rate, and direct GRPO sweeps its
+own (``--lrs``, ``--distill-lrs``); each is chosen by avg@k on the task's ``validation`` split. Every arm of
+every seed then runs at the chosen values (the arms share the stages, so they share the stages' rates).
 
-    full                stage 1 teacher -> 2a warmup -> 2b on-policy distill (sampled-token) -> 3 student GRPO
-    full, 2b full-vocab the same with the full-vocabulary reverse-KL form of 2b
+Arms, equal student update steps (the labeled examples and teacher tokens each consumed are in the table):
+
+    full                stage 1 teacher -> 2a warmup -> 2b on-policy distill (the preset's form) -> 3 student GRPO
+    full, 2b <other>    the same with the other 2b form (sampled-token vs full-vocabulary reverse KL)
     raw teacher         no stage 1: 2a/2b use the base teacher               (paper: -7.8 MATH)
     no warmup           no 2a: its steps go to 2b                            (paper: -1.7)
     no on-policy 2b     no 2b: its steps go to 2a                            (paper: -3.3)
     warmup only         control: 2a for the whole student budget, no RL, no on-policy data
-    teacher-sample SFT  control: sequence-level fine-tuning on teacher samples for the whole budget
-    direct GRPO         the baseline, learning-rate sweep on seed 0; the best is run on every seed
+    direct GRPO         the baseline, at its own chosen learning rate
+
+and at equal teacher tokens (about the full arm's: a 2a step has the teacher generate and score, about two
+2b steps' worth): "no 2b" and "warmup only" with w + d/2 warmup steps. Per seed, every arm is compared with
+the full arm of the same seed (paired differences, 95% t-interval over seeds).
 
 The base models (the bootstrap: the stand-in for pretraining) are shared by all seeds, like a
 pretrained checkpoint; stage 1 and everything after run once per seed. Every stage is the real
-stage code (``stages.workflow.run_stage``); artifacts land under ``--root`` and a rerun skips what
-is published. Results: ``<out>/paper_table_<preset>.{md,png,json}`` and one MLflow run.
+stage code (``stages.workflow.run_stage``); every process uses one torch thread (bench/determinism.py:
+the thread count changes the float results); artifacts land under ``--root`` and a rerun skips what is
+published. Results: ``<out>/paper_table_<preset>.{md,png,json}`` (``mechanism_*``, ``selection_*``) and
+one MLflow run.
 """
 
 from __future__ import annotations
@@ -183,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--digits", type=int, nargs="+", default=None,
                    help="the mechanism instead of the table: full vs no-2b vs warmup-only at equal teacher tokens, "
                         "for tasks of this many digits (longer traces), at the preset's learning rates")
+    p.add_argument("--select-only", action="store_true",
+                   help="only the learning-rate selection (first seed): the values to put in a preset, e.g. "
+                        "--preset stages/configs/tiny.yaml for the demo")
     p.add_argument("--root", default=None, help="artifact root (default runs/bench-paper-<preset>)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--workers", type=int, default=2, help="arms run side by side in this many processes")
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     try:
         if args.digits:
-            result = {"mechanism": [], "seeds": args.seeds}
+            result, seeds = {"mechanism": [], "seeds": args.seeds}, args.seeds
             for d in args.digits:
                 ov = overrides + [f"task.min_digits={min(2, d)}", f"task.max_digits={d}",
                                   f"sampling.max_new_tokens={10 * d + 10}"]
@@ -214,12 +228,13 @@ def main(argv=None) -> int:
                 result["mechanism"].append({"digits": d} | r)
             stem_name = f"mechanism_{cfg0.name}"
         else:
-            result = run_table(base, overrides, args.seeds, root, pool,
-                               sweep={"rl": args.lrs, "distill": args.distill_lrs}, only=None)
-            stem_name = f"paper_table_{cfg0.name}"
+            seeds = args.seeds[:1] if args.select_only else args.seeds
+            result = run_table(base, overrides, seeds, root, pool, sweep={"rl": args.lrs, "distill": args.distill_lrs},
+                               only=("full", "direct GRPO") if args.select_only else None)  # those rows come from the sweep
+            stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
     finally:
         pool.shutdown()
-    result |= {"preset": cfg0.name, "config": base, "overrides": args.overrides, "seeds": args.seeds,
+    result |= {"preset": cfg0.name, "config": base, "overrides": args.overrides, "seeds": result["seeds"] if args.digits else seeds,
                "wall_s": time.perf_counter() - t_start, "machine": machine(), "command": command,
                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     out_dir = Path(args.out)

@@ -113,3 +113,19 @@ def test_bad_preset_or_override_is_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", "--set", "kl_warmup.stepz=3",
                            "--root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_mechanism_mode_measures_the_2b_gain_per_digit_count(tmp_path):
+    """--digits: full vs no-2b vs warmup-only at equal teacher tokens, one task per digit count (test-sized)."""
+    sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16"] for a in ("--set", o)]
+    proc = run_bench("--preset", "cpu", "--digits", "1", "2", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "out"), "--workers", "2", *sets)
+    assert proc.returncode == 0
+    result = json.loads((tmp_path / "out" / "mechanism_paper-cpu.json").read_text())
+    assert [m["digits"] for m in result["mechanism"]] == [1, 2]
+    bench = load("paper_table")
+    for m in result["mechanism"]:
+        assert {r["arm"] for r in m["rows"]} == set(bench.MECHANISM_ARMS) | {"base student (no training)"}
+    # longer traces really are longer: the 2-digit task's completions outgrow the 1-digit task's
+    md = (tmp_path / "out" / "mechanism_paper-cpu.md").read_text()
+    assert "| 1 |" in md and "| 2 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000
