@@ -43,6 +43,7 @@ workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 
 stack: $(AIRFLOW_HOME)/.ready

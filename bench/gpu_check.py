@@ -166,7 +166,7 @@ def _batch(B, T, vocab, device) -> Rollouts:
     comp = ones.clone()
     comp[:, :1] = 0
     z = torch.zeros(B, T, device=device)
-    return Rollouts(ids, ones, comp, z, z, 1)
+    return Rollouts(ids, ones, comp, z, z, 1, 1.0)
 
 
 def flops_per_token(shape: str, T: int) -> float:
@@ -190,7 +190,7 @@ def train_step_bench(shape, B, T, device, ours: bool, checkpointing: bool, steps
 
     def step():
         if ours:
-            lp = token_logprobs(model, batch, 1.0, chunk)
+            lp = token_logprobs(model, batch, chunk)
             m = batch.completion.to(lp.dtype)
             loss = -(lp * m).sum() / m.sum()
         else:

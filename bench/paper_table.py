@@ -169,15 +169,15 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
 def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri: str, validate: bool = False):
     """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)
     and, with ``validate``, (c2, the model's avg@k on the validation split); else (c2, None)."""
-    from stages.evaluation import evaluate, student_teacher_kl
     from stages.runtime import StageRun
+    from stages.scoring import score, student_teacher_kl
 
     cfg = load_config(base, overrides)
     run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
     try:
         t, s, tok = run.load_teacher_student(teacher, student_uri)
-        c2 = student_teacher_kl(run, s, t, tok, run.task.problems("prompts"), label="c2-final")
-        val = evaluate(run, s, tok, run.task.problems("validation"))[f"avg@{cfg.eval.samples}"] if validate else None
+        c2 = student_teacher_kl(run.rollouts, s, t, tok, run.task.problems("prompts"), label="c2-final")
+        val = score(run.rollouts, s, tok, run.task.problems("validation"))[f"avg@{cfg.eval.samples}"] if validate else None
         return c2, val
     finally:
         shutil.rmtree(run.work, ignore_errors=True)

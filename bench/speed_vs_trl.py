@@ -76,8 +76,9 @@ import torch  # noqa: E402
 
 from stages import grpo, onpolicy_distill  # noqa: E402
 from stages.config import Config, load_config  # noqa: E402
+from stages.engines.hf import HFSampler  # noqa: E402
 from stages.models import char_tokenizer, save, tiny_qwen3  # noqa: E402
-from stages.rollout import HFSampler, Rollouts, Sampler  # noqa: E402
+from stages.rollout import Rollouts, Sampler  # noqa: E402
 from stages.runtime import StageRun, seed_for  # noqa: E402
 from stages.tasks import Problem  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
@@ -257,7 +258,7 @@ def _ours(w: Workload, stage: str, steps: int, overrides: list[str], call) -> li
     cfg = load_config("tiny", w.overrides + overrides)
     root = tempfile.mkdtemp(prefix="s2d-bench-ours-", dir=w.tmp)
     run = StageRun(stage, cfg, root, inputs={"teacher": w.teacher_path, "student": w.student_path})
-    sampler = run.sampler = TimedSampler(make_engine(cfg, w.tok.pad_token_id))  # load_model keeps a set sampler
+    sampler = run.rollouts.sampler = TimedSampler(make_engine(cfg, w.tok.pad_token_id))  # kept once set
     clock = run.tracker = StepEndClock(cfg.tracking)
     call(run, steps)
     hist = [json.loads(line) for line in (Path(root) / stage / "metrics.jsonl").read_text().splitlines()]

@@ -20,9 +20,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, get_current_context, task
-
 import s2d_runners as r
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 DAG_ID = "sparse_to_dense"
 RUNNER = r.setting("runner", "local")

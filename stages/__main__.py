@@ -22,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+from .registry import STAGES
+
 NOT_PLANNED = 99
-COMMANDS = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "evaluate",
-            "workflow", "validate", "plan", "report")
+COMMANDS = (*STAGES, "workflow", "validate", "plan", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default="tiny", help="preset name (stages/configs/) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set teacher_rl.steps=10 (repeatable)")
-    p.add_argument("--root", default=os.environ.get("S2D_ARTIFACT_ROOT", "runs/default"),
-                   help="artifact root: local folder or s3://bucket/prefix (env S2D_ARTIFACT_ROOT)")
+    p.add_argument("--root", default=None,
+                   help="this run's artifact root: local folder or s3://bucket/prefix "
+                        "(default: <S2D_ARTIFACT_ROOT>/default; S2D_ARTIFACT_ROOT is the base folder all runs live "
+                        "under, as for the DAG: default 'runs')")
     p.add_argument("--teacher", help="teacher checkpoint URI (default: from the config)")
     p.add_argument("--student", help="student checkpoint URI (default: from the config)")
     p.add_argument("--model", help="checkpoint to evaluate (evaluate)")
@@ -49,10 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_input(uri: str, what: str) -> None:
     """Fail before any model loads when a local input is missing or unfinished."""
-    from .artifacts import find_manifest
-    from .runtime import _is_hub_id
+    from .artifacts import find_manifest, uri_kind
 
-    if "://" in uri and not uri.startswith("file://") or _is_hub_id(uri):
+    if uri_kind(uri) != "local":
         return
     path = Path(uri.removeprefix("file://"))
     if not path.exists():
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
 
     from . import workflow
 
-    root = args.root.rstrip("/")
+    root = (args.root or f"{os.environ.get('S2D_ARTIFACT_ROOT', 'runs').rstrip('/')}/default").rstrip("/")
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
@@ -135,19 +137,11 @@ def main(argv=None) -> int:
         return 0
 
     cmd = args.command
-    if args.if_planned and cmd != "evaluate" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
+    if args.if_planned and STAGES[cmd].kind != "tool" and cmd not in {s["stage"] for s in workflow.plan(cfg, root)}:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
-    if cmd == "evaluate":
-        inputs = {"model": args.model or workflow.final_models(workflow.plan(cfg, root), cfg, root)["final_student"]}
-    else:
-        planned = {s["stage"]: s["inputs"] for s in workflow.plan(cfg, root)}
-        base = {"teacher": workflow.base_uri(cfg, root, "teacher"), "student": workflow.base_uri(cfg, root, "student")}
-        base["base_student"] = base["student"]
-        inputs = planned.get(cmd) or {k: base[role] for k, role in workflow.ROLES[cmd].items()}
-        explicit = {"teacher": args.teacher, "student": args.student,
-                    "policy": args.teacher if cmd == "teacher_rl" else args.student}
-        inputs = {k: explicit.get(k) or v for k, v in inputs.items()}
+    explicit = {"teacher": args.teacher, "student": args.student, "base_student": args.student, "final_student": args.model}
+    inputs = workflow.stage_inputs(cfg, root, cmd, explicit)
     for what, uri in inputs.items():
         check_input(uri, what)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd

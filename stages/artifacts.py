@@ -35,6 +35,20 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def uri_kind(uri: str) -> str:
+    """What a checkpoint or artifact URI names: ``s3`` (``s3://bucket/key``), ``local`` (a path or
+    ``file://``), ``hub`` (a Hugging Face hub id ``org/name`` that is not a local path), or ``unsupported``."""
+    if uri.startswith("s3://"):
+        return "s3"
+    if uri.startswith("file://"):
+        return "local"
+    if "://" in uri:
+        return "unsupported"
+    if not Path(uri).exists() and uri.count("/") == 1 and not uri.startswith((".", "/")):
+        return "hub"
+    return "local"
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
@@ -197,7 +211,7 @@ def store_for(uri: str) -> Store:
         if endpoint not in _S3:
             _S3[endpoint] = S3Store(multipart_mb=int(os.environ.get("S2D_S3_MULTIPART_MB", "64")))
         return _S3[endpoint]
-    if "://" in uri and not uri.startswith("file://"):
+    if uri_kind(uri) == "unsupported":
         raise ArtifactError(f"unsupported artifact URI scheme: {uri} (use a local path, file:// or s3://)")
     return LocalStore()
 

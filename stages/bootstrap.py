@@ -4,19 +4,45 @@ Both are random-init Qwen3-architecture models trained briefly on worked arithme
 fraction of them corrupted (``bootstrap.noise``), so they start like pretrained models do: able to
 solve many problems, not reliably. The teacher is bigger and trained longer than the student.
 
+Everything downstream presumes the teacher is the better model (C1: stage 1 sharpens it, stages 2a/2b
+move the student towards it), so the stage checks that the teacher beats the student on the
+``validation`` split and fails, publishing nothing, when it does not.
+
     python -m stages bootstrap --config tiny --root runs/demo
 """
 
 from __future__ import annotations
 
+import logging
 import random
 
-from .evaluation import evaluate
 from .losses import sft_loss
 from .models import char_tokenizer, tiny_qwen3
 from .rollout import token_logprobs
-from .runtime import StageRun, Trainer, seed_for, teacher_forced
+from .runtime import StageRun, seed_for, teacher_forced
+from .scoring import score
 from .tasks import ArithmeticTask
+
+log = logging.getLogger(__name__)
+
+
+class TeacherNotBetter(RuntimeError):
+    """The bootstrapped teacher does not beat the bootstrapped student on the validation split."""
+
+
+def check_teacher_beats_student(teacher: dict, student: dict, k: int) -> None:
+    """Fail unless the teacher's validation avg@k is above the student's. Two models that solve nothing
+    (test-sized bootstraps of a few steps) carry no ordering to check: a warning, not a failure."""
+    t, s = teacher[f"avg@{k}"], student[f"avg@{k}"]
+    if t > s:
+        return
+    if t == s == 0:
+        log.warning("bootstrap: neither base model solves a validation problem; the teacher-beats-student check is vacuous")
+        return
+    raise TeacherNotBetter(
+        f"bootstrap: the teacher (validation avg@{k} {t:.3f}) does not beat the student ({s:.3f}); the workflow would "
+        "distill from a worse model. Train the teacher longer or better (bootstrap.teacher_steps, bootstrap.teacher_optim.lr) "
+        "or the student less (bootstrap.student_steps), or use another seed")
 
 
 def run(run: StageRun) -> dict:
@@ -25,35 +51,34 @@ def run(run: StageRun) -> dict:
         raise ValueError("bootstrap makes tiny models for the built-in arithmetic task only; "
                          "other tasks start from real checkpoints (models.*.source)")
     tok = char_tokenizer()
-    from .rollout import HFSampler
-
-    run.sampler = HFSampler(tok.eos_token_id, tok.pad_token_id, cfg.sampling.batch_size)
     data = run.task.problems("bootstrap")
-    eval_set = run.task.problems("eval")
-    run.start_tracking()
-    run.log_dataset("bootstrap", data)
-    out, metrics = {}, {}
-    with run.tracker.running():
+    eval_set, val_set = run.task.problems("eval"), run.task.problems("validation")
+    out, metrics, val = {}, {}, {}
+    with run.tracking(datasets={"bootstrap": data}):
         plan = (("teacher", b.teacher_steps, b.teacher_optim, b.batch_size),
                 ("student", b.student_steps, b.student_optim, b.student_batch_size or b.batch_size))
         for role, steps, optim, batch_size in plan:
             spec = getattr(cfg.models, role)
             model = tiny_qwen3(spec.arch, tok, seed_for(cfg.seed, "init", role)).to(cfg.device)
-            trainer = Trainer(run, role, model, optim, steps, metric_prefix=f"{role}/")
-            trainer.restore()
+            trainer = run.trainer(role, model, optim, steps, metric_prefix=f"{role}/")
 
             def step_fn(step: int, role=role, model=model, trainer=trainer, batch_size=batch_size) -> dict:
                 batch = run.batch_of(data, batch_size, step, salt=role)
                 rng = random.Random(seed_for(cfg.seed, "noise", role, step))
                 texts = [run.task.solution(p, rng, b.noise) for p in batch]
-                tf = teacher_forced(tok, run.encode(tok, batch), texts)
-                loss = sft_loss(token_logprobs(model, tf, 1.0, cfg.logprob_chunk), tf.completion)
+                tf = teacher_forced(tok, run.rollouts.encode(tok, batch), texts)
+                loss = sft_loss(token_logprobs(model, tf, cfg.logprob_chunk), tf.completion)
                 return {"loss": float(loss.detach()), "grad_norm": trainer.update(loss)}
 
             trainer.fit(step_fn)
             out[role] = model
             n_params = sum(p.numel() for p in model.parameters())
-            metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in evaluate(run, model, tok, eval_set).items()}
-        run.metrics = metrics
-        run.extra = {"labeled_examples": 0, "student_steps": 0}
-        return run.publish(out, tok)
+            metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in score(run.rollouts, model, tok, eval_set).items()}
+            if val_set:
+                val[role] = score(run.rollouts, model, tok, val_set)
+                metrics |= {f"{role}.validation.{k}": v for k, v in val[role].items()}
+        if val_set:
+            check_teacher_beats_student(val["teacher"], val["student"], cfg.eval.samples)
+        else:
+            log.warning("bootstrap: no validation split (task.sizes.validation): the teacher-beats-student check is skipped")
+        return run.publish(out, tok, metrics=metrics, extra={"labeled_examples": 0, "student_steps": 0})

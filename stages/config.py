@@ -15,8 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .registry import STAGES, WORKFLOW
+
 PRESETS = Path(__file__).parent / "configs"
-STAGES = ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl")
 
 
 class ConfigError(ValueError):
@@ -204,7 +205,7 @@ class Tracking(Strict):
 
 
 class Workflow(Strict):
-    stages: list[Literal["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]] = list(STAGES)
+    stages: list[Literal[WORKFLOW]] = list(WORKFLOW)
     baseline: bool = True
 
 
@@ -232,9 +233,12 @@ class Config(Strict):
 
     def student_step_budget(self) -> int:
         """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""
-        budget = {"kl_warmup": self.kl_warmup.steps, "onpolicy_distill": self.onpolicy_distill.steps,
-                  "student_rl": self.student_rl.steps or 0}
-        return sum(v for k, v in budget.items() if k in self.workflow.stages)
+        return sum(getattr(self, n).steps or 0 for n in self.workflow.stages if STAGES[n].trains == "student")
+
+    def steps(self, stage: str) -> int:
+        """A stage's update steps; ``steps: null`` (the baseline's default) means the workflow's student budget."""
+        steps = getattr(self, stage).steps
+        return self.student_step_budget() if steps is None else steps
 
     def stage_hash(self, stage: str, inputs: dict[str, str]) -> str:
         """Hash of what determines a stage's outputs: shared settings, its own section, its inputs."""
@@ -242,8 +246,8 @@ class Config(Strict):
         shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"},
                                  exclude={"sampling": {"decode", "stop_check_every", "vllm"}})
         own = getattr(self, stage).model_dump() if hasattr(self, stage) else {}
-        if stage == "direct_grpo" and own.get("steps") is None:
-            own["steps"] = self.student_step_budget()
+        if "steps" in own and stage != "bootstrap":
+            own["steps"] = self.steps(stage)
         if stage == "bootstrap":
             own = {"bootstrap": own, "models": self.models.model_dump()}
         blob = json.dumps({"stage": stage, "shared": shared, "own": own, "inputs": inputs}, sort_keys=True)

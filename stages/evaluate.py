@@ -5,17 +5,13 @@
 
 from __future__ import annotations
 
-from .evaluation import evaluate
 from .runtime import StageRun
+from .scoring import score
 
 
 def run(run: StageRun, model_uri: str) -> dict:
     model, tok = run.load_model(model_uri, "student")
-    run.start_tracking()
     eval_set = run.task.problems("eval")
-    run.log_dataset("eval", eval_set, context="evaluation")
-    with run.tracker.running():
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, model, tok, eval_set).items()}
-        run.tracker.metrics(run.metrics)
-        run.extra = {"labeled_examples": 0, "student_steps": 0}
-        return run.publish({}, tok)
+    with run.tracking(datasets={"eval": eval_set}, context="evaluation"):
+        metrics = {f"eval.{k}": v for k, v in score(run.rollouts, model, tok, eval_set).items()}
+        return run.publish({}, tok, metrics=metrics, extra={"labeled_examples": 0, "student_steps": 0})

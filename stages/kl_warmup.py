@@ -19,50 +19,45 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, forward_kl, sft_loss
-from .rollout import hidden_states, map_positions, token_logprobs
+from .rollout import token_logprobs, vocab_kl
 from .runtime import StageRun, decode
+from .scoring import score, student_teacher_kl
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, w = run.cfg, run.cfg.kl_warmup
     teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
     prompts = run.task.problems("prompts")
-    trainer = run.trainer("student", student, w.optim, w.steps, {"prompts": prompts})
-    if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
-        trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
-    T = cfg.sampling.temperature
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    trainer = run.trainer("student", student, w.optim, w.steps)  # restored from its last saved state, if any
+
+    def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
+        return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
 
     def step_fn(step: int) -> dict:
         batch = run.batch_of(prompts, w.prompts_per_step, step)
         t0 = time.perf_counter()
-        ro = run.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
+        ro = run.rollouts.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
         if w.form == "seq_sft":
-            loss = sft_loss(token_logprobs(student, ro, T, cfg.logprob_chunk), ro.completion)
+            loss = sft_loss(token_logprobs(student, ro, cfg.logprob_chunk), ro.completion)
         else:
-            with torch.no_grad():
-                ht = hidden_states(teacher, ro)[:, :-1]
-            hs = hidden_states(student, ro)[:, :-1]
-            kl = map_positions(lambda a, b: forward_kl(s_head(a) / T, t_head(b) / T), cfg.logprob_chunk, hs, ht)
+            kl, _ = vocab_kl(forward_kl, student, teacher, ro, cfg.logprob_chunk)
             loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
         out = {"loss": float(loss.detach()), ("forward_kl" if w.form == "token_kl" else "teacher_nll"): float(loss.detach()), "grad_norm": norm,
                "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
         if (step + 1) % w.c2_every == 0:
-            out["c2"] = student_teacher_kl(run, student, teacher, tok, prompts, label=f"c2-{step}")
+            out["c2"] = c2(f"c2-{step}")
             out["stop"] = w.c2_target is not None and out["c2"] < w.c2_target
         return out
 
-    with run.tracker.running():
+    with run.tracking(trainer, {"prompts": prompts}):
+        if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
+            trainer.state["c2_before"] = c2()
         history = trainer.fit(step_fn)
-        c2_after = student_teacher_kl(run, student, teacher, tok, prompts)
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval")).items()}
-        run.metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2_after}
-        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
-                     "stopped_early": trainer.step < w.steps}
-        return run.publish({"model": student}, tok, history=history)
+        metrics = {f"eval.{k}": v for k, v in score(run.rollouts, student, tok, run.task.problems("eval")).items()}
+        metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
+        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
+                 "stopped_early": trainer.step < w.steps}
+        return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)

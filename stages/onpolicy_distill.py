@@ -19,44 +19,41 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .evaluation import evaluate, student_teacher_kl
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
-from .rollout import chosen_logprobs, hidden_states, map_positions, token_logprobs
+from .rollout import chosen_logprobs, token_logprobs, vocab_kl
 from .runtime import StageRun, decode
+from .scoring import score, student_teacher_kl
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, d = run.cfg, run.cfg.onpolicy_distill
     teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
     prompts = run.task.problems("prompts")
-    trainer = run.trainer("student", student, d.optim, d.steps, {"prompts": prompts})
-    if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
-        trainer.state["c2_before"] = student_teacher_kl(run, student, teacher, tok, prompts)
-    T, chunk = cfg.sampling.temperature, cfg.logprob_chunk
+    trainer = run.trainer("student", student, d.optim, d.steps)  # restored from its last saved state, if any
+    chunk = cfg.logprob_chunk
+
+    def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
+        return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
 
     def step_fn(step: int) -> dict:
         batch = run.batch_of(prompts, d.prompts_per_step, step)
         t0 = time.perf_counter()
-        ro = run.sample(student, tok, batch, step)
+        ro = run.rollouts.sample(student, tok, batch, step)
         mask = ro.completion
         if d.form == "sampled":
             with torch.no_grad():
-                t_lp = token_logprobs(teacher, ro, T, chunk)
+                t_lp = token_logprobs(teacher, ro, chunk)
             adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
-            logp = token_logprobs(student, ro, T, chunk)
+            logp = token_logprobs(student, ro, chunk)
             loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
                                       max_len=cfg.sampling.max_new_tokens)
         else:
-            # One teacher forward serves both the loss and the metrics below, and the output heads and the
-            # KL run on completion positions only (P-1 .. L-2 predict tokens P .. L-1): prompt positions are
-            # masked out of every aggregation anyway. Same loss and gradients, less work.
+            # The KL runs on completion positions only (P-1 .. L-2 predict tokens P .. L-1): prompt positions
+            # are masked out of every aggregation anyway. The teacher's hidden states of that one forward
+            # also give its log-probs for the metrics below.
             P = ro.prompt_len
-            s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-            with torch.no_grad():
-                ht = hidden_states(teacher, ro)[:, P - 1 : -1]
-                t_lp = F.pad(chosen_logprobs(t_head, ht, ro.input_ids[:, P:], T, chunk), (P, 0))
-            hs = hidden_states(student, ro)[:, P - 1 : -1]
-            kl = map_positions(lambda a, b: reverse_kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht)
+            kl, ht = vocab_kl(reverse_kl, student, teacher, ro, chunk, start=P)
+            t_lp = F.pad(chosen_logprobs(teacher.get_output_embeddings(), ht, ro.input_ids[:, P:], ro.temperature, chunk), (P, 0))
             loss, stats = aggregate(kl, mask[:, P:], d.aggregation, cfg.sampling.max_new_tokens), {}
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
@@ -73,11 +70,11 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
             **stats,
         }
 
-    with run.tracker.running():
+    with run.tracking(trainer, {"prompts": prompts}):
+        if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
+            trainer.state["c2_before"] = c2()
         history = trainer.fit(step_fn)
-        run.metrics = {f"eval.{k}": v for k, v in evaluate(run, student, tok, run.task.problems("eval")).items()}
-        run.metrics |= {"c2_before": trainer.state["c2_before"],
-                        "c2_after": student_teacher_kl(run, student, teacher, tok, prompts)}
-        run.extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
-        return run.publish({"model": student}, tok, history=history)
-
+        metrics = {f"eval.{k}": v for k, v in score(run.rollouts, student, tok, run.task.problems("eval")).items()}
+        metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
+        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
+        return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)

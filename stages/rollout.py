@@ -1,4 +1,5 @@
-"""Rollouts: a batched KV-cache sampler, and chosen-token log-probs computed chunk by chunk.
+"""Rollouts: the batch layout every engine returns, the shared sampling rule, and log-probs / KLs
+computed chunk by chunk over positions.
 
 Layout of a :class:`Rollouts` batch (``P`` = longest prompt, ``N`` = longest completion)::
 
@@ -7,10 +8,10 @@ Layout of a :class:`Rollouts` batch (``P`` = longest prompt, ``N`` = longest com
     completion  [B, P+N]  1 on completion tokens (EOS included), 0 on prompt and padding
     logprobs    [B, P+N]  the sampler's log-prob of each completion token (0 elsewhere)
 
-Log-probs are of ``softmax(logits / temperature)``: the trainer must use the sampler's temperature.
+Log-probs are of ``softmax(logits / temperature)``; the batch carries the temperature it was sampled at
+and every log-prob or KL of it is taken at that temperature, so trainer and sampler cannot disagree.
 
-Sampling semantics, shared by every native engine (:class:`HFSampler` here, the static-cache engine in
-``stages/engines/static.py``): one uniform per (row, step) is drawn up front from a CPU generator seeded
+Sampling semantics, shared by every native engine (``stages/engines/hf.py`` and ``stages/engines/static.py``): one uniform per (row, step) is drawn up front from a CPU generator seeded
 with ``seed`` (:func:`draw_uniforms`), and each token is the inverse CDF of ``softmax(logits / T)`` at
 that uniform (:func:`sample_tokens`); greedy is argmax. The draws do not depend on the device, the
 batch size or how rows are split across sub-batches or processes, so the same seed gives the same tokens
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Rollouts:
     logprobs: torch.Tensor
     entropy: torch.Tensor  # [B, P+N] per-token entropy of the sampling distribution
     prompt_len: int
+    temperature: float  # the sampling temperature; log-probs of this batch are always taken at it
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,7 +48,11 @@ class Rollouts:
 
     def select(self, idx: torch.Tensor | slice) -> "Rollouts":
         return Rollouts(self.input_ids[idx], self.attention[idx], self.completion[idx], self.logprobs[idx],
-                        self.entropy[idx], self.prompt_len)
+                        self.entropy[idx], self.prompt_len, self.temperature)
+
+    def to(self, device) -> "Rollouts":
+        return Rollouts(self.input_ids.to(device), self.attention.to(device), self.completion.to(device),
+                        self.logprobs.to(device), self.entropy.to(device), self.prompt_len, self.temperature)
 
     def positions(self) -> torch.Tensor:
         return (self.attention.cumsum(-1) - 1).clamp(min=0)
@@ -94,8 +99,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 class Sampler(ABC):
-    """What every rollout engine provides: :class:`HFSampler` (any HF model, CPU-friendly), the
-    static-cache engine (``stages.engines.static``, CUDA graphs on GPUs) and vLLM (``stages.engines.vllm_engine``)."""
+    """What every rollout engine provides (``stages/engines/``): ``hf`` (any HF model, CPU-friendly), ``static``
+    (static KV cache, CUDA graphs on GPUs) and ``vllm`` (colocated vLLM)."""
 
     @abstractmethod
     def generate(self, model, prompts: list[list[int]], *, temperature: float, max_new_tokens: int,
@@ -106,53 +111,7 @@ class Sampler(ABC):
         row i uses the draws of row ``first_row + i``, so the split does not change the tokens."""
 
 
-class HFSampler(Sampler):
-    """Batched sampling with a KV cache over any HF causal LM; stops each row at EOS."""
-
-    def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256):
-        self.eos_id, self.pad_id, self.batch_size = eos_id, pad_id, batch_size
-
-    def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0, first_row=0) -> Rollouts:
-        u = draw_uniforms(seed, first_row + len(prompts), max_new_tokens)[first_row:]
-        parts = [self._generate(model, prompts[i : i + self.batch_size], temperature, max_new_tokens, greedy,
-                                u[i : i + self.batch_size])
-                 for i in range(0, len(prompts), self.batch_size)]
-        return parts[0] if len(parts) == 1 else concat(parts, self.pad_id)
-
-    @torch.no_grad()  # not inference_mode: rollouts feed autograd later (embedding saves its indices)
-    def _generate(self, model, prompts, temperature, max_new_tokens, greedy, u) -> Rollouts:
-        device = next(model.parameters()).device
-        ids, attn = left_pad(prompts, self.pad_id)
-        B, P = ids.shape
-        ids, attn, u = ids.to(device), attn.to(device), u.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        was_training = model.training
-        model.eval()
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
-        next_pos = pos[:, -1:] + 1
-        toks, lps, ents = [], [], []
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            tok, lp, ent = sample_tokens(logits, u[:, t], temperature, greedy)
-            live = ~done
-            tok = torch.where(live, tok, self.pad_id)
-            toks.append(tok)
-            lps.append(torch.where(live, lp, 0.0))
-            ents.append(torch.where(live, ent, 0.0))
-            attn = torch.cat([attn, live.long()[:, None]], dim=1)
-            done = done | (tok == self.eos_id)
-            if done.all():
-                break
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
-                           use_cache=True).logits[:, -1]
-            next_pos = next_pos + 1
-        model.train(was_training)
-        return assemble(ids, attn, torch.stack(toks, 1), torch.stack(lps, 1), torch.stack(ents, 1))
-
-
-def assemble(ids, attn, comp, lps, ents) -> Rollouts:
+def assemble(ids, attn, comp, lps, ents, temperature: float) -> Rollouts:
     """The :class:`Rollouts` layout from prompt ids [B, P], attention [B, P+N] and per-step outputs [B, N]."""
     B, P = ids.shape
     zeros = torch.zeros((B, P), device=ids.device)
@@ -163,11 +122,14 @@ def assemble(ids, attn, comp, lps, ents) -> Rollouts:
         logprobs=torch.cat([zeros, lps.float()], 1),
         entropy=torch.cat([zeros, ents.float()], 1),
         prompt_len=P,
+        temperature=temperature,
     )
 
 
 def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    """Stack batches with different prompt/completion lengths into one layout."""
+    """Stack batches with different prompt/completion lengths into one layout (one temperature)."""
+    if len({r.temperature for r in parts}) > 1:
+        raise ValueError("cannot concatenate rollouts sampled at different temperatures")
     P = max(r.prompt_len for r in parts)
     N = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
 
@@ -183,6 +145,7 @@ def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
         torch.cat([fit(r.logprobs, r, 0.0) for r in parts]),
         torch.cat([fit(r.entropy, r, 0.0) for r in parts]),
         P,
+        parts[0].temperature,
     )
 
 
@@ -222,15 +185,31 @@ def map_positions(fn, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, 1)
 
 
-def token_logprobs(model, batch: Rollouts, temperature: float, chunk: int = 512) -> torch.Tensor:
-    """log softmax(logits/T)[x_t] for every position t >= 1, shape [B, L]; position 0 is 0.
+def token_logprobs(model, batch: Rollouts, chunk: int = 512) -> torch.Tensor:
+    """log softmax(logits/T)[x_t] for every position t >= 1, shape [B, L]; position 0 is 0; T is the
+    batch's sampling temperature.
 
     Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with
     ``batch.completion`` and ``batch.logprobs``.
     """
     h = hidden_states(model, batch)[:, :-1]
-    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:], temperature, chunk)
+    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:], batch.temperature, chunk)
     return F.pad(lp, (1, 0))
+
+
+def vocab_kl(kl, student, teacher, batch: Rollouts, chunk: int = 512, start: int = 1):
+    """A full-vocabulary divergence between student and teacher next-token distributions (both at the
+    batch's temperature) at every position predicting tokens ``start .. L-1``: [B, L - start].
+
+    ``kl(student_logits, teacher_logits)`` is :func:`stages.losses.forward_kl` or ``reverse_kl``. Only one
+    chunk of positions' [B, chunk, V] logits exists at a time (recomputed in backward). Returns the KL and
+    the teacher's hidden states at those positions (for teacher log-probs without a second forward).
+    """
+    T = batch.temperature
+    ht = hidden_states(teacher, batch)[:, start - 1 : -1]  # a frozen teacher runs under inference_mode
+    hs = hidden_states(student, batch)[:, start - 1 : -1]
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    return map_positions(lambda a, b: kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht), ht
 
 
 def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:

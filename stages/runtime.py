@@ -1,12 +1,15 @@
-"""Plumbing every stage shares: inputs, skip-if-done, the training loop with resume, publishing.
+"""Plumbing every stage shares: inputs, skip-if-done, sampling, the training loop with resume, publishing.
 
-A stage module reads as its algorithm and calls into here for everything else::
+A stage module reads as its algorithm, top to bottom, and calls into here for everything else::
 
     run = StageRun("kl_warmup", cfg, root, inputs={"teacher": uri, "student": uri})
-    if run.finished: return run.finished          # same config + same inputs already published
-    trainer = Trainer(run, "student", model, cfg.kl_warmup.optim, steps)
-    trainer.fit(step_fn)                          # resumes from <root>/<stage>/_resume if present
-    return run.publish(models={"model": model}, tokenizer=tok, metrics=...)
+    if run.finished: return run.finished             # same config + same inputs already published
+    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
+    trainer = run.trainer("student", student, optim, steps)   # resumes from <root>/<stage>/_resume
+    with run.tracking(trainer, datasets):             # the stage's MLflow child run
+        history = trainer.fit(step_fn)                # step_fn: run.rollouts.sample -> loss -> trainer.update
+        metrics = score(run.rollouts, student, tok, eval_set)
+        return run.publish({"model": student}, tok, metrics=metrics, extra=..., history=history)
 
 One code path for one process and many: every stage runs with an ``accelerate.Accelerator`` (plain when
 not launched; DDP-style or DeepSpeed ZeRO under ``accelerate launch``, see ``infra/accelerate/``). Under
@@ -47,8 +50,61 @@ def seed_for(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
+class RolloutMaker:
+    """Sampling for one stage, all a scorer needs: prompts encoded, rows split across processes and
+    gathered, the engine ``sampling.engine`` names (made on first use), seeds that replay on resume."""
+
+    def __init__(self, cfg: Config, stage: str, accelerator, device: torch.device, task):
+        self.cfg, self.stage, self.accelerator, self.device, self.task = cfg, stage, accelerator, device, task
+        self.sampler: Sampler | None = None
+
+    def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
+        out = []
+        for p in problems:
+            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
+            if tok.bos_token_id is not None:
+                ids = [tok.bos_token_id] + ids
+            out.append(ids)
+        return out
+
+    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
+        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
+        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
+        gets the gathered batch."""
+        s = self.cfg.sampling
+        if self.sampler is None:
+            from .engines import make_sampler
+
+            self.sampler = make_sampler(s, tok.eos_token_id, tok.pad_token_id, str(self.device))
+        # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
+        scope = () if salt.startswith("eval") else (self.stage,)
+        prompts = self.encode(tok, problems)
+        acc = self.accelerator
+        lo, hi = 0, len(prompts)
+        if acc.num_processes > 1:
+            w, r = acc.num_processes, acc.process_index
+            lo, hi = r * len(prompts) // w, (r + 1) * len(prompts) // w
+        ro = None
+        if hi > lo:
+            with full_weights(model):
+                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
+                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
+                                           seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
+        if acc.num_processes == 1:
+            return ro
+        from accelerate.utils import gather_object
+
+        parts = [p for p in gather_object([None if ro is None else ro.to("cpu")]) if p is not None]
+        return (concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0]).to(self.device)
+
+
 class StageRun:
-    """One stage's execution: where it writes, whether it is already done, tracking, publishing."""
+    """One stage's execution: where it writes, whether it is already done, tracking, publishing.
+
+    A stage module uses it top to bottom: load models, ``trainer()``, ``with tracking():`` train and
+    score, ``publish(models, tokenizer, metrics=..., extra=..., history=...)``. Results leave through
+    ``publish``'s arguments; nothing outside this class writes its attributes.
+    """
 
     def __init__(self, stage: str, cfg: Config, root: str, inputs: dict[str, str] | None = None,
                  parent_run_id: str | None = None):
@@ -64,38 +120,29 @@ class StageRun:
         self.work = None if self.finished else Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
+        self.run_id: str | None = None  # this stage's MLflow run, once tracking has started
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking) if not self.finished else None
         self.task = make_task(cfg.task)
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
-        self.sampler: Sampler | None = None
-        self.engines: dict[int, object] = {}  # id(model) -> its DeepSpeed engine, when there is one
-        self.metrics: dict[str, float] = {}
-        self.extra: dict = {}
+        self.rollouts = RolloutMaker(cfg, stage, self.accelerator, self.device, self.task)
 
     # ------------------------------------------------------------ models
     def load_model(self, uri: str, role: str):
         """Load a checkpoint: a published artifact (verified) or, when no manifest exists, a hub id or plain folder."""
         spec = getattr(self.cfg.models, role, None)
-        found = artifacts.find_manifest(uri) if not _is_hub_id(uri) else None
+        found = artifacts.find_manifest(uri) if artifacts.uri_kind(uri) != "hub" else None
         path = artifacts.fetch(uri) if found else uri
         model, tok = models.load(path, spec, self.cfg.dtype)
         model.to(self.device)
-        if self.sampler is None:
-            self.sampler = self.make_sampler(tok)
         return model, tok
 
     @property
     def device(self) -> torch.device:
         """This process's device: the config's (``cpu``) or, on GPUs, the one accelerate assigned."""
         return torch.device("cpu") if self.cfg.device == "cpu" else self.accelerator.device
-
-    def make_sampler(self, tok) -> Sampler:
-        from .engines import make_sampler
-
-        return make_sampler(self.cfg.sampling, tok.eos_token_id, tok.pad_token_id, str(self.device))
 
     def load_teacher_student(self, teacher_uri: str, student_uri: str):
         """Both models for distillation, after checking they share one tokenizer; the teacher frozen."""
@@ -105,19 +152,19 @@ class StageRun:
         teacher.requires_grad_(False).eval()
         return teacher, student, tok
 
-    def trainer(self, name: str, model, optim: Optim, steps: int, datasets: dict[str, list[Problem]]) -> "Trainer":
-        """The stage's training loop, restored from its last saved state if one exists, with its
-        MLflow child run started (or reopened, when resuming) and its datasets logged."""
-        trainer = Trainer(self, name, model, optim, steps)
-        resumed = trainer.restore()
-        self.start_tracking(resume_run_id=resumed and resumed.get("mlflow_run_id"))
-        if not resumed:
-            for split, problems in datasets.items():
-                self.log_dataset(split, problems)
+    def trainer(self, name: str, model, optim: Optim, steps: int, metric_prefix: str = "") -> "Trainer":
+        """The training loop for ``model``, restored from its last saved state when one exists."""
+        trainer = Trainer(self, name, model, optim, steps, metric_prefix)
+        trainer.restore()
         return trainer
 
     # ------------------------------------------------------------ tracking
-    def start_tracking(self, resume_run_id: str | None = None) -> None:
+    @contextlib.contextmanager
+    def tracking(self, trainer: "Trainer | None" = None, datasets: dict[str, list[Problem]] | None = None,
+                 context: str = "training"):
+        """The stage's MLflow child run for the block: created (params, dataset inputs) or, when ``trainer``
+        resumed a state, reopened; ended FINISHED, or FAILED on an exception."""
+        resume_run_id = (trainer.resumed or {}).get("mlflow_run_id") if trainer else None
         params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name,
                   **{f"input.{k}": v for k, v in self.inputs.items()}}
         section = getattr(self.cfg, self.stage, None)
@@ -125,16 +172,17 @@ class StageRun:
             params.update({f"{self.stage}.{k}": v for k, v in _flatten(section.model_dump()).items()})
         params.update({"seed": self.cfg.seed, "sampling.temperature": self.cfg.sampling.temperature,
                        "sampling.max_new_tokens": self.cfg.sampling.max_new_tokens})
-        rid = self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
-                                 resume_run_id=resume_run_id)
+        self.run_id = self.tracker.start(self.stage, self.parent_run_id, resume_run_id=resume_run_id,
+                                         tags={"s2d.stage": self.stage, "s2d.root": self.root})
         if not resume_run_id:
             self.tracker.params(params)
             self.tracker.tags({f"s2d.input.{k}": v for k, v in self.inputs.items()})
-        self.run_id = rid
-
-    def log_dataset(self, split: str, problems: list[Problem], context: str = "training") -> None:
-        digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
-        self.tracker.dataset(f"{self.cfg.task.kind}/{split}", digest, f"task:{self.cfg.task.kind}:{split}", len(problems), context)
+            for split, problems in (datasets or {}).items():
+                digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
+                self.tracker.dataset(f"{self.cfg.task.kind}/{split}", digest, f"task:{self.cfg.task.kind}:{split}",
+                                     len(problems), context)
+        with self.tracker.running():
+            yield self
 
     # ------------------------------------------------------------ publish
     @property
@@ -151,22 +199,20 @@ class StageRun:
                     row["reward"] = rewards[i]
                 f.write(json.dumps(row) + "\n")
 
-    def publish(self, models_out: dict, tokenizer, history: list[dict] | None = None) -> dict:
+    def publish(self, models_out: dict, tokenizer, *, metrics: dict, extra: dict | None = None,
+                history: list[dict] | None = None) -> dict:
+        """Write the stage's outputs (checkpoints ``models_out``, ``metrics.jsonl`` and curves from
+        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow."""
         acc = self.accelerator
-        # ZeRO-3 shards the weights: gather a full state dict (a collective: every rank takes part)
-        states = {name: acc.get_state_dict(self.engines[id(m)]) if id(m) in self.engines else None
-                  for name, m in models_out.items()}
+        out = self.work / "out"
+        for name, model in models_out.items():
+            with full_weights(model):  # under ZeRO-3 every rank takes part in gathering the weights
+                if self.is_main:
+                    models.save(model, tokenizer, out / name)
         if not self.is_main:  # the main process publishes; the others return what it published
             acc.wait_for_everyone()
             shutil.rmtree(self.work, ignore_errors=True)
             return artifacts.read_manifest(self.uri)
-        out = self.work / "out"
-        for name, model in models_out.items():
-            if states[name] is None:
-                models.save(model, tokenizer, out / name)
-            else:
-                model.save_pretrained(str(out / name), state_dict=states[name], safe_serialization=True)
-                tokenizer.save_pretrained(str(out / name))
         out.mkdir(parents=True, exist_ok=True)
         if history is not None:
             with open(out / "metrics.jsonl", "w") as f:
@@ -178,16 +224,16 @@ class StageRun:
             "config_hash": self.config_hash,
             "inputs": self.inputs,
             "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
-            "metrics": self.metrics,
-            "mlflow_run_id": getattr(self, "run_id", None),
+            "metrics": metrics,
+            "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
-            **self.extra,
+            **(extra or {}),
         }
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)
         if self.tracker and self.tracker.enabled:
             self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
-            self.tracker.metrics({f"final.{k}": v for k, v in self.metrics.items()})
+            self.tracker.metrics({f"final.{k}": v for k, v in metrics.items()})
             for name in ("metrics.jsonl", "curves.png"):
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
@@ -195,16 +241,7 @@ class StageRun:
         acc.wait_for_everyone()
         return manifest
 
-    # ------------------------------------------------------------ helpers
-    def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
-        out = []
-        for p in problems:
-            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
-            out.append(ids)
-        return out
-
+    # ------------------------------------------------------------ data
     def batch_of(self, problems: list[Problem], n: int, step: int, salt: str = "") -> list[Problem]:
         """Problems for ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
         if not problems:
@@ -221,41 +258,17 @@ class StageRun:
         random.Random(seed_for(self.cfg.seed, self.stage, salt, epoch)).shuffle(order)
         return order
 
-    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
-        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
-        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
-        gets the gathered batch."""
-        s = self.cfg.sampling
-        # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
-        scope = () if salt.startswith("eval") else (self.stage,)
-        prompts = self.encode(tok, problems)
-        acc = self.accelerator
-        lo, hi = 0, len(prompts)
-        if acc.num_processes > 1:
-            w, r = acc.num_processes, acc.process_index
-            lo, hi = r * len(prompts) // w, (r + 1) * len(prompts) // w
-        ro = None
-        if hi > lo:
-            with self.generation_weights(model):
-                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
-                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
-                                           seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
-        if acc.num_processes == 1:
-            return ro
-        from accelerate.utils import gather_object
 
-        parts = [p for p in gather_object([_to_cpu(ro)]) if p is not None]
-        return _to_device(concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0], self.device)
+def full_weights(model):
+    """Full weights of ``model`` on this device for the block: DeepSpeed ZeRO-3 keeps only a shard per rank,
+    so they are gathered for the duration (``deepspeed.zero.GatheredParameters``, as TRL's
+    ``unwrap_model_for_generation`` does; a collective, every rank takes part); otherwise nothing to do."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # partitioned by ZeRO-3
+        import deepspeed
 
-    def generation_weights(self, model):
-        """Full weights on this device while generating: DeepSpeed ZeRO-3 keeps only a shard, so they are
-        gathered for the duration (``deepspeed.zero.GatheredParameters``, as TRL's
-        ``unwrap_model_for_generation`` does); otherwise nothing to do."""
-        if id(model) in self.engines and _zero_stage(self.accelerator) == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-        return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def make_accelerator(cfg: Config):
@@ -274,22 +287,9 @@ def _zero_stage(acc) -> int | None:
     return plugin.zero_stage if plugin is not None else None
 
 
-def _to_cpu(ro: Rollouts | None) -> Rollouts | None:
-    return None if ro is None else _to_device(ro, torch.device("cpu"))
-
-
-def _to_device(ro: Rollouts, device) -> Rollouts:
-    return Rollouts(*(t.to(device) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)),
-                    ro.prompt_len)
-
-
 def _input_digest(uri: str) -> str:
     found = artifacts.find_manifest(uri)
     return artifacts.manifest_digest(found[0]) if found else "external"
-
-
-def _is_hub_id(uri: str) -> bool:
-    return "://" not in uri and not Path(uri).exists() and uri.count("/") == 1 and not uri.startswith((".", "/"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -335,7 +335,7 @@ def teacher_forced(tok, prompts: list[list[int]], completions: list[str], prompt
         attn[i, P - len(p) : P + len(c)] = 1
         cmask[i, P : P + len(c)] = 1
     zeros = torch.zeros((B, P + N))
-    return Rollouts(ids, attn, cmask, zeros, zeros.clone(), P)
+    return Rollouts(ids, attn, cmask, zeros, zeros.clone(), P, temperature=1.0)
 
 
 class Trainer:
@@ -365,10 +365,9 @@ class Trainer:
             ds["gradient_accumulation_steps"] = 1
             ds["gradient_clipping"] = optim.grad_clip
             self.engine, self.optimizer = self.acc.prepare(model, self.optimizer)
-            run.engines[id(model)] = self.engine
         self.step = 0
         self.history: list[dict] = []
-        self.resumed_from: int | None = None
+        self.resumed: dict | None = None  # the state restored at start (its step, history, MLflow run id)
         self.state: dict = {}  # small JSON-able extras a stage wants restored (e.g. early-stop info)
 
     def update(self, loss: torch.Tensor) -> float:
@@ -409,7 +408,7 @@ class Trainer:
         if self.run.rollout_file.exists():
             shutil.copyfile(self.run.rollout_file, d / "rollouts.jsonl")
         meta = {"config_hash": self.run.config_hash, "history": self.history, "state": self.state,
-                "mlflow_run_id": getattr(self.run, "run_id", None)}
+                "mlflow_run_id": self.run.run_id}
         artifacts.save_state(self.run.uri, self.name, self.step, d, meta)
         self.acc.wait_for_everyone()
 
@@ -425,7 +424,8 @@ class Trainer:
         if (d / "rollouts.jsonl").exists():
             self.run.rollout_file.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(d / "rollouts.jsonl", self.run.rollout_file)
-        self.step = self.resumed_from = latest["step"]
+        self.step = latest["step"]
+        self.resumed = latest
         self.history = latest["history"]
         self.state = latest.get("state", {})
         return latest

@@ -14,63 +14,75 @@ from contextlib import nullcontext
 
 from . import artifacts
 from .config import Config
+from .registry import STAGES, get
 from .tracking import Tracker
-
-
-ROLES = {"bootstrap": {}, "teacher_rl": {"policy": "teacher"}, "kl_warmup": {"teacher": "teacher", "student": "student"},
-         "onpolicy_distill": {"teacher": "teacher", "student": "student"}, "student_rl": {"policy": "student"},
-         "direct_grpo": {"policy": "base_student"}}
 
 
 def base_uri(cfg: Config, root: str, role: str) -> str:
     src = getattr(cfg.models, role).source
-    return artifacts.join(root, "bootstrap", role) if src == "bootstrap" else src
+    return artifacts.join(root, src, role) if src in STAGES and STAGES[src].kind == "setup" else src
+
+
+def _planned(cfg: Config, name: str) -> bool:
+    kind = STAGES[name].kind
+    if kind == "setup":  # a setup stage runs when a base model comes from it (models.*.source: bootstrap)
+        return name in (cfg.models.teacher.source, cfg.models.student.source)
+    if kind == "workflow":
+        return name in cfg.workflow.stages
+    return kind == "baseline" and cfg.workflow.baseline
+
+
+def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
+    """The planned stages with their input URIs, and the checkpoint each role holds at the end."""
+    roles = {"teacher": base_uri(cfg, root, "teacher"), "student": base_uri(cfg, root, "student")}
+    roles["base_student"] = roles["student"]
+    steps = []
+    for name, st in STAGES.items():
+        if st.kind == "tool" or not _planned(cfg, name):
+            continue
+        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()},
+                      "uri": artifacts.join(root, name)})
+        if st.output:  # every stage publishes its model at <root>/<stage>/model
+            roles[st.output] = artifacts.join(root, name, "model")
+    roles["final_student"] = roles["student"]
+    return steps, roles
 
 
 def plan(cfg: Config, root: str) -> list[dict]:
-    """The stages this config runs, in order, with the checkpoint URIs each consumes.
+    """The stages this config runs, in the table's order, with the checkpoint URIs each consumes.
 
     Every stage publishes its model at ``<root>/<stage>/model``, so the whole chain is known before
     anything runs: the Airflow DAG and ``workflow`` both execute this plan. Switched-off stages
     (the paper's ablations) pass their input through: no stage 1 means the raw teacher is used.
     """
-    cur = {"teacher": base_uri(cfg, root, "teacher"), "student": base_uri(cfg, root, "student")}
-    cur["base_student"] = cur["student"]
-    steps = []
-    if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
-        steps.append({"stage": "bootstrap", "inputs": {}})
-    for stage in ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"):
-        if stage in cfg.workflow.stages or (stage == "direct_grpo" and cfg.workflow.baseline):
-            steps.append({"stage": stage, "inputs": {k: cur[role] for k, role in ROLES[stage].items()}})
-            if stage != "direct_grpo":
-                cur["teacher" if stage == "teacher_rl" else "student"] = artifacts.join(root, stage, "model")
-    for s in steps:
-        s["uri"] = artifacts.join(root, s["stage"])
-    return steps
+    return _walk(cfg, root)[0]
 
 
-def final_models(steps: list[dict], cfg: Config, root: str) -> dict:
-    out = {"teacher": base_uri(cfg, root, "teacher"), "final_student": base_uri(cfg, root, "student")}
-    for s in steps:
-        if s["stage"] == "teacher_rl":
-            out["teacher"] = artifacts.join(s["uri"], "model")
-        elif s["stage"] in ("kl_warmup", "onpolicy_distill", "student_rl"):
-            out["final_student"] = artifacts.join(s["uri"], "model")
-    return out
+def final_models(cfg: Config, root: str) -> dict[str, str]:
+    """The teacher and the final student this config's workflow ends with."""
+    roles = _walk(cfg, root)[1]
+    return {"teacher": roles["teacher"], "final_student": roles["final_student"]}
+
+
+def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | None] | None = None) -> dict[str, str]:
+    """A stage's input URIs: from the plan when it is planned, else the roles' base checkpoints (the final
+    student for ``evaluate``); ``explicit`` maps roles to URIs given on the command line."""
+    steps, roles = _walk(cfg, root)
+    roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
+    spec = get(stage)
+    inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
+                  {k: roles[role] for k, role in spec.inputs.items()})
+    return {k: (explicit or {}).get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
 def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: str | None = None) -> tuple[dict, bool]:
     """Run one stage unless it is already published; returns (manifest, skipped)."""
-    from . import bootstrap, evaluate, grpo, kl_warmup, onpolicy_distill
     from .runtime import StageRun
 
-    fns = {"bootstrap": bootstrap.run, "teacher_rl": grpo.run, "student_rl": grpo.run, "direct_grpo": grpo.run,
-           "kl_warmup": kl_warmup.run, "onpolicy_distill": onpolicy_distill.run, "evaluate": evaluate.run}
-    name = stage.split("/")[0]
     r = StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id)
     if r.finished:
         return r.finished, True
-    return fns[name](r, *inputs.values()), False
+    return get(stage).fn()(r, *inputs.values()), False
 
 
 def open_parent(cfg: Config, root: str) -> str | None:
@@ -112,7 +124,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
         if m is None:
             raise artifacts.ArtifactError(f"{s['uri']}: stage {s['stage']} has not published (no manifest)")
         results[s["stage"]] = m
-    models = final_models(steps, cfg, root)
+    models = final_models(cfg, root)
     summary = summarize(cfg, results, models["final_student"], models["teacher"])
     text = format_table(summary)
     print(text, flush=True)
@@ -144,32 +156,34 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
             "time_s": m.get("wall_time_s"),
         })
 
-    if "bootstrap" in results:
-        bm = results["bootstrap"]["metrics"]
-        row("base teacher", bm, "teacher.eval.", "bootstrap")
-        row("base student", bm, "student.eval.", "bootstrap")
-    names = {"teacher_rl": "RL teacher (1)", "kl_warmup": "warmed student (2a)", "onpolicy_distill": "distilled student (2b)",
-             "student_rl": "final student (3)", "direct_grpo": "direct GRPO baseline"}
-    for stage, label in names.items():
-        if stage in results:
-            row(label, results[stage]["metrics"], "eval.", stage)
+    for name, st in STAGES.items():
+        if name not in results:
+            continue
+        if st.kind == "setup":  # the base models
+            for role in ("teacher", "student"):
+                row(f"base {role}", results[name]["metrics"], f"{role}.eval.", name)
+        elif st.label:
+            row(st.label, results[name]["metrics"], "eval.", name)
+    done = [STAGES[n] for n in results]
     headline = {}
-    if "teacher_rl" in results:
-        tm = results["teacher_rl"]["metrics"]
-        headline["c1_teacher_before"] = tm.get(f"eval_before.avg@{k}")
-        headline["c1_teacher_after"] = tm.get(f"eval.avg@{k}")
-    for stage in ("kl_warmup", "onpolicy_distill"):
-        if stage in results:
-            headline[f"c2_{stage}_before"] = results[stage]["metrics"].get("c2_before")
-            headline[f"c2_{stage}_after"] = results[stage]["metrics"].get("c2_after")
-    last_student = next((s for s in ("student_rl", "onpolicy_distill", "kl_warmup") if s in results), None)
-    if last_student:
-        headline["final_student_avg"] = results[last_student]["metrics"].get(f"eval.avg@{k}")
-        headline["workflow_student_steps"] = sum(results[s].get("student_steps", 0) for s in ("kl_warmup", "onpolicy_distill", "student_rl") if s in results)
-    if "direct_grpo" in results:
-        headline["direct_grpo_avg"] = results["direct_grpo"]["metrics"].get(f"eval.avg@{k}")
-        headline["direct_grpo_steps"] = results["direct_grpo"].get("student_steps")
-    headline["labeled_examples_workflow"] = sum(results[s].get("labeled_examples", 0) for s in ("teacher_rl", "student_rl") if s in results)
+    for st in done:
+        m = results[st.name]["metrics"]
+        if st.trains == "teacher" and st.kind == "workflow":  # C1: the teacher's lift from RL
+            headline["c1_teacher_before"] = m.get(f"eval_before.avg@{k}")
+            headline["c1_teacher_after"] = m.get(f"eval.avg@{k}")
+        if "c2_after" in m:  # C2: KL(student || teacher) before and after
+            headline[f"c2_{st.name}_before"] = m.get("c2_before")
+            headline[f"c2_{st.name}_after"] = m.get("c2_after")
+    students = [st for st in done if st.kind == "workflow" and st.output == "student"]
+    if students:
+        headline["final_student_avg"] = results[students[-1].name]["metrics"].get(f"eval.avg@{k}")
+        headline["workflow_student_steps"] = sum(results[st.name].get("student_steps", 0) for st in students)
+    for st in done:
+        if st.kind == "baseline":
+            headline[f"{st.name}_avg"] = results[st.name]["metrics"].get(f"eval.avg@{k}")
+            headline[f"{st.name}_steps"] = results[st.name].get("student_steps")
+    headline["labeled_examples_workflow"] = sum(results[st.name].get("labeled_examples", 0) for st in done
+                                                if st.kind == "workflow" and st.labeled)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
             "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
 

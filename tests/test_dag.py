@@ -150,6 +150,7 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
     """What the DAG sends is accepted by the stage CLI's parser, every stage."""
     monkeypatch.syspath_prepend(str(DAGS))
     import s2d_runners as r
+
     from stages.__main__ import parse_args
 
     for cmd in ("plan", *r.GPU_STAGES, "report"):

@@ -17,10 +17,11 @@ import torch
 from stages.__main__ import relaunch_command
 from stages.config import TinyArch, VLLMOptions, load_config
 from stages.engines import make_sampler
+from stages.engines.hf import HFSampler
 from stages.engines.static import StaticSampler
 from stages.engines.vllm_engine import build_requests, outputs_to_rollouts, request_seed
 from stages.models import char_tokenizer, tiny_qwen3
-from stages.rollout import HFSampler, concat, draw_uniforms, sample_tokens, token_logprobs
+from stages.rollout import concat, draw_uniforms, sample_tokens, token_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
@@ -90,7 +91,7 @@ def test_static_engine_gives_the_hf_samplers_tokens(tiny, temperature, greedy):
     assert torch.allclose(st.entropy, hf.entropy, atol=1e-5)
     # and the sampler's log-probs are the trainer's
     m = st.completion.bool()
-    assert torch.allclose(token_logprobs(model, st, temperature, chunk=5)[m], st.logprobs[m], atol=1e-4)
+    assert torch.allclose(token_logprobs(model, st, chunk=5)[m], st.logprobs[m], atol=1e-4)
 
 
 def test_static_engine_stops_at_eos_and_rows_split_like_processes(tiny):
@@ -236,7 +237,6 @@ def test_stage_runs_under_deepspeed_zero3_through_accelerate_on_cpu(tmp_path):
     state dict) with the shipped config, on the CPU: only its device settings are changed."""
     pytest.importorskip("deepspeed")
     import yaml
-
     from conftest import TEST_OVERRIDES
 
     cfg = yaml.safe_load((REPO / "infra/accelerate/deepspeed_zero3.yaml").read_text())
@@ -307,7 +307,7 @@ def test_gradient_checkpointing_and_root_forward_give_the_same_gradients():
             lp = torch.log_softmax(model.lm_head(h).double(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
             lp = torch.nn.functional.pad(lp, (1, 0))
         else:
-            lp = token_logprobs(model, batch, 1.0, chunk=3)
+            lp = token_logprobs(model, batch, chunk=3)
         (-(lp * batch.completion).sum()).backward()
         return [p.grad.clone() for p in model.parameters()]
 

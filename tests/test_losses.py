@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from stages.evaluation import pass_at_k, summarize
 from stages.losses import (
     aggregate,
     forward_kl,
@@ -17,6 +16,7 @@ from stages.losses import (
     reverse_kl_advantages,
     sft_loss,
 )
+from stages.scoring import pass_at_k, summarize
 
 
 def test_grpo_advantages_hand_computed():

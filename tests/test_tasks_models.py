@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from stages.config import TaskConfig, TinyArch
+from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
-from stages.rollout import HFSampler, token_logprobs
+from stages.rollout import token_logprobs
 from stages.runtime import teacher_forced
 from stages.tasks import ArithmeticTask, MathJsonlTask, Problem, make_task
 
@@ -119,7 +120,7 @@ def test_sampler_logprobs_match_trainer_logprobs_with_left_padding():
     for temp in (1.0, 0.7):
         ro = sampler.generate(model, prompts, temperature=temp, max_new_tokens=12, seed=11)
         with torch.no_grad():
-            lp = token_logprobs(model, ro, temp, chunk=5)
+            lp = token_logprobs(model, ro, chunk=5)
         m = ro.completion.bool()
         assert m.any()
         assert torch.allclose(lp[m], ro.logprobs[m], atol=1e-4)

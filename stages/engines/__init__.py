@@ -1,6 +1,6 @@
 """Rollout engines behind the one :class:`stages.rollout.Sampler` interface.
 
-- ``hf``: :class:`stages.rollout.HFSampler`, DynamicCache, any HF causal LM (the CPU default);
+- ``hf``: :class:`stages.engines.hf.HFSampler`, DynamicCache, any HF causal LM (the CPU default);
 - ``static``: :class:`stages.engines.static.StaticSampler`, a static KV cache with a CUDA-graph-captured
   decode step on GPUs (eager on the CPU), the same tokens as ``hf`` for the same seed;
 - ``vllm``: :class:`stages.engines.vllm_engine.VLLMSampler`, colocated vLLM (its own image: ``.[vllm]``).
@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from ..rollout import HFSampler, Sampler
+from ..rollout import Sampler
+from .hf import HFSampler
 
 
 def make_sampler(sampling, eos_id: int, pad_id: int, device: str = "cpu") -> Sampler:

@@ -6,7 +6,7 @@ the pre-drawn uniform, masking finished rows, writing the outputs, advancing pos
 works in place on fixed buffers, with the step index kept on the device. So on CUDA it is captured once
 per sub-batch as a CUDA graph and replayed; the host only checks every ``stop_check_every`` steps whether
 every row has emitted EOS (the one sync). On the CPU the same step function runs eagerly, which is how
-the tests check that it produces the same tokens as :class:`stages.rollout.HFSampler`.
+the tests check that it produces the same tokens as :class:`stages.engines.hf.HFSampler`.
 
     sampler = StaticSampler(eos_id, pad_id, batch_size=256)          # decode="auto": graphs on CUDA
     ro = sampler.generate(model, prompts, temperature=1.0, max_new_tokens=256, seed=0)
@@ -66,7 +66,7 @@ def _record(s: DecodeState, idx, tok, lp, ent, prompt_len, eos_id, pad_id) -> No
 
 class StaticSampler(Sampler):
     """Static-cache engine. ``decode``: ``auto`` (CUDA graphs on CUDA, eager elsewhere), ``cuda_graph``,
-    ``eager``. Same sampling semantics as :class:`stages.rollout.HFSampler` (shared uniforms, inverse CDF)."""
+    ``eager``. Same sampling semantics as :class:`stages.engines.hf.HFSampler` (shared uniforms, inverse CDF)."""
 
     def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256, decode: str = "auto",
                  stop_check_every: int = 16):
@@ -145,4 +145,4 @@ class StaticSampler(Sampler):
         model.train(was_training)
         live_cols = attn[:, P:].any(0)
         n = int(live_cols.nonzero().max()) + 1  # trailing steps where every row had finished: dropped
-        return assemble(ids, attn[:, : P + n], s.out_tok[:, :n], s.out_lp[:, :n], s.out_ent[:, :n])
+        return assemble(ids, attn[:, : P + n], s.out_tok[:, :n], s.out_lp[:, :n], s.out_ent[:, :n], temperature)

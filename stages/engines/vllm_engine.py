@@ -61,7 +61,7 @@ def _token_logprob(entry, token: int) -> float:
     return float(getattr(lp, "logprob", lp))
 
 
-def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: int) -> Rollouts:
+def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: int, temperature: float = 1.0) -> Rollouts:
     """vLLM ``RequestOutput`` list (same order as ``prompts``) -> :class:`Rollouts` in the native layout:
     prompts left-padded to P, completions right-padded to the longest, EOS included, log-probs of the
     sampled tokens from ``outputs[i].outputs[0].logprobs``."""
@@ -90,7 +90,7 @@ def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: 
             ids[i, P : P + len(c)] = torch.tensor(c)
             comp[i, P : P + len(c)] = 1
             logp[i, P : P + len(c)] = torch.tensor(lp)
-    return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P)
+    return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P, temperature)
 
 
 class VLLMSampler(Sampler):
@@ -141,6 +141,4 @@ class VLLMSampler(Sampler):
         if self.opt.enable_sleep_mode:
             llm.sleep(level=1)
         device = next(model.parameters()).device
-        ro = outputs_to_rollouts(prompts, outputs, self.eos_id, self.pad_id)
-        return Rollouts(*(t.to(device) for t in (ro.input_ids, ro.attention, ro.completion, ro.logprobs, ro.entropy)),
-                        ro.prompt_len)
+        return outputs_to_rollouts(prompts, outputs, self.eos_id, self.pad_id, temperature).to(device)

@@ -1,4 +1,7 @@
-"""Evaluation metrics: avg@k, unbiased pass@k, greedy accuracy, and the C2 diagnostic."""
+"""Scoring a checkpoint: avg@k, unbiased pass@k, greedy accuracy, and the C2 diagnostic.
+
+(``stages/evaluate.py`` is the stage command that scores any checkpoint; every stage scores its output
+with :func:`score` too.)"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from math import comb
 import torch
 
 from .losses import reverse_kl
-from .rollout import hidden_states, map_positions
+from .rollout import Rollouts, vocab_kl
 from .tasks import Problem
 
 
@@ -30,39 +33,40 @@ def summarize(correct: list[list[float]], k: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(run, model, tok, problems: list[Problem]) -> dict[str, float]:
-    """Sampled avg@k / pass@k (k = eval.samples, at the sampling temperature) and greedy accuracy."""
-    ecfg = run.cfg.eval
+def score(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
+    """Sampled avg@k / pass@k (k = eval.samples, at the sampling temperature) and greedy accuracy.
+
+    ``rollouts`` is the stage's :class:`stages.runtime.RolloutMaker` (sampling, task, config)."""
+    ecfg = rollouts.cfg.eval
+    task = rollouts.task
     problems = problems[: ecfg.problems]
     k = ecfg.samples
     from .runtime import decode  # runtime imports this module
 
     repeated = [p for p in problems for _ in range(k)]
     # the same draws for every evaluation: one checkpoint always gets the same numbers, wherever evaluated
-    ro = run.sample(model, tok, repeated, step=0, salt="eval")
+    ro = rollouts.sample(model, tok, repeated, step=0, salt="eval")
     texts = decode(tok, ro)
-    rewards = [run.task.reward(t, p) for t, p in zip(texts, repeated)]
+    rewards = [task.reward(t, p) for t, p in zip(texts, repeated)]
     correct = [rewards[i * k : (i + 1) * k] for i in range(len(problems))]
     out = summarize(correct, k)
     out["completion_len"] = float(ro.completion.sum()) / len(ro)
     if ecfg.greedy:
-        g = run.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True)
-        out["greedy"] = sum(run.task.reward(t, p) for t, p in zip(decode(tok, g), problems)) / len(problems)
+        g = rollouts.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True)
+        out["greedy"] = sum(task.reward(t, p) for t, p in zip(decode(tok, g), problems)) / len(problems)
     return out
 
 
 @torch.no_grad()
-def student_teacher_kl(run, student, teacher, tok, prompts: list[Problem], label: str = "c2") -> float:
+def student_teacher_kl(rollouts, student, teacher, tok, prompts: list[Problem], label: str = "c2") -> float:
     """C2: KL(student || teacher) per completion token, full vocabulary, on student rollouts."""
-    prompts = prompts[: run.cfg.eval.c2_prompts]
-    ro = run.sample(student, tok, prompts, step=0, salt=label)
-    return sequence_kl(run, student, teacher, ro)
+    prompts = prompts[: rollouts.cfg.eval.c2_prompts]
+    ro = rollouts.sample(student, tok, prompts, step=0, salt=label)
+    return sequence_kl(student, teacher, ro, rollouts.cfg.logprob_chunk)
 
 
-def sequence_kl(run, student, teacher, ro) -> float:
-    T = run.cfg.sampling.temperature
-    hs, ht = hidden_states(student, ro)[:, :-1], hidden_states(teacher, ro)[:, :-1]
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    kl = map_positions(lambda a, b: reverse_kl(s_head(a) / T, t_head(b) / T), run.cfg.logprob_chunk, hs, ht)
+def sequence_kl(student, teacher, ro: Rollouts, chunk: int = 512) -> float:
+    """Mean KL(student || teacher) per completion token of ``ro`` (full vocabulary, at its temperature)."""
+    kl, _ = vocab_kl(reverse_kl, student, teacher, ro, chunk)
     mask = ro.completion[:, 1:].to(kl.dtype)
     return float((kl * mask).sum() / mask.sum().clamp(min=1))

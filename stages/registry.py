@@ -1,0 +1,64 @@
+"""What a stage is: the one table every other place derives from.
+
+The CLI's commands, the workflow's plan order and input wiring, the final models, the summary table's
+labels, the labeled splits each stage consumes and the student-step budget all come from :data:`STAGES`.
+Adding a stage means one row here (plus its module, and its task in ``dags/sparse_to_dense.py``, whose
+stage list a test pins to this table).
+
+Roles name the checkpoints flowing through the workflow: ``teacher`` and ``student`` are the current
+ones (each stage with an ``output`` role replaces that role for the stages after it), ``base_student``
+is the student before any stage (the baseline's start), ``final_student`` the last student.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["setup", "workflow", "baseline", "tool"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # ``stages.<module>.run(run, *input_uris)`` runs it
+    kind: Kind  # setup: makes base models; workflow: switchable (workflow.stages); baseline; tool: on demand
+    inputs: dict[str, str]  # input name (the manifest's key) -> the role it reads
+    output: str | None = None  # role its published ``model`` becomes for the stages after it
+    trains: Literal["teacher", "student"] | None = None  # whose update steps it spends
+    splits: tuple[str, ...] = ()  # task splits it trains on
+    labeled: bool = False  # whether those splits carry answers (labeled data is the scarce resource)
+    label: str | None = None  # row label in the summary table
+    paper: str = ""  # the paper's name for it
+
+    def fn(self):
+        return importlib.import_module(f"stages.{self.module}").run
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("bootstrap", "bootstrap", "setup", {}, splits=("bootstrap",),
+          paper="stand-in for pretraining (embedded default only)"),
+    Stage("teacher_rl", "grpo", "workflow", {"policy": "teacher"}, output="teacher", trains="teacher",
+          splits=("teacher_rl",), labeled=True, label="RL teacher (1)", paper="1: GRPO on the teacher, sparse reward"),
+    Stage("kl_warmup", "kl_warmup", "workflow", {"teacher": "teacher", "student": "student"}, output="student",
+          trains="student", splits=("prompts",), label="warmed student (2a)",
+          paper="2a: forward KL on teacher rollouts"),
+    Stage("onpolicy_distill", "onpolicy_distill", "workflow", {"teacher": "teacher", "student": "student"},
+          output="student", trains="student", splits=("prompts",), label="distilled student (2b)",
+          paper="2b: reverse KL on student rollouts, dense teacher reward"),
+    Stage("student_rl", "grpo", "workflow", {"policy": "student"}, output="student", trains="student",
+          splits=("student_rl",), labeled=True, label="final student (3)", paper="3: GRPO on the student (optional)"),
+    Stage("direct_grpo", "grpo", "baseline", {"policy": "base_student"}, trains="student",
+          splits=("teacher_rl", "student_rl"), labeled=True, label="direct GRPO baseline",
+          paper="baseline: GRPO on the base student, same labeled data and student steps"),
+    Stage("evaluate", "evaluate", "tool", {"model": "final_student"}, splits=("eval",)),
+]}
+
+WORKFLOW = tuple(n for n, s in STAGES.items() if s.kind == "workflow")  # the switchable stages, in order
+RUNNABLE = tuple(n for n, s in STAGES.items() if s.kind != "tool")  # what a workflow run may plan, in order
+
+
+def get(name: str) -> Stage:
+    """The stage of a command or of a stage folder name (``evaluate/<label>`` is ``evaluate``)."""
+    return STAGES[name.split("/")[0]]
