@@ -55,5 +55,11 @@ bench-paper: $(VENV)/.installed
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
 
+bench-mechanism: $(VENV)/.installed
+	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 2 3 4 --seeds 0 1 2 --out bench/results
+
+bench-determinism: $(VENV)/.installed
+	$(VENV)/bin/python bench/determinism.py --out bench/results
+
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

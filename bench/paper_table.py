@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     command = " ".join(["python", "bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])])
     # one torch thread in every process, the bootstrap included: the draws then do not depend on the
     # machine's core count (bench/results/determinism.md: intra-op threads change the float results)
-    overrides = ["torch_threads=1"] + args.overrides
+    # (stage-level MLflow runs off: the benchmark logs one run of its own)
+    overrides = ["torch_threads=1", "tracking.enabled=false"] + args.overrides
     pool = _pool(args.workers)
     t_start = time.perf_counter()
     try:
