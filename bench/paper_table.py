@@ -1,6 +1,6 @@
 """The paper's table in miniature: every arm of the sparse-to-dense ablation, 5 seeds, tuned fairly.
 
-    python bench/paper_table.py --preset cpu                 # ~30 min on 2 quiet CPU cores (5 seeds)
+    python bench/paper_table.py --preset cpu                 # 5 seeds; ~30-35 min on 2 quiet CPU cores (estimated)
     python bench/paper_table.py --preset cpu --digits 2 3 4 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
     python bench/paper_table.py --preset stages/configs/tiny.yaml --select-only  # learning rates for a preset
     python bench/paper_table.py --preset gpu --workers 1     # one GPU (bigger models and batches)
