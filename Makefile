@@ -56,7 +56,7 @@ bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
 
 bench-mechanism: $(VENV)/.installed
-	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 2 3 4 --seeds 0 1 2 --out bench/results
+	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2 --out bench/results
 
 bench-determinism: $(VENV)/.installed
 	$(VENV)/bin/python bench/determinism.py --out bench/results

@@ -1,7 +1,7 @@
 """The paper's table in miniature: every arm of the sparse-to-dense ablation, 5 seeds, tuned fairly.
 
     python bench/paper_table.py --preset cpu                 # 5 seeds; ~30-35 min on 2 quiet CPU cores (estimated)
-    python bench/paper_table.py --preset cpu --digits 2 3 4 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
+    python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
     python bench/paper_table.py --preset stages/configs/tiny.yaml --select-only  # learning rates for a preset
     python bench/paper_table.py --preset gpu --workers 1     # one GPU (bigger models and batches)
 
@@ -207,6 +207,10 @@ def main(argv=None) -> int:
         cfg0 = load_config(base, args.overrides)  # a bad config fails here, before any training
         if cfg0.task.sizes.get("validation", 0) < 1:
             raise ConfigError("task.sizes.validation: the learning-rate sweep needs a validation split")
+        for d in args.digits or []:  # the task draws distinct problems: too few of them would never finish
+            if (need := sum(cfg0.task.sizes.values())) > (room := distinct_problems(cfg0.task.ops, min(2, d), d)) * 0.9:
+                raise ConfigError(f"--digits {d}: the splits need {need} distinct problems and {d}-digit tasks have "
+                                  f"about {room}; use more digits or smaller task.sizes")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -248,6 +252,12 @@ def main(argv=None) -> int:
     log_mlflow(result, stem)
     print(md)
     return 0
+
+
+def distinct_problems(ops: list[str], lo: int, hi: int) -> int:
+    """About how many distinct problems a task of lo..hi digits has (a+b and b+a are one)."""
+    n = 10**hi - (10 ** (lo - 1) if lo > 1 else 0)
+    return ("add" in ops) * n * (n + 1) // 2 + ("mul" in ops) * n * 8
 
 
 def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool, sweep: dict | None, only) -> dict:

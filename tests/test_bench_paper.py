@@ -102,30 +102,33 @@ def test_determinism_probe_repeats_a_bootstrap_bit_for_bit(tmp_path):
 
 def test_paired_interval_matches_a_hand_computation():
     common = load("_common")
-    d = common.paired([0.3, 0.5, 0.4], [0.1, 0.2, 0.3])  # differences 0.2, 0.3, 0.1: mean 0.2, sd 0.1
-    half = 4.303 * 0.1 / 3 ** 0.5
+    # differences 0.2, 0.3, 0.1, 0.2, 0.2: mean 0.2, sd sqrt(0.02 / 4), t(0.975, 4 df) = 2.776
+    d = common.paired([0.3, 0.5, 0.4, 0.6, 0.2], [0.1, 0.2, 0.3, 0.4, 0.0])
+    half = 2.776 * (0.02 / 4) ** 0.5 / 5 ** 0.5
     assert d["mean"] == pytest.approx(0.2) and d["lo"] == pytest.approx(0.2 - half) and d["hi"] == pytest.approx(0.2 + half)
     assert d["resolved"]
-    assert not common.paired([0.1, 0.3], [0.2, 0.2])["resolved"]
+    # 3 seeds, differences 0.2, 0.3, 0.1: the interval (t = 4.303) reaches below 0: within noise
+    assert not common.paired([0.3, 0.5, 0.4], [0.1, 0.2, 0.3])["resolved"]
 
 
-def test_bad_preset_or_override_is_a_one_line_error(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", "--set", "kl_warmup.stepz=3",
-                           "--root", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"]])  # 1-digit tasks: too few distinct problems
+def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", *bad, "--root", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and bad[1].split("=")[0] in proc.stderr
+    assert not (tmp_path / "base").exists()  # nothing ran
 
 
 def test_mechanism_mode_measures_the_2b_gain_per_digit_count(tmp_path):
     """--digits: full vs no-2b vs warmup-only at equal teacher tokens, one task per digit count (test-sized)."""
     sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16"] for a in ("--set", o)]
-    proc = run_bench("--preset", "cpu", "--digits", "1", "2", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
+    proc = run_bench("--preset", "cpu", "--digits", "2", "3", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "out"), "--workers", "2", *sets)
     assert proc.returncode == 0
     result = json.loads((tmp_path / "out" / "mechanism_paper-cpu.json").read_text())
-    assert [m["digits"] for m in result["mechanism"]] == [1, 2]
+    assert [m["digits"] for m in result["mechanism"]] == [2, 3]
     bench = load("paper_table")
     for m in result["mechanism"]:
         assert {r["arm"] for r in m["rows"]} == set(bench.MECHANISM_ARMS) | {"base student (no training)"}
-    # longer traces really are longer: the 2-digit task's completions outgrow the 1-digit task's
     md = (tmp_path / "out" / "mechanism_paper-cpu.md").read_text()
-    assert "| 1 |" in md and "| 2 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000
+    assert "| 2 |" in md and "| 3 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000
