@@ -499,7 +499,7 @@ def mechanism_points(result: dict) -> list[dict]:
 
 def _neg(d: dict) -> dict:
     """full - arm, from arm - full."""
-    return d | {"mean": -d["mean"], "lo": -d["hi"], "hi": -d["lo"]}
+    return d | {"mean": -d["mean"] + 0.0, "lo": -d["hi"] + 0.0, "hi": -d["lo"] + 0.0}  # + 0.0: no "-0.000"
 
 
 def render_mechanism(result: dict) -> str:
@@ -510,7 +510,7 @@ def render_mechanism(result: dict) -> str:
              f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Git: {m['git']}. "
              f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: the preset's (the values the "
              "table's validation sweep chose).", "",
-             "A task of d digits has a d+1-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
+             "A task of d digits has a d-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
              "95% t-interval over seeds.", "",
              f"| digits | teacher after stage 1 | full avg@{k} | no 2b | warmup only, = teacher tokens | 2b gain vs no 2b | 2b gain vs warmup only (= tokens) |",
              "|---|---|---|---|---|---|---|"]
