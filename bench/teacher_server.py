@@ -41,7 +41,8 @@ STAGE_SET = ["tracking.enabled=false", "torch_threads=1", "checkpoint_every=1000
              "task.sizes={bootstrap: 10, teacher_rl: 10, prompts: 256, student_rl: 10, validation: 10, eval: 8}",
              "eval.problems=8", "eval.samples=1", "eval.greedy=false", "eval.c2_prompts=16",
              "kl_warmup.steps=4", "kl_warmup.prompts_per_step=32", "kl_warmup.c2_every=1000",
-             "onpolicy_distill.steps=4", "onpolicy_distill.prompts_per_step=32", "teacher.concurrency=2",
+             "onpolicy_distill.steps=4", "onpolicy_distill.prompts_per_step=32", "onpolicy_distill.form=sampled",
+             "teacher.concurrency=2",
              "teacher_data.top_k=20", "teacher_data.prompts=128"]
 
 

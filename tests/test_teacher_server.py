@@ -77,7 +77,8 @@ def cfg_for(url: str, engine: str, *extra):
     return load_config("tiny", TEST_OVERRIDES + [
         "torch_threads=1", "sampling.max_new_tokens=12", f"teacher.engine={engine}", f"teacher.url={url}",
         "teacher.retries=1", "teacher.timeout_s=60", "eval.problems=4", "eval.samples=1", "eval.greedy=false",
-        "onpolicy_distill.steps=3", "checkpoint_every=1", "kl_warmup.form=topk", *extra])
+        "onpolicy_distill.steps=3", "onpolicy_distill.form=sampled", "checkpoint_every=1", "kl_warmup.form=topk",
+        *extra])
 
 
 def rollouts(model, tok, n=6, max_new=10):
