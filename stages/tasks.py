@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 from .config import Config, InputError, TaskConfig
 
 LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
+OPTIONAL = ("validation",)  # splits a stage uses when the task has them
 
 
 class TaskError(InputError):
@@ -170,7 +171,10 @@ def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
     s = STAGES.get(stage.split("/")[0])
     if s is None:  # a helper run outside the stage table (bench/paper_table.py's C2 probe): what it scores on
         return ("eval",)
-    return tuple(cfg.eval.sets) if s.kind == "tool" else s.splits + ("eval",)
+    if s.kind == "tool":
+        return tuple(cfg.eval.sets)
+    # bootstrap also checks the teacher beats the student on the (optional) validation split
+    return s.splits + ("eval",) + (("validation",) if s.name == "bootstrap" else ())
 
 
 def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
@@ -220,9 +224,13 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
             try:
                 problems = task.problems(split)
             except KeyError as e:
+                if split in OPTIONAL:
+                    continue
                 raise TaskError(f"task: stage {stage} reads split '{split}', which task '{cfg.task.kind}' does not have "
                                 f"({e.args[0] if e.args else e})") from None
             if not problems:
+                if split in OPTIONAL:
+                    continue
                 raise TaskError(f"task: split '{split}' (read by {stage}) is empty")
             for p in problems:
                 if not isinstance(p, Problem) or not p.prompt:
