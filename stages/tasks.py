@@ -219,19 +219,19 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
     if "bootstrap" in needs and not callable(getattr(task, "solution", None)):
         raise TaskError(f"models: source 'bootstrap' trains the tiny base models on worked solutions, but task "
                         f"'{cfg.task.kind}' has no solution(problem, rng, noise); start from checkpoints (models.*.source)")
+    from .registry import STAGES
+
+    where = "task.data" if cfg.task.kind == "dataset" else "task.files"
     for stage, splits in needs.items():
+        loaded = {}
         for split in splits:
             try:
-                problems = task.problems(split)
+                loaded[split] = problems = task.problems(split)
             except KeyError as e:
                 if split in OPTIONAL:
                     continue
                 raise TaskError(f"task: stage {stage} reads split '{split}', which task '{cfg.task.kind}' does not have "
                                 f"({e.args[0] if e.args else e})") from None
-            if not problems:
-                if split in OPTIONAL:
-                    continue
-                raise TaskError(f"task: split '{split}' (read by {stage}) is empty")
             for p in problems:
                 if not isinstance(p, Problem) or not p.prompt:
                     raise TaskError(f"task: split '{split}' has a problem with an empty prompt ({getattr(p, 'id', p)!r})")
@@ -239,4 +239,11 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
                     raise TaskError(f"task: split '{split}' is labeled but problem {p.id} has no answer")
                 if split == "prompts" and p.answer is not None:
                     raise TaskError(f"task: split 'prompts' must withhold answers (problem {p.id} has one)")
+        # a stage trains on its splits together (direct_grpo: two) and evaluates on eval
+        spec = STAGES.get(stage)
+        groups = [spec.splits, ("eval",)] if spec and spec.kind != "tool" else [(s,) for s in splits]
+        for group in groups:
+            if not any(loaded.get(s) for s in group):
+                raise TaskError(f"{stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "
+                                f"{'are' if len(group) > 1 else 'is'} empty (task.sizes / {where})")
     return task, warnings
