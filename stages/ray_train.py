@@ -117,7 +117,9 @@ def run(argv: list[str], env=os.environ) -> int:
             return 1
     finally:
         ray.shutdown()
-    rc, line = result.return_value  # rank 0's (exit code, JSON summary)
+    rc, line, error = result.return_value  # rank 0's exit code, JSON summary and one-line error
+    if error:
+        print(error, file=sys.stderr, flush=True)
     if line:
         if args.xcom_file:
             Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +128,7 @@ def run(argv: list[str], env=os.environ) -> int:
     return rc
 
 
-def _worker(config: dict) -> tuple[int, str]:
+def _worker(config: dict) -> tuple[int, str, str]:
     """One Ray Train worker: the stage command in this process (torch.distributed is already set up)."""
     import ray.train
 
@@ -140,11 +142,11 @@ def _worker(config: dict) -> tuple[int, str]:
           f"node {ctx.get_node_rank()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="s2d-ray-") as d:
         summary = Path(d) / "summary.json"
+        error = ""
         try:
             rc = main([*config["argv"], "--xcom-file", str(summary)])
         except SystemExit as e:  # the stage command's one-line input errors: final, so not retried
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr, flush=True)
+            error = e.code if isinstance(e.code, str) else ""
             rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         line = summary.read_text() if summary.exists() else ""
-    return rc, line
+    return rc, line, error
