@@ -30,7 +30,7 @@ POOL = r.setting("gpu_pool", "gpu")
 TIMEOUT = timedelta(hours=float(r.setting("stage_timeout_hours", "24")))
 STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]
 STEP_STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"]
-ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", *STEP_STAGES]}
+ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", "teacher_data", *STEP_STAGES]}
 FINAL_STUDENT = Asset(f"s2d://{DAG_ID}/final_student")
 
 params = {
@@ -119,7 +119,8 @@ with DAG(
     plan = stage_task("plan")()
     boot = stage_task("bootstrap", outlets=[ASSETS["bootstrap"]])(plan)
     prev = boot
-    for stage in STAGES:
+    # teacher_data (stored teacher top-k for kl_warmup.form topk) runs before 2a; skipped when not planned
+    for stage in ["teacher_rl", "teacher_data", *STAGES[1:]]:
         nxt = stage_task(stage, trigger_rule="none_failed", outlets=[ASSETS[stage]])(plan)
         prev >> nxt
         prev = nxt
@@ -127,3 +128,5 @@ with DAG(
     boot >> baseline
     report = stage_task("report", trigger_rule="none_failed", outlets=[FINAL_STUDENT])(plan)
     [prev, baseline] >> report
+    # teardown: a failed or killed run leaves none of its MLflow runs RUNNING (nothing to do after success)
+    report >> stage_task("close-runs")(plan).as_teardown()

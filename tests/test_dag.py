@@ -35,10 +35,12 @@ def test_dag_imports_without_errors_and_without_torch():
 
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
-    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl",
-                                 "direct_grpo", "report"}
+    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
+                                 "student_rl", "direct_grpo", "report", "close-runs"}
     t = dag.task_dict
-    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_rl"}
+    assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report"}
+    assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
+    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
     assert t["direct_grpo"].upstream_task_ids == {"plan", "bootstrap"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl", "direct_grpo"}
     for name in ("bootstrap", "teacher_rl", "student_rl", "direct_grpo"):
@@ -153,7 +155,7 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
 
     from stages.__main__ import parse_args
 
-    for cmd in ("plan", *r.GPU_STAGES, "report"):
+    for cmd in ("plan", *r.GPU_STAGES, "report", "close-runs"):
         args = parse_args(r.stage_args(cmd, PARAMS, "runs/x", "pid"))
         assert args.command == cmd and args.root == "runs/x" and args.parent_run_id == "pid"
         assert "teacher_rl.steps=7" in args.overrides and "seed=3" in args.overrides
