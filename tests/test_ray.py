@@ -231,6 +231,7 @@ def test_missing_input_under_ray_is_a_one_line_error_not_retried(cluster, tmp_pa
     out = subprocess.run([*_cmd(str(tmp_path / "root")), "--teacher", str(tmp_path / "nope")],
                          env=_ray_env(cluster, tmp_path / "mlflow.db"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines()[-1] == f"error: policy {tmp_path / 'nope'} does not exist (has the stage that writes it finished?)"
+    # the driver's own line (Ray's forwarded actor logs may still trail it)
+    assert f"error: policy {tmp_path / 'nope'} does not exist (has the stage that writes it finished?)" in out.stderr.splitlines()
     assert out.stderr.count("rank 1/2") == 1  # final: the group was not restarted
     assert not (tmp_path / "root").exists()
