@@ -52,6 +52,17 @@ def test_engine_setting_selects_ray_for_stage_commands_only():
     assert ray_train.forwarded_env(env) == {"S2D_RAY_WORKERS": "2", "MLFLOW_TRACKING_URI": "http://m", "AWS_ENDPOINT_URL": "http://s3"}
 
 
+def test_worker_keeps_the_stage_commands_error_line_for_the_driver():
+    import io
+
+    out = io.StringIO()
+    err = ray_train._ErrorLine(out)
+    print("progress", file=err)
+    err.write("error: policy x does not ")
+    err.write("exist\nafter\n")
+    assert err.error == "error: policy x does not exist" and out.getvalue() == "progress\nerror: policy x does not exist\nafter\n"
+
+
 def test_bad_config_is_a_one_line_error_before_ray_starts(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "S2D_ENGINE": "ray", "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
     out = subprocess.run([sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", str(tmp_path),
