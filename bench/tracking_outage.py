@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TEST_OVERRIDES, free_port, wait_http
+from conftest import TEST_OVERRIDES, free_port, wait_http  # noqa: E402
 
 BIN = Path(sys.executable).parent
 OVERRIDES = [o for o in TEST_OVERRIDES if not o.startswith("tracking.")] + ["tracking.experiment=bench"]

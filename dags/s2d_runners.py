@@ -21,7 +21,10 @@ from datetime import timedelta
 ENTRYPOINT = ("python", "-m", "stages")  # docker/*.Dockerfile ENTRYPOINT and the pod's command (tested)
 DEFAULT_IMAGE = "ghcr.io/sparse-to-dense/stages:0.1.0"
 NOT_PLANNED = 99  # the stage command's exit code for "this config switches the stage off"
-GPU_STAGES = ("bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
+GPU_STAGES = ("bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
+# stages that talk to the teacher: with a long-lived teacher server (setting ``teacher_url``; infra/k8s
+# teacher-server.yaml, compose service ``teacher``) they get S2D_TEACHER_URL (used by teacher.engine: server)
+TEACHER_STAGES = ("teacher_data", "kl_warmup", "onpolicy_distill")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
 PLAIN_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -85,7 +88,10 @@ def stage_argv(args: list[str], python: str | None = None) -> list[str]:
 def stage_env(stage: str) -> dict[str, str]:
     """Environment every runner gives the stage command, besides credentials and tracking settings:
     ``S2D_GPUS`` (GPUs this task holds; the stage relaunches under ``accelerate launch`` above one)."""
-    return {"S2D_GPUS": str(gpu_count(stage)), "PYTHONUNBUFFERED": "1"}
+    env = {"S2D_GPUS": str(gpu_count(stage)), "PYTHONUNBUFFERED": "1"}
+    if stage in TEACHER_STAGES and setting("teacher_url", ""):
+        env["S2D_TEACHER_URL"] = setting("teacher_url", "")
+    return env
 
 
 def last_json(text: str) -> dict:

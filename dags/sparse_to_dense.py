@@ -11,12 +11,13 @@ Every task runs the same stage command (``python -m stages <stage> ...``, see ``
 tasks pass only the artifact root and the MLflow parent run id. Stages switched off in the form are
 skipped (the paper's ablations). Re-running a DAG run, or triggering with the same artifact root,
 skips the stages already published. Deployment settings (env ``S2D_*`` or Airflow Variables
-``s2d_*``): ``runner`` (local | docker | kubernetes), ``schedule`` (cron; default none),
+``s2d_*``): ``runner`` (local | docker | kubernetes | rayjob: s2d_rayjob), ``schedule`` (cron; default none),
 ``artifact_root``, ``stage_python``, ``image``, ``gpu_pool``, ``stage_timeout_hours``.
 """
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 
 import pendulum
@@ -29,7 +30,7 @@ POOL = r.setting("gpu_pool", "gpu")
 TIMEOUT = timedelta(hours=float(r.setting("stage_timeout_hours", "24")))
 STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]
 STEP_STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo"]
-ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", *STEP_STAGES]}
+ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", "teacher_data", *STEP_STAGES]}
 FINAL_STUDENT = Asset(f"s2d://{DAG_ID}/final_student")
 
 params = {
@@ -56,7 +57,8 @@ def s2d_args(command: str, params: dict, dag_id: str, run_id: str, plan=None) ->
     parent = (plan or {}).get("parent_run_id")
     root = (plan or {}).get("root") or r.artifact_root(params, dag_id, run_id)
     args = r.stage_args(command, params, root, parent)
-    return args + (["--xcom-file", "/airflow/xcom/return.json"] if RUNNER == "kubernetes" else [])
+    pod = RUNNER == "kubernetes" or RUNNER == "rayjob" and command not in r.GPU_STAGES
+    return args + (["--xcom-file", "/airflow/xcom/return.json"] if pod else [])
 
 
 def stage_task(command: str, **kw):
@@ -87,6 +89,10 @@ def stage_task(command: str, **kw):
     template = "{{ s2d_args('%s', params, dag_run.dag_id, dag_run.run_id, %s) }}" % (
         command, "None" if command == "plan" else "ti.xcom_pull(task_ids='plan')")
     make = r.docker_operator if RUNNER == "docker" else r.kubernetes_operator
+    if RUNNER == "rayjob" and gpu:  # a KubeRay RayJob per training stage: create -> wait -> delete (s2d_rayjob)
+        import s2d_rayjob
+
+        make = functools.partial(s2d_rayjob.stage_group, plan_template="{{ ti.xcom_pull(task_ids='plan') }}")
 
     def build(plan=None):
         op = make(command, command, template, **opts)
@@ -113,7 +119,8 @@ with DAG(
     plan = stage_task("plan")()
     boot = stage_task("bootstrap", outlets=[ASSETS["bootstrap"]])(plan)
     prev = boot
-    for stage in STAGES:
+    # teacher_data (stored teacher top-k for kl_warmup.form topk) runs before 2a; skipped when not planned
+    for stage in ["teacher_rl", "teacher_data", *STAGES[1:]]:
         nxt = stage_task(stage, trigger_rule="none_failed", outlets=[ASSETS[stage]])(plan)
         prev >> nxt
         prev = nxt

@@ -12,14 +12,16 @@ stage 1 is on); --teacher / --student override them.
 
 The same command runs as a local subprocess, in Docker and in a Kubernetes pod. Exit code 0 only
 when the stage's outputs are published; the last stdout line is a JSON summary (URIs, metrics).
+A user error (config, flag, input, data) is one line ``error: ...`` on stderr and exit code 2, found
+before any model loads; any other failure is one line and exit code 1; ``--debug`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,24 +52,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
                    help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
 
 
-def check_input(uri: str, what: str) -> None:
-    """Fail before any model loads when a local input is missing or unfinished."""
-    from .artifacts import find_manifest, uri_kind
+def check_input(uri: str, what: str, spec=None) -> None:
+    """Fail before any model loads when an input is missing, unfinished, unreadable or unreachable."""
+    from .artifacts import ArtifactError, CorruptManifest, StorageUnavailable, check_files, find_manifest, uri_kind
+    from .config import InputError
+    from .models import check_source
 
-    if uri_kind(uri) != "local":
-        return
+    kind = uri_kind(uri)
     path = Path(uri.removeprefix("file://"))
-    if not path.exists():
-        raise SystemExit(f"error: {what} {uri} does not exist (has the stage that writes it finished?)")
-    if find_manifest(uri) is None and not (path / "config.json").exists():
-        raise SystemExit(f"error: {what} {uri} has no manifest.json and is not a Hugging Face checkpoint folder")
+    if kind == "local" and not path.exists():
+        raise InputError(f"{what} {uri} does not exist (has the stage that writes it finished?)")
+    try:
+        found = find_manifest(uri) if kind in ("local", "s3") else None
+    except CorruptManifest as e:  # the input is bad (not a storage fault): say which file
+        raise InputError(f"{what}: {e}") from None
+    if found is None:
+        check_source(uri, what, spec)
+        return
+    if found[0] == uri.rstrip("/"):
+        outputs = ", ".join(found[1].get("outputs", {}).values()) or "none"
+        raise InputError(f"{what} {uri}: a stage folder, not a model; pass one of its outputs: {outputs}")
+    try:
+        check_files(uri)
+    except StorageUnavailable:
+        raise
+    except ArtifactError as e:
+        raise InputError(f"{what}: {e}") from None
 
 
 def emit(args, payload: dict) -> None:
-    line = json.dumps(payload)
+    from .artifacts import dumps
+
+    line = dumps(payload)  # strict JSON: orchestrators parse this line
     if args.xcom_file:
         Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.xcom_file).write_text(line)
@@ -98,7 +118,56 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
 
 
 def main(argv=None) -> int:
+    """Run a command; every failure is one line on stderr (2: a user error, 1: anything else)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # SIGTERM (Airflow, Kubernetes, docker stop) unwinds like an exception: scratch folders, locks and
+    # MLflow runs are closed by the code that opened them
+    import threading
+
+    from .artifacts import ArtifactError, LockHeld, NotWritable
+    from .config import InputError
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; nothing published "
+              "by the unfinished stage, its last resume state kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except (SystemExit, Exception) as e:  # noqa: BLE001 - the one place every error becomes one line
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise  # argparse's own exits (--help, usage errors) and plain exit codes
+        if "--debug" in argv:
+            import traceback
+
+            traceback.print_exc()
+        msg = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+        msg = " ".join(msg.split()) or type(e).__name__
+        user = isinstance(e, (SystemExit, InputError, NotWritable)) and not isinstance(e, LockHeld)
+        if not user and not isinstance(e, ArtifactError):
+            msg = f"{type(e).__name__}: {msg} (--debug shows the traceback)"
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        return 2 if user else 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that ``finally`` blocks and context managers run (a
+    BaseException, like KeyboardInterrupt, so no ``except Exception`` swallows it)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _main(argv: list[str]) -> int:
+    from . import ray_train
+
+    if ray_train.wanted(argv):  # S2D_ENGINE=ray: this same command on S2D_RAY_WORKERS Ray Train workers
+        return ray_train.run(argv)
     relaunch = relaunch_command(argv)
     if relaunch is not None:
         import subprocess
@@ -109,19 +178,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_runtime, load_config
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "validate":
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
+        try:
+            check_runtime(cfg)
+        except ConfigError as e:
+            if not str(e).startswith("device"):
+                raise
+            print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
         emit(args, {"valid": True, "name": cfg.name})
         return 0
+    check_runtime(cfg)
 
     from . import workflow
     from .tracking import TrackingUnavailable, close_runs, resolve_model_uri
@@ -169,9 +241,16 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     # models:/<name>/<version> (or @alias) names a registered version: its checkpoint URI is the input
     inputs = workflow.stage_inputs(cfg, root, cmd, {k: v and resolve_model_uri(v) for k, v in explicit.items()})
     for what, uri in inputs.items():
-        check_input(uri, what)
+        role = STAGES[cmd].inputs[what]
+        check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
-    manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    from .teacher import TeacherUnavailable
+
+    try:
+        manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    except TeacherUnavailable as e:  # nothing published; the last saved state is kept for the rerun
+        print(f"error: {e} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
+        return 1
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
                 "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})
     return 0

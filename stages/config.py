@@ -8,19 +8,28 @@ that name the key.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import re
+import string
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .registry import STAGES, WORKFLOW
 
 PRESETS = Path(__file__).parent / "configs"
+TEMPLATE_FIELDS = {"problem"}
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """A user error (config, flag, input, data file): ``python -m stages`` prints one line and exits 2."""
+
+
+class ConfigError(InputError):
     """A config that cannot run; the message names the offending key."""
 
 
@@ -97,7 +106,21 @@ class TaskConfig(Strict):
             missing = {"teacher_rl", "prompts", "eval"} - set(self.files)
             if missing:
                 raise ValueError(f"math_jsonl needs files for splits {sorted(missing)}")
+        _check_template(self.prompt_template)
         return self
+
+
+def _check_template(template: str) -> None:
+    """A ``str.format`` template that uses only the fields a task fills in (``{problem}``)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"prompt_template is not a valid format string ({e}); write literal braces as {{{{ }}}}") from None
+    unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
+    if "" in unknown:
+        raise ValueError("prompt_template has a positional field '{}'; name it {problem}, write literal braces as {{ }}")
+    if unknown:
+        raise ValueError(f"prompt_template uses unknown field(s) {sorted(unknown)}; the only field is {{problem}}")
 
 
 class VLLMOptions(Strict):
@@ -106,6 +129,36 @@ class VLLMOptions(Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of GPU memory vLLM may take")
     enable_sleep_mode: bool = Field(True, description="free vLLM's KV cache while the trainer steps")
     max_model_len: int | None = Field(None, gt=0, description="default: the model's")
+
+
+class TeacherEngine(Strict):
+    """How stages 2a/2b reach the teacher (README, "Teacher as a service"): ``local`` loads it in the
+    training process; ``server`` scores with an OpenAI-compatible vLLM server holding it."""
+
+    engine: Literal["local", "server"] = "local"
+    url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
+    model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
+    sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
+    concurrency: int = Field(4, gt=0, description="requests in flight")
+    timeout_s: float = Field(300.0, gt=0, description="per request")
+    retries: int = Field(3, ge=0, description="per request, with backoff, on connection errors and 5xx")
+
+    def resolved_url(self) -> str:
+        import os
+
+        url = os.environ.get("S2D_TEACHER_URL") or self.url
+        if not url:
+            raise ConfigError("teacher.engine server needs teacher.url (or S2D_TEACHER_URL)")
+        return url
+
+
+class TeacherDataConfig(Strict):
+    """Stage ``teacher_data``: teacher rollouts with their top-k log-probs, generated once and stored as
+    Parquet for every warmup run with the same teacher and prompts (``kl_warmup.form: topk``)."""
+
+    top_k: int = Field(64, gt=0, description="teacher log-probs kept per position (the server needs --max-logprobs >= k)")
+    prompts: int | None = Field(None, gt=0, description="first N problems of the prompts split; default: all")
+    rows_per_shard: int = Field(256, gt=0, description="rollouts per Parquet shard (the unit of resume)")
 
 
 class Sampling(Strict):
@@ -171,7 +224,9 @@ class WarmupConfig(Strict):
     sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
     steps: int = Field(50, ge=0)
-    form: Literal["token_kl", "seq_sft"] = "token_kl"
+    # topk: forward KL over the teacher's stored top-k + a tail bucket, trained from stage teacher_data's
+    # Parquet (the teacher is not loaded for training)
+    form: Literal["token_kl", "seq_sft", "topk"] = "token_kl"
     prompts_per_step: int = Field(32, gt=0)
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
     c2_every: int = Field(10, gt=0)
@@ -215,11 +270,21 @@ class Workflow(Strict):
     stages: list[Literal[WORKFLOW]] = list(WORKFLOW)
     baseline: bool = True
 
+    @model_validator(mode="after")
+    def _canonical_order(self):
+        # stages always run in the paper's order; a list in another order would be silently reordered
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages lists a stage twice: {self.stages}")
+        ordered = [s for s in WORKFLOW if s in self.stages]
+        if self.stages != ordered:
+            raise ValueError(f"stages run in the paper's order {list(WORKFLOW)}; write {ordered}, not {self.stages}")
+        return self
+
 
 class Config(Strict):
     name: str = "custom"
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu | cuda | cuda:N | mps (must exist where the stage runs)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     torch_threads: int | None = Field(None, gt=0)
     logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
@@ -228,6 +293,8 @@ class Config(Strict):
     task: TaskConfig = TaskConfig()
     models: Models
     sampling: Sampling = Sampling()
+    teacher: TeacherEngine = TeacherEngine()
+    teacher_data: TeacherDataConfig = TeacherDataConfig()
     bootstrap: Bootstrap = Bootstrap()
     teacher_rl: GRPOConfig = GRPOConfig()
     kl_warmup: WarmupConfig = WarmupConfig()
@@ -237,6 +304,28 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     workflow: Workflow = Workflow()
     tracking: Tracking = Tracking()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not DEVICE.match(v):
+            raise ValueError("not a device: use cpu, cuda, cuda:N or mps")
+        return v
+
+    @model_validator(mode="after")
+    def _served_teacher(self):
+        """A served teacher gives log-probs at temperature 1 and top-k, never the full vocabulary."""
+        if self.teacher.engine != "server":
+            return self
+        if self.sampling.temperature != 1.0:
+            raise ValueError("teacher.engine server scores at temperature 1: set sampling.temperature to 1.0")
+        if self.kl_warmup.form == "token_kl":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set kl_warmup.form to topk (or seq_sft)")
+        if self.onpolicy_distill.form == "full":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set onpolicy_distill.form to sampled")
+        return self
 
     def student_step_budget(self) -> int:
         """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""
@@ -285,19 +374,69 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"unknown preset '{preset_or_path}' (presets: {', '.join(names)})")
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key.path=value, got '{item}'")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw))
+        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
+            raise ConfigError(f"--set {item}: '{key.strip()}' is not a key path like teacher_rl.steps")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: value is not valid YAML: {_yaml_problem(e)}") from None
+        _set_path(tree, key.strip(), value)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        lines = []
+        problems = []  # one line: users and orchestrators read the last line of stderr
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc or '<root>'}: {err['msg']}" + (f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""))
-        raise ConfigError(f"invalid config {path.name}:\n" + "\n".join(lines)) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            problems.append(f"{loc or '<root>'}: {msg}{got}")
+        where = f"{path.name}" + (f" with --set {', '.join(overrides)}" if overrides else "")
+        raise ConfigError(f"invalid config {where}: " + "; ".join(problems)) from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (line/column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+def check_runtime(cfg: Config) -> None:
+    """What the config needs from this host, checked before any model loads: the device exists and a
+    task plugin (``task.kind: module:factory``) imports. Raises :class:`ConfigError` naming the key."""
+    check_device(cfg.device)
+    if ":" in cfg.task.kind:
+        module, _, attr = cfg.task.kind.partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - any import failure of user code is a config error
+            raise ConfigError(f"task.kind '{cfg.task.kind}': cannot import {module}: {type(e).__name__}: {e}") from None
+        if not callable(getattr(mod, attr, None)):
+            raise ConfigError(f"task.kind '{cfg.task.kind}': {module} has no callable '{attr}'")
+
+
+def check_device(device: str) -> None:
+    if device == "cpu":
+        return  # always there; and `validate` stays free of a torch import
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if idx >= n:
+            raise ConfigError(f"device '{device}' is not available on this host ({n} CUDA device(s)); "
+                              "use --set device=cpu or run where a GPU is")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' is not available on this host; use --set device=cpu")

@@ -3,16 +3,21 @@ and the teacher/student compatibility check."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from .config import ModelSpec, TinyArch
+from .config import InputError, ModelSpec, TinyArch
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
+
+
+class ModelInputError(InputError):
+    """A model input that cannot be loaded; the message names the role and the path or hub id."""
 
 
 class TokenizerMismatch(ValueError):
@@ -50,13 +55,49 @@ def tiny_qwen3(arch: TinyArch, tokenizer, seed: int) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(cfg)
 
 
-def load(path: str | Path, spec: ModelSpec | None = None, dtype: str = "float32"):
-    """Load (model, tokenizer) from a local HF folder or a hub id."""
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
+def check_source(uri: str, role: str, spec: ModelSpec | None = None) -> None:
+    """Before anything loads: a local folder (no manifest) holds a readable model config, and a hub id
+    is reachable (in the local cache when the hub is offline). Raises :class:`ModelInputError`."""
+    from huggingface_hub import is_offline_mode
+    from transformers import AutoConfig
+
+    path = Path(uri.removeprefix("file://"))
+    if "://" in uri and not uri.startswith("file://"):
+        raise ModelInputError(f"{role} {uri}: not a published artifact (no manifest.json here or one level up) "
+                              "and not a local folder or hub id")
+    if path.exists():
+        if (path / "model" / "config.json").exists() and not (path / "config.json").exists():
+            raise ModelInputError(f"{role} {uri}: a stage folder; pass its model folder {path / 'model'}")
+        if not (path / "config.json").exists():
+            raise ModelInputError(f"{role} {uri}: no config.json: not a Hugging Face checkpoint folder")
+    elif is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(uri, "config.json"), str):
+            raise ModelInputError(f"{role}: hub id '{uri}' is not in the local cache and the hub is offline "
+                                  "(HF_HUB_OFFLINE); download it first or pass a local folder")
+    try:
+        AutoConfig.from_pretrained(str(path) if path.exists() else uri, trust_remote_code=bool(spec and spec.trust_remote_code))
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, its own dataclass errors
+        raise ModelInputError(f"{role} {uri}: not a loadable model config: {_one_line(e)}") from None
+
+
+def load(path: str | Path, spec: ModelSpec | None = None, dtype: str = "float32", role: str = "model"):
+    """Load (model, tokenizer) from a local HF folder or a hub id; any failure names the role and path."""
+    if "://" in str(path):  # an unpublished s3:// input must not be handed to the hub loader as an id
+        raise ModelInputError(f"{role} {path}: not published (no manifest.json here or one level up)")
     trust = bool(spec and spec.trust_remote_code)
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), trust_remote_code=trust)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), trust_remote_code=trust)
+    except Exception as e:  # noqa: BLE001 - see check_source
+        raise ModelInputError(f"{role} {path}: cannot load: {_one_line(e)}") from None
     return model, tok
 
 

@@ -20,6 +20,7 @@ on every engine up to float ties, and a CUDA-graph-captured decode step needs no
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -83,6 +84,14 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, gre
     lp = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
     ent = -(p * logp).nan_to_num(0.0).sum(-1)
     return tok, lp, ent
+
+
+def cache_kwarg(model) -> str:
+    """The name of the KV-cache argument of ``model``'s forward: transformers renamed ``past_key_values`` to
+    ``cache`` after 5.17 (the GPU machine's version). Passing the wrong name is silently swallowed by
+    ``**kwargs``: every decode step would see one token without its prefix."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

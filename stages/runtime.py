@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
+import math
 import os
 import random
 import shutil
-import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -37,12 +37,16 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from . import artifacts, models
-from .config import Config, Optim
+from .config import Config, InputError, Optim
 from .rollout import Rollouts, Sampler, concat
 from .tasks import Problem, make_task
 from .tracking import Tracker, plot_history
 
 log = logging.getLogger("stages")
+
+
+class Divergence(RuntimeError):
+    """A non-finite loss or gradient norm: the stage stops before the optimizer step and publishes nothing."""
 
 
 def seed_for(*parts) -> int:
@@ -114,10 +118,19 @@ class StageRun:
         # inputs are identified by URI and by the digest of the manifest that published them
         ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
         self.config_hash = cfg.stage_hash(stage, ident)
-        m = artifacts.read_manifest(self.uri)
+        try:
+            m = artifacts.read_manifest(self.uri)
+        except artifacts.CorruptManifest as e:  # our own output, damaged: not finished, publishing rewrites it
+            log.warning("%s; the stage runs again", e)
+            m = None
         self.finished = m if m and m.get("config_hash") == self.config_hash else None
-        # local scratch for what is being written; nothing when the stage is already published
-        self.work = None if self.finished else Path(tempfile.mkdtemp(prefix=f"s2d-{stage.replace('/', '-')}-"))
+        # local scratch for what is being written; nothing when the stage is already published. Removed
+        # by close(), publish(), garbage collection or interpreter exit (SIGTERM included, see __main__);
+        # after a kill -9 the next run sweeps it (its name carries our pid)
+        self.work = None if self.finished else artifacts.make_scratch(stage)
+        if self.finished:
+            artifacts.sweep_scratch()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.work), True) if self.work else None
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
         self.accelerator = make_accelerator(cfg)
@@ -125,8 +138,32 @@ class StageRun:
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking) if not self.finished else None
         self.task = make_task(cfg.task)
+        if not self.finished:
+            self.check_splits()
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
         self.rollouts = RolloutMaker(cfg, stage, self.accelerator, self.device, self.task)
+
+    def check_splits(self) -> None:
+        """Empty data splits are found here, before any model loads or MLflow run starts."""
+        from .registry import STAGES
+
+        spec = STAGES.get(self.stage.split("/")[0])
+        # a stage trains on its splits (together: direct_grpo uses two) and evaluates on eval
+        for group in [spec.splits, ("eval",)] if spec else []:
+            if not any(self.task.problems(split) for split in group):
+                raise InputError(f"{self.stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "
+                                 f"{'are' if len(group) > 1 else 'is'} empty (task.sizes / task.files)")
+
+    def close(self) -> None:
+        """Remove the scratch folder (idempotent)."""
+        if self._cleanup is not None:
+            self._cleanup()
+
+    def __enter__(self) -> "StageRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------ models
     def load_model(self, uri: str, role: str):
@@ -134,7 +171,7 @@ class StageRun:
         spec = getattr(self.cfg.models, role, None)
         found = artifacts.find_manifest(uri) if artifacts.uri_kind(uri) != "hub" else None
         path = artifacts.fetch(uri) if found else uri
-        model, tok = models.load(path, spec, self.cfg.dtype)
+        model, tok = models.load(path, spec, self.cfg.dtype, role=role)
         model.to(self.device)
         return model, tok
 
@@ -200,12 +237,13 @@ class StageRun:
                 row = {"step": step, "problem_id": p.id, "prompt": p.prompt, "completion": t}
                 if rewards is not None:
                     row["reward"] = rewards[i]
-                f.write(json.dumps(row) + "\n")
+                f.write(artifacts.dumps(row) + "\n")
 
     def publish(self, models_out: dict, tokenizer, *, metrics: dict, extra: dict | None = None,
-                history: list[dict] | None = None) -> dict:
+                history: list[dict] | None = None, outputs: dict[str, str] | None = None) -> dict:
         """Write the stage's outputs (checkpoints ``models_out``, ``metrics.jsonl`` and curves from
-        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow."""
+        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow.
+        ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data)."""
         acc = self.accelerator
         out = self.work / "out"
         for name, model in models_out.items():
@@ -214,19 +252,20 @@ class StageRun:
                     models.save(model, tokenizer, out / name)
         if not self.is_main:  # the main process publishes; the others return what it published
             acc.wait_for_everyone()
-            shutil.rmtree(self.work, ignore_errors=True)
+            self.close()
             return artifacts.read_manifest(self.uri)
         out.mkdir(parents=True, exist_ok=True)
         if history is not None:
             with open(out / "metrics.jsonl", "w") as f:
                 for r in history:
-                    f.write(json.dumps(r) + "\n")
+                    f.write(artifacts.dumps(r) + "\n")
             plot_history(history, out / "curves.png", f"{self.stage} ({self.cfg.name})")
         manifest = {
             "stage": self.stage,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
-            "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
+            "outputs": {name: artifacts.join(self.uri, name) for name in models_out}
+                       | {name: artifacts.join(self.uri, rel) for name, rel in (outputs or {}).items()},
             "metrics": metrics,
             "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
@@ -240,7 +279,7 @@ class StageRun:
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
             self.tracker.reconcile(manifest, self.uri, self.root, self.parent_run_id, history)
-        shutil.rmtree(self.work, ignore_errors=True)
+        self.close()
         acc.wait_for_everyone()
         return manifest
 
@@ -276,7 +315,9 @@ def full_weights(model):
 
 def make_accelerator(cfg: Config):
     """The process's ``Accelerator``: plain when not launched, the launcher's setup (DDP, DeepSpeed) when
-    started by ``accelerate launch``."""
+    started by ``accelerate launch``. In a Ray Train worker (stages/ray_train.py) Ray has already created the
+    process group and set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``: accelerate adopts it (MULTI_CPU with gloo on
+    the CPU, MULTI_GPU with NCCL on GPUs) without initialising another, so nothing here differs."""
     from accelerate import Accelerator
 
     # cpu=True would switch a DeepSpeed launch off; under DeepSpeed on a CPU (DS_ACCELERATOR=cpu, as in the
@@ -317,6 +358,10 @@ def _all_reduce_mean(grads: list[torch.Tensor]) -> None:
     flat /= dist.get_world_size()
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
+
+
+class _OtherConfig(ValueError):
+    """A resume state written under another config: not resumable, not corrupted either."""
 
 
 def decode(tok, rollouts: Rollouts) -> list[str]:
@@ -371,10 +416,16 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.resumed: dict | None = None  # the state restored at start (its step, history, MLflow run id)
+        self.saved_step: int | None = None  # the step of the newest resume state in the store
         self.state: dict = {}  # small JSON-able extras a stage wants restored (e.g. early-stop info)
 
     def update(self, loss: torch.Tensor) -> float:
-        """One optimizer step on ``loss``; returns the gradient norm before clipping."""
+        """One optimizer step on ``loss``; returns the gradient norm before clipping.
+
+        A non-finite loss or gradient norm raises :class:`Divergence` before the optimizer steps: the
+        weights stay those of the last good step, nothing is published, and the last resume state stays
+        for a retry (clipping cannot repair a NaN gradient, it spreads it to every weight)."""
+        self._check_finite("loss", loss)
         if self.engine is not None:
             self.acc.backward(loss)  # DeepSpeed: backward, average, clip and step in one call
             norm = self.engine.get_global_grad_norm()
@@ -383,9 +434,21 @@ class Trainer:
         if self.acc.num_processes > 1:  # every rank trained on the same gathered batch: average anyway
             _all_reduce_mean([p.grad for p in self.params if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self._check_finite("gradient norm", norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def _check_finite(self, what: str, value: torch.Tensor) -> None:
+        v = float(value.detach())
+        if math.isfinite(v):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = (f"the resume state of step {self.saved_step} kept" if self.saved_step is not None else
+                f"no resume state yet (one every {self.run.cfg.checkpoint_every} steps)")
+        raise Divergence(f"{self.run.stage}: {what} is {v} at step {self.step + 1} ({self.name}, lr "
+                         f"{self.optimizer.param_groups[0]['lr']:.3g}): stopped before the optimizer step, nothing "
+                         f"published, {kept}; lower the learning rate or raise the clipping and retry")
 
     def _set_lr(self) -> None:
         warm = self.optim_cfg.warmup_steps
@@ -413,22 +476,46 @@ class Trainer:
         meta = {"config_hash": self.run.config_hash, "history": self.history, "state": self.state,
                 "mlflow_run_id": self.run.run_id}
         artifacts.save_state(self.run.uri, self.name, self.step, d, meta)
+        self.saved_step = self.step
         self.acc.wait_for_everyone()
 
     def restore(self) -> dict | None:
         if self.engine is not None:
             return None
         d = self.run.work / "restore" / self.name
-        latest = artifacts.load_state(self.run.uri, self.name, d)
-        if latest is None or latest.get("config_hash") != self.run.config_hash:
+        loaded = {}
+
+        def check(folder: Path, meta: dict) -> None:  # parse everything before touching the model
+            if meta.get("config_hash") != self.run.config_hash:
+                raise _OtherConfig(f"written by another config ({meta.get('config_hash')})")
+            from safetensors.torch import load_file
+
+            loaded["model"] = load_file(str(folder / "model.safetensors"))
+            shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+            bad = [k for k, t in loaded["model"].items() if shapes.get(k) != t.shape]
+            if bad:
+                raise ValueError(f"tensors that do not fit this model: {bad[:3]}")
+            loaded["optim"] = torch.load(folder / "optimizer.pt", weights_only=True)
+            if not isinstance(meta.get("history"), list) or not isinstance(meta.get("step"), int):
+                raise ValueError("resume pointer lacks step/history")
+
+        latest = artifacts.load_state(self.run.uri, self.name, d, check=check)
+        if latest is None:
             return None
-        load_model(self.model, str(d / "model.safetensors"), device=str(next(self.model.parameters()).device))
-        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        device = str(next(self.model.parameters()).device)
+        try:
+            load_model(self.model, str(d / "model.safetensors"), device=device)
+            self.optimizer.load_state_dict(loaded["optim"])
+        except Exception as e:  # noqa: BLE001 - e.g. shapes of another model: start over, loudly
+            log.warning("%s: resume state of step %s does not fit this model (%s); starting over",
+                        self.run.stage, latest["step"], " ".join(str(e).split())[:200])
+            return None
         if (d / "rollouts.jsonl").exists():
             self.run.rollout_file.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(d / "rollouts.jsonl", self.run.rollout_file)
-        self.step = latest["step"]
+        self.step = self.saved_step = latest["step"]
         self.resumed = latest
+        log.info("%s: resumed %s from step %d", self.run.stage, self.name, self.step)
         self.history = latest["history"]
         self.state = latest.get("state", {})
         return latest

@@ -9,7 +9,7 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 from contextlib import nullcontext
 
@@ -31,6 +31,9 @@ def _planned(cfg: Config, name: str) -> bool:
     kind = STAGES[name].kind
     if kind == "setup":  # a setup stage runs when a base model comes from it (models.*.source: bootstrap)
         return name in (cfg.models.teacher.source, cfg.models.student.source)
+    if kind == "data":  # made for a planned consumer that reads it (teacher_data: kl_warmup.form topk)
+        stage, key, value = STAGES[name].when
+        return stage in cfg.workflow.stages and getattr(getattr(cfg, stage), key) == value
     if kind == "workflow":
         return name in cfg.workflow.stages
     return kind == "baseline" and cfg.workflow.baseline
@@ -44,10 +47,11 @@ def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
     for name, st in STAGES.items():
         if st.kind == "tool" or not _planned(cfg, name):
             continue
-        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()},
+        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()
+                                                if role in roles or k not in st.optional},
                       "uri": artifacts.join(root, name)})
-        if st.output:  # every stage publishes its model at <root>/<stage>/model
-            roles[st.output] = artifacts.join(root, name, "model")
+        if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
+            roles[st.output] = artifacts.join(root, name, st.published)
     roles["final_student"] = roles["student"]
     return steps, roles
 
@@ -78,7 +82,7 @@ def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | N
     roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
     spec = get(stage)
     inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
-                  {k: roles[role] for k, role in spec.inputs.items()})
+                  {k: roles[role] for k, role in spec.inputs.items() if role in roles or k not in spec.optional})
     return {k: explicit.get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
@@ -86,13 +90,19 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
     """Run one stage unless it is already published; returns (manifest, skipped)."""
     from .runtime import StageRun
 
-    r = StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id)
-    if r.finished:
-        # a skip makes the stage's MLflow run say what the manifest says (repairs a run left RUNNING or
-        # unrecorded by a kill or a tracking outage); a no-op when it already does
-        Tracker(cfg.tracking).reconcile(r.finished, r.uri, root, parent_run_id)
-        return r.finished, True
-    return get(stage).fn()(r, *inputs.values()), False
+    # one writer per stage folder (only the main process of a multi-process launch takes the lock); taken
+    # before anything else, so it is also the up-front check that the artifact root is writable
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with artifacts.StageLock(artifacts.join(root, stage)) if main_rank else nullcontext():
+        with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+            if r.finished:
+                if main_rank:  # a kill between manifest and cleanup leaves the training state behind
+                    artifacts.clear_state(r.uri)
+                    # a skip makes the stage's MLflow run say what the manifest says (repairs a run left RUNNING
+                    # or unrecorded by a kill or a tracking outage); a no-op when it already does
+                    Tracker(cfg.tracking).reconcile(r.finished, r.uri, root, parent_run_id)
+                return r.finished, True
+            return get(stage).fn()(r, *inputs.values()), False
 
 
 def parent_name(cfg: Config, root: str) -> str:
@@ -154,7 +164,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
     text = format_table(summary)
     print(text, flush=True)
     store = artifacts.store_for(root)
-    store.write_bytes(artifacts.join(root, "summary.json"), json.dumps(summary, indent=2).encode())
+    store.write_bytes(artifacts.join(root, "summary.json"), artifacts.dumps(summary, indent=2).encode())
     store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
     tracker = Tracker(cfg.tracking)
     if tracker.enabled:

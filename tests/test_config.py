@@ -53,10 +53,10 @@ def test_cli_rejects_bad_config_before_loading_anything(capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_cli_rejects_missing_input_before_loading_models(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["kl_warmup", "--config", "tiny", "--root", str(tmp_path), "--teacher", str(tmp_path / "nope"),
-              "--student", str(tmp_path / "nope2")])
+def test_cli_rejects_missing_input_before_loading_models(tmp_path, capsys):
+    assert main(["kl_warmup", "--config", "tiny", "--root", str(tmp_path), "--teacher", str(tmp_path / "nope"),
+                 "--student", str(tmp_path / "nope2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_overrides_parse_yaml_values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..rollout import Rollouts, Sampler, assemble, concat, draw_uniforms, left_pad, sample_tokens
+from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens
 
 
 class HFSampler(Sampler):
@@ -32,10 +32,10 @@ class HFSampler(Sampler):
         B, P = ids.shape
         ids, attn, u = ids.to(device), attn.to(device), u.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = {cache_kwarg(model): DynamicCache()}
         was_training = model.training
         model.eval()
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **cache, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         next_pos = pos[:, -1:] + 1
         toks, lps, ents = [], [], []
@@ -51,7 +51,7 @@ class HFSampler(Sampler):
             done = done | (tok == self.eos_id)
             if done.all():
                 break
-            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, cache=cache,
+            logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, **cache,
                            use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         model.train(was_training)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from ..rollout import Rollouts, Sampler, assemble, concat, draw_uniforms, left_pad, sample_tokens
+from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens
 
 log = logging.getLogger("stages")
 
@@ -41,10 +41,11 @@ class DecodeState:
 
 
 def decode_step(model, cache, s: DecodeState, prompt_len: int, temperature: float, greedy: bool,
-                eos_id: int, pad_id: int) -> None:
-    """Sample token ``t`` for every row, in place. No host sync, no data-dependent Python control flow."""
+                eos_id: int, pad_id: int, cache_kw: str = "cache") -> None:
+    """Sample token ``t`` for every row, in place. No host sync, no data-dependent Python control flow.
+    ``cache_kw``: the forward's name for the KV cache (:func:`stages.rollout.cache_kwarg`)."""
     B = s.tok.shape[0]
-    logits = model(input_ids=s.tok[:, None], attention_mask=s.attn, position_ids=s.pos[:, None], cache=cache,
+    logits = model(input_ids=s.tok[:, None], attention_mask=s.attn, position_ids=s.pos[:, None], **{cache_kw: cache},
                    use_cache=True).logits[:, -1]
     idx = s.t.expand(B).unsqueeze(1)
     tok, lp, ent = sample_tokens(logits, s.u.gather(1, idx).squeeze(1), temperature, greedy)
@@ -105,7 +106,8 @@ class StaticSampler(Sampler):
         was_training = model.training
         model.eval()
         cache = StaticCache(config=model.config, max_cache_len=P + N)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+        cache_kw = cache_kwarg(model)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, **{cache_kw: cache}, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         s = DecodeState(
             tok=torch.zeros(B, dtype=torch.long, device=device), pos=pos[:, -1] + 1, attn=attn,
@@ -117,7 +119,7 @@ class StaticSampler(Sampler):
         _record(s, idx, tok, lp, ent, P, self.eos_id, self.pad_id)
 
         def step():
-            decode_step(model, cache, s, P, temperature, greedy, self.eos_id, self.pad_id)
+            decode_step(model, cache, s, P, temperature, greedy, self.eos_id, self.pad_id, cache_kw)
 
         every = self.stop_check_every if mode == "cuda_graph" else 1
         t = 1
