@@ -215,6 +215,17 @@ def _walk(page, stack, shots, token, typed_root):
     body = page.inner_text("body")  # the stage run names its parent and its inputs and output
     assert "workflow" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), body[:3000]
 
+    # the registered final student: its version page names the teacher version, datasets, the Airflow run
+    versions = client.search_model_versions("name = 's2d-student'")
+    assert len(versions) == 1, versions
+    mv = versions[0]
+    assert mv.tags["s2d.teacher_version"] == "s2d-teacher/1" and mv.tags["s2d.uri"] == f"{typed_root}/onpolicy_distill/model"
+    page.goto(f"{stack['mlflow']}/#/models/s2d-student/versions/{mv.version}")
+    page.wait_for_timeout(4000)
+    page.screenshot(path=shots / "10-mlflow-registered-student.png", full_page=True)
+    body = page.inner_text("body")
+    assert all(t in body for t in ("s2d.teacher_version", "s2d-teacher/1", "s2d.datasets", "airflow.dag_run_id")), body[:3000]
+
 
 def _tree(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
