@@ -74,8 +74,14 @@ def api(stack, path, body=None, token=None):
     req = urllib.request.Request(stack["airflow"] + path, data=json.dumps(body).encode() if body is not None else None,
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {token}"} if token else {})})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    for attempt in range(4):  # the API server shares two busy cores with the run: a slow answer is retried
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except (TimeoutError, urllib.error.URLError) as e:
+            if isinstance(e, urllib.error.HTTPError) or attempt == 3:
+                raise
+            time.sleep(5)
 
 
 def test_trigger_from_the_form_and_read_lineage_in_mlflow(stack, shots):
