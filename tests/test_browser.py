@@ -206,20 +206,20 @@ def _walk(page, stack, shots, token, typed_root):
     page.goto(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs")
     page.wait_for_timeout(4000)
     page.screenshot(path=shots / "7-mlflow-runs.png")
-    parent = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'workflow'")[0]
+    parent = client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")[0]  # named "<preset> · <run id>"
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["bootstrap", "kl_warmup", "onpolicy_distill", "teacher_rl"]
     page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # the parent's [+]
     page.wait_for_timeout(1500)
     page.screenshot(path=shots / "8-mlflow-run-tree.png")
     body = page.inner_text("body")
-    assert all(name in body for name in ("workflow", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill")), body[:2000]
+    assert all(name in body for name in ("tiny · manual__", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill")), body[:2000]
     child = next(c for c in children if c.info.run_name == "onpolicy_distill")
     page.goto(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
     page.wait_for_timeout(4000)
     page.screenshot(path=shots / "9-mlflow-stage-run.png", full_page=True)
     body = page.inner_text("body")  # the stage run names its parent and its inputs and output
-    assert "workflow" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), body[:3000]
+    assert "tiny · manual__" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), body[:3000]
 
     # the registered final student: its version page names the teacher version, datasets, the Airflow run
     versions = client.search_model_versions("name = 's2d-student'")
