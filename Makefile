@@ -4,6 +4,7 @@
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
 # make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
+# make image   -- build the CPU stage image with podman or docker (infra/build-images.sh; no registry needed)
 PY ?= python3
 VENV ?= .venv
 ROOT ?= runs/demo
@@ -43,7 +44,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels clean
+.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -53,8 +54,7 @@ demo: $(AIRFLOW_HOME)/.ready
 	@cat $(ROOT)/summary.md
 	@printf '\nArtifacts: $(ROOT)/<stage>/ (checkpoints, rollouts, metrics, manifest.json)\n'
 	@echo "Table:     $(ROOT)/summary.md"
-	@echo "MLflow:    $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  ->  http://127.0.0.1:5000"
-	@echo "Airflow:   make stack  ->  http://127.0.0.1:8080 (DAG sparse_to_dense)"
+	@echo "MLflow + Airflow: make stack  ->  MLflow http://127.0.0.1:5000 (these runs), Airflow http://127.0.0.1:8080"
 
 workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
@@ -63,8 +63,9 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 
+# one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve)
 stack: $(AIRFLOW_HOME)/.ready
-	infra/local-stack.sh
+	VENV=$(VENV) MLFLOW_BACKEND_STORE_URI=$(filter-out http%,$(MLFLOW_TRACKING_URI)) infra/local-stack.sh
 
 bench-paper: $(VENV)/.installed
 	$(VENV)/bin/python bench/paper_table.py --preset cpu --out bench/results
@@ -86,6 +87,9 @@ gpu-wheels: $(VENV)/.installed
 	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -w .whl deepspeed==0.19.8
+
+image:
+	infra/build-images.sh stages-cpu
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

@@ -184,6 +184,13 @@ def _main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     cfg = load_config(args.config, args.overrides)
+    warnings: list[str] = []
+    if args.command not in ("report", "close-runs"):  # task data and plugin: before any model or MLflow run
+        from .prompting import preflight
+
+        warnings = preflight(cfg, allow_unavailable=args.command == "validate")
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
         try:
             check_runtime(cfg)
@@ -191,7 +198,7 @@ def _main(argv: list[str]) -> int:
             if not str(e).startswith("device"):
                 raise
             print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
-        emit(args, {"valid": True, "name": cfg.name})
+        emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
     check_runtime(cfg)
 

@@ -1,6 +1,7 @@
-"""Embedded default only: make the tiny base teacher and base student.
+"""Make the tiny base teacher and base student (``models.*.source: bootstrap``), for any task that can write
+worked solutions (``solution(problem, rng, noise)``: the built-in arithmetic task, ``examples/reverse_task.py``).
 
-Both are random-init Qwen3-architecture models trained briefly on worked arithmetic traces, a
+Both are random-init Qwen3-architecture models trained briefly on worked solutions (arithmetic traces), a
 fraction of them corrupted (``bootstrap.noise``), so they start like pretrained models do: able to
 solve many problems, not reliably. The teacher is bigger and trained longer than the student.
 
@@ -21,7 +22,6 @@ from .models import char_tokenizer, tiny_qwen3
 from .rollout import token_logprobs
 from .runtime import StageRun, seed_for, teacher_forced
 from .scoring import score
-from .tasks import ArithmeticTask
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ def check_teacher_beats_student(teacher: dict, student: dict, k: int) -> None:
 
 def run(run: StageRun) -> dict:
     cfg, b = run.cfg, run.cfg.bootstrap
-    if not isinstance(run.task, ArithmeticTask):
-        raise ValueError("bootstrap makes tiny models for the built-in arithmetic task only; "
-                         "other tasks start from real checkpoints (models.*.source)")
+    if not callable(getattr(run.task, "solution", None)):  # validate says so before anything runs
+        raise ValueError(f"bootstrap trains the tiny base models on worked solutions, but task '{cfg.task.kind}' has "
+                         "no solution(problem, rng, noise); start from checkpoints (models.*.source)")
     tok = char_tokenizer()
     data = run.task.problems("bootstrap")
     eval_set, val_set = run.task.problems("eval"), run.task.problems("validation")

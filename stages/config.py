@@ -74,11 +74,58 @@ class Models(Strict):
     student: ModelSpec
 
 
-class TaskConfig(Strict):
-    """``arithmetic``: built-in procedural additions with a column trace. ``math_jsonl``: files of
-    ``{"problem", "answer"}`` lines, answers checked with math-verify."""
+SPLITS = ("bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval")
+AnswerExtraction = Literal["plain", "boxed", "gsm8k"]
 
-    kind: str = Field("arithmetic", description="arithmetic | math_jsonl | 'package.module:factory' (a plugin)")
+# Where the paper's data lives on the Hugging Face hub, and how its fields map (any key can be overridden).
+RECIPES: dict[str, dict] = {
+    # MATH (Hendrycks et al.): the gold answer is the last \boxed{} of the worked solution
+    "math": {"path": "DigitalLearningGmbH/MATH-lighteval", "split": "train", "problem_field": "problem",
+             "answer_field": "solution", "answer": "boxed"},
+    "math500": {"path": "HuggingFaceH4/MATH-500", "split": "test", "problem_field": "problem",
+                "answer_field": "answer", "answer": "plain"},
+    "aime24": {"path": "HuggingFaceH4/aime_2024", "split": "train", "problem_field": "problem",
+               "answer_field": "answer", "answer": "plain"},
+    # GSM8K: the answer follows '####' at the end of the solution
+    "gsm8k": {"path": "openai/gsm8k", "name": "main", "split": "train", "problem_field": "question",
+              "answer_field": "answer", "answer": "gsm8k"},
+}
+
+
+class DataSource(Strict):
+    """One split's data, read with ``datasets``: a hub id, a local dataset folder (``save_to_disk`` or a
+    folder of data files), or Parquet / JSON(L) / CSV file(s) (a glob or a list)."""
+
+    recipe: Literal["math", "math500", "aime24", "gsm8k"] | None = Field(None, description="fills the fields below")
+    path: str | list[str] = Field(description="hub id, dataset folder, or data file(s)")
+    name: str | None = Field(None, description="the dataset's configuration (hub datasets with several)")
+    split: str = Field("train", description="the dataset's own split to read")
+    problem_field: str = "problem"
+    answer_field: str | None = Field("answer", description="None: unlabeled (prompts only)")
+    answer: AnswerExtraction = Field("plain", description="plain | boxed (last \\boxed{} of the field) | gsm8k (after ####)")
+    id_field: str | None = Field(None, description="default: <split>-<row>")
+    rows: tuple[int, int] | None = Field(None, description="[start, stop): cut disjoint splits from one dataset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data):
+        if isinstance(data, dict) and data.get("recipe") in RECIPES:
+            data = {**RECIPES[data["recipe"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _rows(self):
+        if self.rows is not None and not 0 <= self.rows[0] < self.rows[1]:
+            raise ValueError(f"rows {list(self.rows)} must be [start, stop) with 0 <= start < stop")
+        return self
+
+
+class TaskConfig(Strict):
+    """``arithmetic``: built-in procedural additions with a column trace. ``dataset``: any data readable by
+    ``datasets`` (``task.data``), answers checked with math-verify. ``math_jsonl``: files of
+    ``{"problem", "answer"}`` lines (``task.files``). A plugin: ``package.module:factory`` (README, "Tasks")."""
+
+    kind: str = Field("arithmetic", description="arithmetic | dataset | math_jsonl | 'package.module:factory' (a plugin)")
     seed: int = 1234
     min_digits: int = Field(2, ge=1, le=12)
     max_digits: int = Field(4, ge=1, le=12)
@@ -86,13 +133,21 @@ class TaskConfig(Strict):
     # min..max_digits number by one digit 2-9 (a column trace of partial products with carries).
     ops: list[Literal["add", "mul"]] = Field(default_factory=lambda: ["add"], min_length=1)
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
-    # validation: held out like eval, for choosing hyper-parameters (never choose them on eval)
+    # validation: held out like eval, for choosing hyper-parameters (never choose them on eval).
+    # Data tasks: the first N rows of each split (no entry: all of them).
     sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval"], int] = Field(
         default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000,
                                  "validation": 200, "eval": 200}
     )
     files: dict[Literal["teacher_rl", "prompts", "student_rl", "validation", "eval"], str] = Field(default_factory=dict)
+    # kind dataset: the splits above and any further named evaluation sets (e.g. aime24), see eval.sets
+    data: dict[str, DataSource] = Field(default_factory=dict)
     prompt_template: str = "{problem}\nPut the final answer in \\boxed{{}}.\n"
+    answer_format: Literal["boxed", "any"] = Field(
+        "boxed", description="boxed: only the last \\boxed{} counts; any: math-verify's extraction from anywhere")
+    chat_template: Literal["auto", "never", "always"] = Field(
+        "auto", description="wrap prompts in the tokenizer's chat template: auto = when it has one")
+    options: dict = Field(default_factory=dict, description="a plugin's own settings, passed as cfg.options")
 
     @model_validator(mode="after")
     def _check(self):
@@ -100,12 +155,13 @@ class TaskConfig(Strict):
             raise ValueError(f"min_digits {self.min_digits} > max_digits {self.max_digits}")
         if any(v < 0 for v in self.sizes.values()):
             raise ValueError("split sizes must be >= 0")
-        if self.kind not in ("arithmetic", "math_jsonl") and ":" not in self.kind:
-            raise ValueError(f"kind '{self.kind}' is not arithmetic, math_jsonl or 'module:factory'")
-        if self.kind == "math_jsonl":
-            missing = {"teacher_rl", "prompts", "eval"} - set(self.files)
-            if missing:
-                raise ValueError(f"math_jsonl needs files for splits {sorted(missing)}")
+        if self.kind not in ("arithmetic", "math_jsonl", "dataset") and ":" not in self.kind:
+            raise ValueError(f"kind '{self.kind}' is not arithmetic, dataset, math_jsonl or 'module:factory'")
+        needs = {"teacher_rl", "prompts", "eval"}
+        if self.kind == "math_jsonl" and needs - set(self.files):
+            raise ValueError(f"math_jsonl needs files for splits {sorted(needs - set(self.files))}")
+        if self.kind == "dataset" and needs - set(self.data):
+            raise ValueError(f"dataset needs data for splits {sorted(needs - set(self.data))}")
         _check_template(self.prompt_template)
         return self
 
@@ -251,6 +307,11 @@ class EvalConfig(Strict):
     problems: int = Field(200, gt=0)
     samples: int = Field(8, gt=0, description="k in avg@k / pass@k")
     greedy: bool = True
+    # the `evaluate` command scores each of these task splits (e.g. [math500, aime24]) into one table;
+    # the stages' own evaluation uses the `eval` split
+    sets: list[str] = Field(default_factory=lambda: ["eval"], min_length=1)
+    temperature: float | None = Field(None, gt=0, description="sampling temperature of evaluation (default: sampling's)")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: sampling's")
     c2_prompts: int = Field(64, gt=0, description="student rollouts used to measure KL(student||teacher)")
 
 

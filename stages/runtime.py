@@ -36,10 +36,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from . import artifacts, models
+from . import artifacts, models, prompting
 from .config import Config, InputError, Optim
 from .rollout import Rollouts, Sampler, concat
-from .tasks import Problem, make_task
+from .tasks import Problem, data_digest, make_task, stage_splits
 from .tracking import Tracker, plot_history
 
 log = logging.getLogger("stages")
@@ -63,18 +63,15 @@ class RolloutMaker:
         self.sampler: Sampler | None = None
 
     def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
-        out = []
-        for p in problems:
-            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
-            out.append(ids)
-        return out
+        """Prompt ids, through the chat template when ``task.chat_template`` says so (sampling, training
+        and evaluation all encode here)."""
+        return prompting.encode(tok, problems, self.cfg.task.chat_template)
 
-    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
-        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
-        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
-        gets the gathered batch."""
+    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False,
+               temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+        """Rollouts for ``problems`` (at the sampling settings unless given: evaluation's own). Under several
+        processes each rank generates a contiguous slice of the rows (the uniforms are per row, so the
+        tokens do not depend on the split) and every rank gets the gathered batch."""
         s = self.cfg.sampling
         if self.sampler is None:
             from .engines import make_sampler
@@ -91,8 +88,8 @@ class RolloutMaker:
         ro = None
         if hi > lo:
             with full_weights(model):
-                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
-                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
+                ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
+                                           max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
         if acc.num_processes == 1:
             return ro
@@ -117,6 +114,9 @@ class StageRun:
         self.inputs = inputs or {}
         # inputs are identified by URI and by the digest of the manifest that published them
         ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
+        # ... and by the problems it reads: editing a data file (or a task plugin) in place re-runs it
+        self.task = make_task(cfg.task)
+        ident["task_data"] = data_digest(self.task, stage_splits(stage, cfg))
         self.config_hash = cfg.stage_hash(stage, ident)
         try:
             m = artifacts.read_manifest(self.uri)
@@ -137,7 +137,6 @@ class StageRun:
         self.is_main = self.accelerator.is_main_process
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking) if not self.finished else None
-        self.task = make_task(cfg.task)
         if not self.finished:
             self.check_splits()
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
