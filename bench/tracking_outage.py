@@ -1,6 +1,6 @@
 """What an MLflow outage costs a stage, and the lineage the registry gives back.
 
-    python bench/tracking_outage.py [--out DIR]
+    python bench/tracking_outage.py [--out DIR] [--part times|lineage|all]
 
 1. The same stage command (``bootstrap``, small test settings) three times: tracking server up, a port
    where nothing listens, a socket that accepts and never answers. Wall time of each, as a ratio to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,49 +71,59 @@ def stage(cmd: str, root: Path, uri: str) -> tuple[float, float]:
     return dt, (end - published).total_seconds()
 
 
+def workflow_lineage(work: Path, url: str) -> dict:
+    """Run the workflow on the server; the lineage readable from the registered final student alone."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "AIRFLOW_CTX_DAG_ID": "sparse_to_dense", "AIRFLOW_CTX_DAG_RUN_ID": "manual__bench"}
+    subprocess.run([sys.executable, "-m", "stages", "workflow", "--config", "tiny", "--root", str(work / "wf"),
+                    *[a for o in OVERRIDES for a in ("--set", o)]], env=env, check=True, capture_output=True, timeout=3600)
+    from mlflow import MlflowClient
+
+    c = MlflowClient(url)
+    mv = c.get_model_version("s2d-student", "1")
+    run = c.get_run(mv.run_id)
+    lineage = {"version": {"name": mv.name, "version": mv.version, "source": mv.source, "run_id": mv.run_id,
+                           "model_id": mv.model_id, "tags": dict(sorted(mv.tags.items()))},
+               "run": {"name": run.info.run_name, "status": run.info.status,
+                       "s2d tags": {k: v for k, v in sorted(run.data.tags.items()) if k.startswith("s2d.")},
+                       "model inputs": [m.model_id for m in run.inputs.model_inputs],
+                       "datasets": [f"{d.dataset.name}@{d.dataset.digest}" for d in run.inputs.dataset_inputs]}}
+    chain, rid = [], mv.run_id
+    while rid:  # walk the student's inputs back to the base model, run by run
+        r = c.get_run(rid)
+        out = r.data.tags.get("s2d.output.model") or r.data.tags.get("s2d.output.student")
+        chain.append(f"{r.info.run_name} ({out} <- {r.data.tags.get('s2d.input.student', 'nothing: built here')})")
+        rid = r.data.tags.get("s2d.input.student.run")
+    lineage["student chain"] = chain
+    print(json.dumps(lineage, indent=2))
+    return lineage
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", help="folder for tracking_outage.json (default: none)")
+    ap.add_argument("--part", choices=("times", "lineage", "all"), default="all")
     args = ap.parse_args()
+    times, lineage = {}, {}
     work = Path(tempfile.mkdtemp(prefix="s2d-tracking-bench-"))
     server, url = mlflow_server(work)
     try:
-        times = {"up": stage("bootstrap", work / "up", url),
-                 "nothing listening": stage("bootstrap", work / "down", f"http://127.0.0.1:{free_port()}"),
-                 "hung socket": stage("bootstrap", work / "hung", hung_socket())}
-        print("| tracking server | bootstrap command wall time (s) | ratio to up | manifest -> exit (s) |\n|---|---|---|---|")
-        for k, (v, tail) in times.items():
-            print(f"| {k} | {v:.1f} | {v / times['up'][0]:.2f} | {tail:.1f} |")
-
-        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-               "AIRFLOW_CTX_DAG_ID": "sparse_to_dense", "AIRFLOW_CTX_DAG_RUN_ID": "manual__bench"}
-        subprocess.run([sys.executable, "-m", "stages", "workflow", "--config", "tiny", "--root", str(work / "wf"),
-                        *[a for o in OVERRIDES for a in ("--set", o)]], env=env, check=True, capture_output=True, timeout=3600)
-        from mlflow import MlflowClient
-
-        c = MlflowClient(url)
-        mv = c.get_model_version("s2d-student", "1")
-        run = c.get_run(mv.run_id)
-        lineage = {"version": {"name": mv.name, "version": mv.version, "source": mv.source, "run_id": mv.run_id,
-                               "model_id": mv.model_id, "tags": dict(sorted(mv.tags.items()))},
-                   "run": {"name": run.info.run_name, "status": run.info.status,
-                           "s2d tags": {k: v for k, v in sorted(run.data.tags.items()) if k.startswith("s2d.")},
-                           "model inputs": [m.model_id for m in run.inputs.model_inputs],
-                           "datasets": [f"{d.dataset.name}@{d.dataset.digest}" for d in run.inputs.dataset_inputs]}}
-        chain, rid = [], mv.run_id
-        while rid:  # walk the student's inputs back to the base model, run by run
-            r = c.get_run(rid)
-            out = r.data.tags.get("s2d.output.model") or r.data.tags.get("s2d.output.student")
-            chain.append(f"{r.info.run_name} ({out} <- {r.data.tags.get('s2d.input.student', 'nothing: built here')})")
-            rid = r.data.tags.get("s2d.input.student.run")
-        lineage["student chain"] = chain
-        print(json.dumps(lineage, indent=2))
+        if args.part != "lineage":
+            times = {"up": stage("bootstrap", work / "up", url),
+                     "nothing listening": stage("bootstrap", work / "down", f"http://127.0.0.1:{free_port()}"),
+                     "hung socket": stage("bootstrap", work / "hung", hung_socket())}
+            print("| tracking server | bootstrap command wall time (s) | ratio to up | manifest -> exit (s) |\n|---|---|---|---|")
+            for k, (v, tail) in times.items():
+                print(f"| {k} | {v:.1f} | {v / times['up'][0]:.2f} | {tail:.1f} |")
+        if args.part != "times":
+            lineage = workflow_lineage(work, url)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             Path(args.out, "tracking_outage.json").write_text(json.dumps({"times_s": times, "lineage": lineage}, indent=2))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,12 @@ def _main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     cfg = load_config(args.config, args.overrides)
+    try:
+        check_runtime(cfg)  # this host has the device, a task plugin imports
+    except ConfigError as e:
+        if args.command != "validate" or not str(e).startswith("device"):
+            raise
+        print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
     warnings: list[str] = []
     if args.command not in ("report", "close-runs"):  # task data and plugin: before any model or MLflow run
         from .prompting import preflight
@@ -192,15 +198,8 @@ def _main(argv: list[str]) -> int:
         for w in warnings:
             print(f"warning: {w}", file=sys.stderr)
     if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
-        try:
-            check_runtime(cfg)
-        except ConfigError as e:
-            if not str(e).startswith("device"):
-                raise
-            print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
         emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
-    check_runtime(cfg)
 
     from . import workflow
     from .tracking import TrackingUnavailable, close_runs, resolve_model_uri

@@ -52,7 +52,11 @@ def run(run: StageRun) -> dict:
                          "no solution(problem, rng, noise); start from checkpoints (models.*.source)")
     tok = char_tokenizer()
     data = run.task.problems("bootstrap")
-    eval_set, val_set = run.task.problems("eval"), run.task.problems("validation")
+    eval_set = run.task.problems("eval")
+    try:  # optional: a data task may have no validation split
+        val_set = run.task.problems("validation")
+    except KeyError:
+        val_set = []
     out, metrics, val = {}, {}, {}
     with run.tracking(datasets={"bootstrap": data}):
         plan = (("teacher", b.teacher_steps, b.teacher_optim, b.batch_size),

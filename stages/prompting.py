@@ -67,7 +67,12 @@ def check_lengths(cfg: Config, task, tok, ctx: int, source: str) -> None:
     gen = max(cfg.sampling.max_new_tokens, cfg.eval.max_new_tokens or 0)
     splits = dict.fromkeys(s for ss in needed_splits(cfg).values() for s in ss)
     for split in splits:
-        problems = task.problems(split)
+        try:
+            problems = task.problems(split)
+        except KeyError:  # an optional split the task does not have (check_task has vetted the rest)
+            continue
+        if not problems:
+            continue
         ids = encode(tok, problems, cfg.task.chat_template)
         n, i = max((len(x), i) for i, x in enumerate(ids))
         if n > ctx:

@@ -25,6 +25,8 @@ environment (the pods' ``envFrom`` Secret on Kubernetes).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -117,7 +119,9 @@ def run(argv: list[str], env=os.environ) -> int:
             return 1
     finally:
         ray.shutdown()
-    rc, line = result.return_value  # rank 0's (exit code, JSON summary)
+    rc, line, error = result.return_value  # rank 0's exit code, JSON summary and one-line error
+    if error:
+        print(error, file=sys.stderr, flush=True)
     if line:
         if args.xcom_file:
             Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
@@ -126,7 +130,7 @@ def run(argv: list[str], env=os.environ) -> int:
     return rc
 
 
-def _worker(config: dict) -> tuple[int, str]:
+def _worker(config: dict) -> tuple[int, str, str]:
     """One Ray Train worker: the stage command in this process (torch.distributed is already set up)."""
     import ray.train
 
@@ -138,13 +142,26 @@ def _worker(config: dict) -> tuple[int, str]:
         os.chdir(config["cwd"])
     print(f"ray train worker rank {ctx.get_world_rank()}/{ctx.get_world_size()} pid {os.getpid()} "
           f"node {ctx.get_node_rank()}", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="s2d-ray-") as d:
+    with tempfile.TemporaryDirectory(prefix="s2d-ray-") as d, contextlib.redirect_stderr(_ErrorLine(sys.stderr)) as err:
         summary = Path(d) / "summary.json"
-        try:
-            rc = main([*config["argv"], "--xcom-file", str(summary)])
-        except SystemExit as e:  # the stage command's one-line input errors: final, so not retried
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr, flush=True)
-            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        # the stage command turns its errors into one line and an exit code (2: bad input, final, so not
+        # retried); an exception escaping it is a failure Ray retries
+        rc = main([*config["argv"], "--xcom-file", str(summary)])
         line = summary.read_text() if summary.exists() else ""
-    return rc, line
+    return rc, line, err.error
+
+
+class _ErrorLine(io.TextIOBase):
+    """stderr as it was, remembering the stage command's last ``error: ...`` line for the driver."""
+
+    def __init__(self, stream):
+        self.stream, self.error, self._tail = stream, "", ""
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        *lines, self._tail = (self._tail + s).split("\n")
+        self.error = next((x for x in reversed(lines) if x.startswith("error: ")), self.error)
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()

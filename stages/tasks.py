@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 from .config import Config, InputError, TaskConfig
 
 LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
+OPTIONAL = ("validation",)  # splits a stage uses when the task has them
 
 
 class TaskError(InputError):
@@ -165,10 +166,15 @@ def make_task(cfg: TaskConfig) -> Task:
 def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
     """The splits a stage reads (its data digest covers exactly these): the ones it trains on (the stage
     table) and ``eval``, which every stage scores its output on; ``evaluate``: the ``eval.sets``."""
-    from .registry import get
+    from .registry import STAGES
 
-    s = get(stage)
-    return tuple(cfg.eval.sets) if s.kind == "tool" else s.splits + ("eval",)
+    s = STAGES.get(stage.split("/")[0])
+    if s is None:  # a helper run outside the stage table (bench/paper_table.py's C2 probe): what it scores on
+        return ("eval",)
+    if s.kind == "tool":
+        return tuple(cfg.eval.sets)
+    # bootstrap also checks the teacher beats the student on the (optional) validation split
+    return s.splits + ("eval",) + (("validation",) if s.name == "bootstrap" else ())
 
 
 def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
@@ -213,15 +219,19 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
     if "bootstrap" in needs and not callable(getattr(task, "solution", None)):
         raise TaskError(f"models: source 'bootstrap' trains the tiny base models on worked solutions, but task "
                         f"'{cfg.task.kind}' has no solution(problem, rng, noise); start from checkpoints (models.*.source)")
+    from .registry import STAGES
+
+    where = "task.data" if cfg.task.kind == "dataset" else "task.files"
     for stage, splits in needs.items():
+        loaded = {}
         for split in splits:
             try:
-                problems = task.problems(split)
+                loaded[split] = problems = task.problems(split)
             except KeyError as e:
+                if split in OPTIONAL:
+                    continue
                 raise TaskError(f"task: stage {stage} reads split '{split}', which task '{cfg.task.kind}' does not have "
                                 f"({e.args[0] if e.args else e})") from None
-            if not problems:
-                raise TaskError(f"task: split '{split}' (read by {stage}) is empty")
             for p in problems:
                 if not isinstance(p, Problem) or not p.prompt:
                     raise TaskError(f"task: split '{split}' has a problem with an empty prompt ({getattr(p, 'id', p)!r})")
@@ -229,4 +239,11 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
                     raise TaskError(f"task: split '{split}' is labeled but problem {p.id} has no answer")
                 if split == "prompts" and p.answer is not None:
                     raise TaskError(f"task: split 'prompts' must withhold answers (problem {p.id} has one)")
+        # a stage trains on its splits together (direct_grpo: two) and evaluates on eval
+        spec = STAGES.get(stage)
+        groups = [spec.splits, ("eval",)] if spec and spec.kind != "tool" else [(s,) for s in splits]
+        for group in groups:
+            if not any(loaded.get(s) for s in group):
+                raise TaskError(f"{stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "
+                                f"{'are' if len(group) > 1 else 'is'} empty (task.sizes / {where})")
     return task, warnings

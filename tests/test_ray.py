@@ -8,6 +8,7 @@ batch (float tolerance); one MLflow child run; the published checkpoint loads wi
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,17 @@ def test_engine_setting_selects_ray_for_stage_commands_only():
     env = {"S2D_RAY_WORKERS": "2", "MLFLOW_TRACKING_URI": "http://m", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a",
            "MLFLOW_TRACKING_PASSWORD": "p", "HF_TOKEN": "t", "AWS_ENDPOINT_URL": "http://s3", "HOME": "/root"}
     assert ray_train.forwarded_env(env) == {"S2D_RAY_WORKERS": "2", "MLFLOW_TRACKING_URI": "http://m", "AWS_ENDPOINT_URL": "http://s3"}
+
+
+def test_worker_keeps_the_stage_commands_error_line_for_the_driver():
+    import io
+
+    out = io.StringIO()
+    err = ray_train._ErrorLine(out)
+    print("progress", file=err)
+    err.write("error: policy x does not ")
+    err.write("exist\nafter\n")
+    assert err.error == "error: policy x does not exist" and out.getvalue() == "progress\nerror: policy x does not exist\nafter\n"
 
 
 def test_bad_config_is_a_one_line_error_before_ray_starts(tmp_path):
@@ -178,6 +190,11 @@ def _child_runs(db: Path) -> list:
     return client.search_runs([exp.experiment_id], "tags.`s2d.stage` = 'teacher_rl'")
 
 
+def _worker_pids(logs: str, rank: int) -> set[str]:
+    """Processes that ran ``rank`` (each worker announces itself; Ray may repeat a line through its logger)."""
+    return set(re.findall(rf"ray train worker rank {rank}/2 pid (\d+)", logs))
+
+
 def _node_workers(proc) -> list:
     import psutil
 
@@ -211,7 +228,7 @@ def test_stage_on_two_ray_workers_survives_a_lost_worker_and_matches_one_process
     logs = stdout + stderr
     assert "running teacher_rl on 2 Ray Train workers" in stderr
     assert killed_at == 2  # checkpoint_every=2, 4 steps: the one state before the end
-    assert logs.count("rank 0/2") >= 2 and logs.count("rank 1/2") >= 2  # the group was started again
+    assert len(_worker_pids(logs, 0)) >= 2 and len(_worker_pids(logs, 1)) >= 2  # the group was started again
     assert f"teacher_rl: resumed policy from step {killed_at}" in logs  # from the state, not from scratch
     summary = json.loads(stdout.strip().splitlines()[-1])  # the contract: last stdout line, rank 0's
     assert summary["skipped"] is False and summary["uri"] == f"{root}/teacher_rl"
@@ -225,3 +242,13 @@ def test_stage_on_two_ray_workers_survives_a_lost_worker_and_matches_one_process
 
     model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
     assert torch.equal(model.state_dict()["model.embed_tokens.weight"], _weights(root)["model.embed_tokens.weight"])
+
+
+def test_missing_input_under_ray_is_a_one_line_error_not_retried(cluster, tmp_path):
+    out = subprocess.run([*_cmd(str(tmp_path / "root")), "--teacher", str(tmp_path / "nope")],
+                         env=_ray_env(cluster, tmp_path / "mlflow.db"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    # the driver's own line (Ray's forwarded actor logs may still trail it)
+    assert f"error: policy {tmp_path / 'nope'} does not exist (has the stage that writes it finished?)" in out.stderr.splitlines()
+    assert len(_worker_pids(out.stderr, 1)) == 1  # final: the group was not restarted
+    assert not (tmp_path / "root").exists()

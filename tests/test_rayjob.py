@@ -343,7 +343,8 @@ def test_dag_parses_with_rayjob_runner_and_has_create_wait_delete_per_stage(monk
         assert wait.downstream_task_ids >= {f"{stage}.delete"} and f"{stage}.wait" in create.downstream_task_ids
         assert delete.is_teardown and create.is_setup and "plan" in create.upstream_task_ids
         assert wait.deferrable and wait.retries == 0
-    assert t["kl_warmup.create"].upstream_task_ids == {"plan", "teacher_rl.wait"}
+    assert t["teacher_data.create"].upstream_task_ids == {"plan", "teacher_rl.wait"}
+    assert t["kl_warmup.create"].upstream_task_ids == {"plan", "teacher_data.wait"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl.wait", "direct_grpo.wait"}
     assert type(t["plan"]).__name__ == "KubernetesPodOperator"
 
