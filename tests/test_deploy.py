@@ -402,7 +402,7 @@ def test_stage_command_runs_as_the_cpu_container_would(tmp_path):
         return r.last_json(proc.stdout)
 
     out = run(["validate", "--config", "tiny"], 60)
-    assert out == {"valid": True, "name": "tiny"}
+    assert out == {"valid": True, "name": "tiny", "warnings": []}
 
     params = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
               "baseline": True, "seed": 0, "steps": {}, "artifact_root": None,
