@@ -68,13 +68,12 @@ def test_stalled_s3_endpoint_is_a_clear_error_within_the_deadline(stalled_endpoi
 
 def test_stalled_s3_endpoint_stage_command_exits_with_one_line(stalled_endpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "S2D_S3_DEADLINE_S": "2"}
-    t0 = time.monotonic()
+    # the time bound is asserted in-process above; here, importing torch dominates on a busy machine
     p = subprocess.run([sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", "s3://bucket/runs/x",
-                        "--set", "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=120)
+                        "--set", "tracking.enabled=false"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and stalled_endpoint in last and "manifest.json" in last
-    assert time.monotonic() - t0 < 100
 
 
 # ------------------------------------------------------------------ locks: one writer per stage folder
