@@ -258,6 +258,8 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
         return ["validate", "--set", "teacher_rl.steps=[1,"], "--set teacher_rl.steps=[1,: value is not valid YAML"
     if case == "set_key":
         return ["validate", "--set", "teacher rl.steps=3"], "is not a key path"
+    if case == "nan_value":
+        return ["validate", "--set", "kl_warmup.optim.lr=.nan"], "kl_warmup.optim.lr: Input should be a finite number"
     if case == "device_banana":
         return stage + ["--set", "device=banana"], "device: not a device"
     if case == "device_cuda":
@@ -315,7 +317,7 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     raise AssertionError(case)
 
 
-BAD_INPUTS = ["yaml_file", "yaml_set", "set_key", "device_banana", "device_cuda", "template_field", "template_positional",
+BAD_INPUTS = ["yaml_file", "yaml_set", "set_key", "nan_value", "device_banana", "device_cuda", "template_field", "template_positional",
               "plugin_import", "plugin_attr", "stage_order", "stage_twice", "bogus_config_json", "config_json_not_json",
               "stage_folder_published", "stage_folder_plain", "offline_hub_id", "manifest_not_json",
               "published_file_missing", "input_missing", "unpublished_s3"]
