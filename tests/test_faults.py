@@ -99,15 +99,15 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
     if backend == "s3":
         bucket = request.getfixturevalue("s3_bucket")
         stage = f"s3://{bucket}/runs/r/teacher_rl"
-        monkeypatch.setenv("S2D_LOCK_LEASE_S", "2")
+        monkeypatch.setenv("S2D_LOCK_LEASE_S", "6")
     else:
         stage = str(tmp_path / "runs/r/teacher_rl")
-    first = _holder(stage, lease_s=2)
+    first = _holder(stage, lease_s=6)  # heartbeat every 2 s; slack for a busy machine
     try:
         with pytest.raises(artifacts.LockHeld, match=rf"{stage} is being written by another run \(pid {first.pid} on "):
             artifacts.StageLock(stage).acquire()
         if backend == "s3":
-            time.sleep(2.5)  # the heartbeat renews the lease: a live holder keeps its lock past it
+            time.sleep(6.5)  # the heartbeat renews the lease: a live holder keeps its lock past it
             with pytest.raises(artifacts.LockHeld):
                 artifacts.StageLock(stage).acquire()
     finally:
@@ -116,7 +116,7 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
     if backend == "s3":
         with pytest.raises(artifacts.LockHeld):  # still within the dead holder's lease
             artifacts.StageLock(stage).acquire()
-        time.sleep(2.5)
+        time.sleep(6.5)
     with artifacts.StageLock(stage) as lock:  # the dead holder's lock is taken over
         assert lock.info["pid"] == os.getpid()
         with pytest.raises(artifacts.LockHeld):
