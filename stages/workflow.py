@@ -9,7 +9,6 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 from . import artifacts
@@ -82,13 +81,13 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
     """Run one stage unless it is already published; returns (manifest, skipped)."""
     from .runtime import StageRun
 
-    # one writer per stage folder (only the main process of a multi-process launch takes the lock); taken
-    # before anything else, so it is also the up-front check that the artifact root is writable
-    main_rank = os.environ.get("RANK", "0") == "0"
-    with artifacts.StageLock(artifacts.join(root, stage)) if main_rank else nullcontext():
-        with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+    with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+        # one writer per stage folder, taken by the main process of a launch (accelerate knows which one;
+        # launchers do not all set RANK) before any model loads or MLflow run starts, so it is also the
+        # up-front check that the artifact root is writable
+        with artifacts.StageLock(r.uri) if r.is_main else nullcontext():
             if r.finished:
-                if main_rank:  # a kill between manifest and cleanup leaves the training state behind
+                if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)
                 return r.finished, True
             return get(stage).fn()(r, *inputs.values()), False
