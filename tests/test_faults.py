@@ -107,7 +107,7 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
         with pytest.raises(artifacts.LockHeld, match=rf"{stage} is being written by another run \(pid {first.pid} on "):
             artifacts.StageLock(stage).acquire()
         if backend == "s3":
-            time.sleep(6.5)  # the heartbeat renews the lease: a live holder keeps its lock past it
+            time.sleep(8)  # the heartbeat renews the lease: a live holder keeps its lock past it
             with pytest.raises(artifacts.LockHeld):
                 artifacts.StageLock(stage).acquire()
     finally:
@@ -116,7 +116,7 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
     if backend == "s3":
         with pytest.raises(artifacts.LockHeld):  # still within the dead holder's lease
             artifacts.StageLock(stage).acquire()
-        time.sleep(6.5)
+        time.sleep(8)  # past the lease, on the server clock (1 s resolution)
     with artifacts.StageLock(stage) as lock:  # the dead holder's lock is taken over
         assert lock.info["pid"] == os.getpid()
         with pytest.raises(artifacts.LockHeld):
