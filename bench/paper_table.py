@@ -1,24 +1,35 @@
-"""The paper's table in miniature: every arm of the sparse-to-dense ablation, several seeds.
+"""The paper's table in miniature: every arm of the sparse-to-dense ablation, 5 seeds, tuned fairly.
 
-    python bench/paper_table.py --preset cpu                 # <= 30 min on 2 CPU cores
-    python bench/paper_table.py --preset gpu                 # one GPU (bigger models and batches)
-    python bench/paper_table.py --preset cpu --seeds 0 1 2 --root runs/bench-paper --out bench/results
+    python bench/paper_table.py --preset cpu                 # 5 seeds; ~30-35 min on 2 quiet CPU cores (estimated)
+    python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
+    python bench/paper_table.py --preset stages/configs/tiny.yaml --select-only  # learning rates for a preset
+    python bench/paper_table.py --preset gpu --workers 1     # one GPU (bigger models and batches)
 
-Arms (equal student update steps; the labeled examples each arm consumed are in the table):
+Selection (never on eval): on the first seed, the 2a/2b learning rate (one value for both) is swept on the
+full arm, then stage 3's learning rate on the full arm at the chosen 2a/2b rate, and direct GRPO sweeps its
+own (``--lrs``, ``--distill-lrs``); each is chosen by avg@k on the task's ``validation`` split. Every arm of
+every seed then runs at the chosen values (the arms share the stages, so they share the stages' rates).
 
-    full                stage 1 teacher -> 2a warmup -> 2b on-policy distill (sampled-token) -> 3 student GRPO
-    full, 2b full-vocab the same with the full-vocabulary reverse-KL form of 2b
+Arms, equal student update steps (the labeled examples and teacher tokens each consumed are in the table):
+
+    full                stage 1 teacher -> 2a warmup -> 2b on-policy distill (the preset's form) -> 3 student GRPO
+    full, 2b <other>    the same with the other 2b form (sampled-token vs full-vocabulary reverse KL)
     raw teacher         no stage 1: 2a/2b use the base teacher               (paper: -7.8 MATH)
     no warmup           no 2a: its steps go to 2b                            (paper: -1.7)
     no on-policy 2b     no 2b: its steps go to 2a                            (paper: -3.3)
     warmup only         control: 2a for the whole student budget, no RL, no on-policy data
-    teacher-sample SFT  control: sequence-level fine-tuning on teacher samples for the whole budget
-    direct GRPO         the baseline, learning-rate sweep on seed 0; the best is run on every seed
+    direct GRPO         the baseline, at its own chosen learning rate
+
+and at equal teacher tokens (about the full arm's: a 2a step has the teacher generate and score, about two
+2b steps' worth): "no 2b" and "warmup only" with w + d/2 warmup steps. Per seed, every arm is compared with
+the full arm of the same seed (paired differences, 95% t-interval over seeds).
 
 The base models (the bootstrap: the stand-in for pretraining) are shared by all seeds, like a
 pretrained checkpoint; stage 1 and everything after run once per seed. Every stage is the real
-stage code (``stages.workflow.run_stage``); artifacts land under ``--root`` and a rerun skips what
-is published. Results: ``<out>/paper_table_<preset>.{md,png,json}`` and one MLflow run.
+stage code (``stages.workflow.run_stage``); every process uses one torch thread (bench/determinism.py:
+the thread count changes the float results); artifacts land under ``--root`` and a rerun skips what is
+published. Results: ``<out>/paper_table_<preset>.{md,png,json}`` (``mechanism_*``, ``selection_*``) and
+one MLflow run.
 """
 
 from __future__ import annotations
@@ -26,11 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import machine, paired, preset_path  # noqa: E402
 from stages import artifacts, workflow  # noqa: E402
 from stages.config import ConfigError, load_config  # noqa: E402
 
@@ -46,19 +55,27 @@ WARM, DISTILL, RL = "kl_warmup", "onpolicy_distill", "student_rl"
 
 
 def arms(cfg) -> dict[str, dict]:
-    """Arm name -> (teacher: 'rl'|'base', stages, overrides). Every arm gets the same student steps."""
+    """Arm name -> (teacher: 'rl'|'base', stages, overrides). The first six have the same student steps; the two
+    "= full's teacher tokens" arms get the teacher compute of the full arm instead (a 2a step has the teacher
+    generate and score, about twice a 2b step's scoring, so 2a steps = w + d/2)."""
     w, d, r = cfg.kl_warmup.steps, cfg.onpolicy_distill.steps, cfg.student_rl.steps
     budget = w + d + r
-    out = {
+    other = "sampled" if cfg.onpolicy_distill.form == "full" else "full"
+    w_eq = w + math.ceil(d / 2)
+    return {
         "full": {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": []},
-        "full, 2b full-vocab": {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": ["onpolicy_distill.form=full"]},
+        f"full, 2b {other}": {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": [f"onpolicy_distill.form={other}"]},
         "raw teacher (no 1)": {"teacher": "base", "stages": [WARM, DISTILL, RL], "set": []},
         "no warmup (no 2a)": {"teacher": "rl", "stages": [DISTILL, RL], "set": [f"onpolicy_distill.steps={w + d}"]},
         "no on-policy (no 2b)": {"teacher": "rl", "stages": [WARM, RL], "set": [f"kl_warmup.steps={w + d}"]},
         "warmup only": {"teacher": "rl", "stages": [WARM], "set": [f"kl_warmup.steps={budget}"]},
-        "teacher-sample SFT": {"teacher": "rl", "stages": [WARM], "set": [f"kl_warmup.steps={budget}", "kl_warmup.form=seq_sft"]},
+        EQ_NO2B: {"teacher": "rl", "stages": [WARM, RL], "set": [f"kl_warmup.steps={w_eq}"]},
+        EQ_WARM: {"teacher": "rl", "stages": [WARM], "set": [f"kl_warmup.steps={w_eq}"]},
     }
-    return out
+
+
+EQ_NO2B, EQ_WARM = "no 2b, = full's teacher tokens", "warmup only, = full's teacher tokens"
+MECHANISM_ARMS = ("full", "no on-policy (no 2b)", EQ_WARM)
 
 
 def direct(lr: float, budget: int) -> dict:
@@ -83,11 +100,14 @@ def run_arm_summary(*a) -> dict:
     return run_arm(*a)["results"]
 
 
-def arm_job(base, overrides, arm_root, teacher, student, arm, name, seed, k, rl_teacher) -> dict:
-    """One arm of one seed, in a worker: its stages, its table row, and its final C2 against the RL teacher."""
+def arm_job(base, overrides, arm_root, teacher, student, arm, name, seed, k, rl_teacher, validate=False) -> dict:
+    """One arm of one seed, in a worker: its stages, its table row, its final C2 against the RL teacher and,
+    for the learning-rate sweep, its avg@k on the validation split."""
     out = run_arm(base, overrides, arm_root, teacher, student, arm)
-    row = arm_row(name, out, arm_root, k) | {"seed": seed}
-    row["c2_final"] = c2_of(base, overrides, arm_root, rl_teacher, row["final_model"])
+    row = arm_row(name, out, arm_root, k) | {"seed": seed, "overrides": [o for o in overrides if "lr=" in o]}
+    row["c2_final"], val = c2_of(base, overrides, arm_root, rl_teacher, row["final_model"], validate)
+    if validate:
+        row["val"] = val
     print(f"[seed {seed}] {name:<22} avg@{k} {row[f'avg@{k}']:.3f}  C2 {row['c2_final']:.3f}  "
           f"steps {row['student_steps']}  {row['student_wall_s']:.0f}s", flush=True)
     return row
@@ -146,16 +166,19 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
     return row
 
 
-def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri: str) -> float:
-    """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)."""
+def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri: str, validate: bool = False):
+    """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)
+    and, with ``validate``, (c2, the model's avg@k on the validation split); else (c2, None)."""
     from stages.runtime import StageRun
-    from stages.scoring import student_teacher_kl
+    from stages.scoring import score, student_teacher_kl
 
     cfg = load_config(base, overrides)
     run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
     try:
         t, s, tok = run.load_teacher_student(teacher, student_uri)
-        return student_teacher_kl(run.rollouts, s, t, tok, run.task.problems("prompts"), label="c2-final")
+        c2 = student_teacher_kl(run.rollouts, s, t, tok, run.task.problems("prompts"), label="c2-final")
+        val = score(run.rollouts, s, tok, run.task.problems("validation"))[f"avg@{cfg.eval.samples}"] if validate else None
+        return c2, val
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
 
@@ -163,40 +186,93 @@ def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", help="bench/configs/paper-<preset>.yaml or a YAML path")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3], help="direct-GRPO sweep (seed 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3],
+                   help="RL learning rates swept (stage 3 and direct GRPO), on the first seed's validation split")
+    p.add_argument("--distill-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                   help="learning rates swept for stages 2a and 2b (one value for both)")
+    p.add_argument("--digits", type=int, nargs="+", default=None,
+                   help="the mechanism instead of the table: full vs no-2b vs warmup-only at equal teacher tokens, "
+                        "for tasks of this many digits (longer traces), at the preset's learning rates")
+    p.add_argument("--select-only", action="store_true",
+                   help="only the learning-rate selection (first seed): the values to put in a preset, e.g. "
+                        "--preset stages/configs/tiny.yaml for the demo")
     p.add_argument("--root", default=None, help="artifact root (default runs/bench-paper-<preset>)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--workers", type=int, default=2, help="arms run side by side in this many processes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    base = args.preset if args.preset.endswith((".yaml", ".yml")) else str(REPO / "bench" / "configs" / f"paper-{args.preset}.yaml")
+    base = preset_path(args.preset)
     try:
         cfg0 = load_config(base, args.overrides)  # a bad config fails here, before any training
+        if cfg0.task.sizes.get("validation", 0) < 1:
+            raise ConfigError("task.sizes.validation: the learning-rate sweep needs a validation split")
+        for d in args.digits or []:  # the task draws distinct problems: too few of them would never finish
+            if (need := sum(cfg0.task.sizes.values())) > (room := distinct_problems(cfg0.task.ops, min(2, d), d)) * 0.9:
+                raise ConfigError(f"--digits {d}: the splits need {need} distinct problems and {d}-digit tasks have "
+                                  f"about {room}; use more digits or smaller task.sizes")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     root = args.root or str(REPO / "runs" / f"bench-paper-{cfg0.name}")
-    k = cfg0.eval.samples
-    t_start = time.perf_counter()
-
-    # the base models: one bootstrap, shared by every seed (the stand-in for a pretrained checkpoint)
-    boot_root = artifacts.join(root, "base")
-    boot_cfg = load_config(base, args.overrides + ["seed=0"])
-    boot, _ = workflow.run_stage(boot_cfg, boot_root, "bootstrap", {})
-    base_t, base_s = boot["outputs"]["teacher"], boot["outputs"]["student"]
-    log = {"bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]}}
-    print(f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}", flush=True)
-
-    # workers: arms are independent once stage 1 has run; on a small CPU, processes with one torch thread
-    # each beat one process with many threads (tiny matmuls), so arms run side by side
-    ov_par = ["torch_threads=1"] if args.workers > 1 else []
+    command = " ".join(["python", "bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])])
+    # one torch thread in every process, the bootstrap included: the draws then do not depend on the
+    # machine's core count (bench/results/determinism.md: intra-op threads change the float results)
+    # (stage-level MLflow runs off: the benchmark logs one run of its own)
+    overrides = ["torch_threads=1", "tracking.enabled=false"] + args.overrides
     pool = _pool(args.workers)
-    seeds = args.seeds
+    t_start = time.perf_counter()
+    try:
+        if args.digits:
+            result, seeds = {"mechanism": [], "seeds": args.seeds}, args.seeds
+            for d in args.digits:
+                ov = overrides + [f"task.min_digits={min(2, d)}", f"task.max_digits={d}",
+                                  f"sampling.max_new_tokens={10 * d + 10}"]
+                r = run_table(base, ov, args.seeds, artifacts.join(root, f"digits{d}"), pool, sweep=None,
+                              only=MECHANISM_ARMS)
+                result["mechanism"].append({"digits": d} | r)
+            stem_name = f"mechanism_{cfg0.name}"
+        else:
+            seeds = args.seeds[:1] if args.select_only else args.seeds
+            result = run_table(base, overrides, seeds, root, pool, sweep={"rl": args.lrs, "distill": args.distill_lrs},
+                               only=("full", "direct GRPO") if args.select_only else None)  # those rows come from the sweep
+            stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
+    finally:
+        pool.shutdown()
+    result |= {"preset": cfg0.name, "config": base, "overrides": args.overrides, "seeds": result["seeds"] if args.digits else seeds,
+               "wall_s": time.perf_counter() - t_start, "machine": machine(), "command": command,
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / stem_name
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    md = render_mechanism(result) if args.digits else render(result)
+    stem.with_suffix(".md").write_text(md)
+    (plot_mechanism if args.digits else plot)(result, stem.with_suffix(".png"))
+    log_mlflow(result, stem)
+    print(md)
+    return 0
+
+
+def distinct_problems(ops: list[str], lo: int, hi: int) -> int:
+    """About how many distinct problems a task of lo..hi digits has (a+b and b+a are one)."""
+    n = 10**hi - (10 ** (lo - 1) if lo > 1 else 0)
+    return ("add" in ops) * n * (n + 1) // 2 + ("mul" in ops) * n * 8
+
+
+def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool, sweep: dict | None, only) -> dict:
+    """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed."""
+    cfg0 = load_config(base, overrides)
+    k = cfg0.eval.samples
+    boot_root = artifacts.join(root, "base")
+    boot, _ = workflow.run_stage(load_config(base, overrides + ["seed=0"]), boot_root, "bootstrap", {})
+    base_t, base_s = boot["outputs"]["teacher"], boot["outputs"]["student"]
+    print(f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}",
+          flush=True)
     # stage 1 once per seed; every arm with an RL'd teacher reads it
     t_arm = {"teacher": "base", "stages": ["teacher_rl"], "set": []}
-    t_jobs = [pool.submit(run_arm_summary, base, args.overrides + ov_par + [f"seed={s}"],
-                          artifacts.join(root, f"seed{s}", "teacher"), base_t, base_s, t_arm) for s in seeds]
+    t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], artifacts.join(root, f"seed{s}", "teacher"),
+                          base_t, base_s, t_arm) for s in seeds]
     teacher_rows, rl_teacher = [], {}
     for s, job in zip(seeds, t_jobs):
         tm = job.result()["teacher_rl"]
@@ -205,49 +281,65 @@ def main(argv=None) -> int:
                              "wall_s": tm["wall_time_s"], "labeled": tm["labeled_examples"]})
         print(f"[seed {s}] C1 teacher avg@{k} {teacher_rows[-1]['before']:.3f} -> {teacher_rows[-1]['after']:.3f}", flush=True)
 
-    def submit(seed: int, name: str, arm: dict):
-        sroot = artifacts.join(root, f"seed{seed}")
-        arm_root = artifacts.join(sroot, _slug(name) if not arm.get("direct") else f"direct-lr{arm['lr']:g}")
+    def submit(seed: int, name: str, arm: dict, extra: list[str], where: str, validate: bool = False):
         teacher = rl_teacher[seed] if arm["teacher"] == "rl" else base_t
-        return pool.submit(arm_job, base, args.overrides + ov_par + [f"seed={seed}"], arm_root, teacher, base_s, arm,
-                           name, seed, k, rl_teacher[seed])
+        return pool.submit(arm_job, base, overrides + [f"seed={seed}"] + extra, artifacts.join(root, f"seed{seed}", where),
+                           teacher, base_s, arm, name, seed, k, rl_teacher[seed], validate)
 
     budget = cfg0.student_step_budget()
-    # the baseline's learning-rate sweep on the first seed, side by side with every other arm
-    sweep_jobs = {lr: submit(seeds[0], "direct GRPO", direct(lr, budget)) for lr in args.lrs}
-    jobs = [submit(s, name, arm) for s in seeds for name, arm in arms(cfg0).items()]
-    sweep_rows = {lr: j.result() for lr, j in sweep_jobs.items()}
-    sweep = {lr: r[f"avg@{k}"] for lr, r in sweep_rows.items()}
-    best_lr = max(sweep, key=sweep.get)
-    print("[sweep] direct GRPO " + ", ".join(f"lr {lr:g}: {v:.3f}" for lr, v in sweep.items()) + f" -> {best_lr:g}", flush=True)
-    jobs += [submit(s, "direct GRPO", direct(best_lr, budget)) for s in seeds[1:]]
-    rows = [sweep_rows[best_lr]] + [j.result() for j in jobs]
+    table = arms(cfg0)
+    chosen, selection, reuse = [], [], {}
+    if sweep:
+        # Selection on the validation split of the first seed, never on eval. The 2a/2b learning rate is
+        # swept on the full arm (stage 3 at the preset's rate), then stage 3's on the full arm at the chosen
+        # 2a/2b rate; direct GRPO sweeps its own. Every arm then runs at the chosen values.
+        s0, full = seeds[0], table["full"]
+        rl_default = cfg0.student_rl.optim.lr
+
+        def lr_set(dl, rl):
+            return [f"kl_warmup.optim.lr={dl}", f"onpolicy_distill.optim.lr={dl}", f"student_rl.optim.lr={rl}"]
+
+        def val(job):
+            return job.result()["val"]
+
+        d_jobs = {dl: submit(s0, "full", full, lr_set(dl, rl_default), f"sweep/full-d{dl:g}-rl{rl_default:g}", True)
+                  for dl in sweep["distill"]}
+        g_jobs = {lr: submit(s0, "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True) for lr in sweep["rl"]}
+        d_val = {dl: val(j) for dl, j in d_jobs.items()}
+        best_d = max(d_val, key=d_val.get)
+        r_jobs = {rl: (d_jobs[best_d] if rl == rl_default else
+                       submit(s0, "full", full, lr_set(best_d, rl), f"sweep/full-d{best_d:g}-rl{rl:g}", True)) for rl in sweep["rl"]}
+        r_val = {rl: val(j) for rl, j in r_jobs.items()}
+        best_r = max(r_val, key=r_val.get)
+        g_val = {lr: val(j) for lr, j in g_jobs.items()}
+        best_g = max(g_val, key=g_val.get)
+        selection = [{"what": "2a/2b lr (full arm)", "values": d_val, "chosen": best_d},
+                     {"what": "stage 3 lr (full arm)", "values": r_val, "chosen": best_r},
+                     {"what": "direct GRPO lr", "values": g_val, "chosen": best_g}]
+        for sel in selection:
+            print(f"[select] {sel['what']}: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
+                  + f" -> {sel['chosen']:g}", flush=True)
+        chosen = lr_set(best_d, best_r) + [f"direct_grpo.optim.lr={best_g}"]
+        reuse = {"full": r_jobs[best_r], "direct GRPO": g_jobs[best_g]}  # the first seed's rows, already run
+        table["direct GRPO"] = direct(best_g, budget)
+    else:
+        table["direct GRPO"] = direct(cfg0.direct_grpo.optim.lr, budget)
+    names = [n for n in table if only is None or n in only]
+    jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], chosen, _slug(n))
+            for s in seeds for n in names]
+    rows = [j.result() for j in jobs]
     for seed in seeds:
         # the base student, for reference (no training; C2 against the same RL teacher)
         rows.append({"arm": "base student (no training)", "seed": seed, f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],
                      f"pass@{k}": boot["metrics"].get(f"student.eval.pass@{k}"), "greedy": boot["metrics"].get("student.eval.greedy"),
                      "student_steps": 0, "labeled_student": 0, "student_wall_s": 0.0, "teacher_tokens": 0.0,
-                     "c2_final": c2_of(base, args.overrides + [f"seed={seed}"], artifacts.join(root, f"seed{seed}", "teacher"),
-                                       rl_teacher[seed], base_s)})
-    pool.shutdown()
-
-    wall = time.perf_counter() - t_start
-    result = {"preset": cfg0.name, "config": base, "overrides": args.overrides, "seeds": args.seeds, "k": k,
-              "eval_problems": cfg0.eval.problems, "best_direct_lr": best_lr, "lr_sweep_seed0": sweep,
-              "teacher": teacher_rows, "rows": rows, "wall_s": wall, "log": log, "machine": machine(),
-              "command": " ".join(["python", "bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])]),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "params": {"teacher": boot["metrics"].get("teacher.params"), "student": boot["metrics"].get("student.params")}}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"paper_table_{cfg0.name}"
-    (stem.with_suffix(".json")).write_text(json.dumps(result, indent=2, default=str))
-    md = render(result)
-    stem.with_suffix(".md").write_text(md)
-    plot(result, stem.with_suffix(".png"))
-    log_mlflow(result, stem)
-    print(md)
-    return 0
+                     "c2_final": c2_of(base, overrides + [f"seed={seed}"], artifacts.join(root, f"seed{seed}", "teacher"),
+                                       rl_teacher[seed], base_s)[0]})
+    return {"k": k, "eval_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("eval", 0)),
+            "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
+            "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows,
+            "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
+            "params": {"teacher": boot["metrics"].get("teacher.params"), "student": boot["metrics"].get("student.params")}}
 
 
 def _slug(name: str) -> str:
@@ -261,19 +353,19 @@ def aggregate(rows: list[dict], key: str) -> tuple[float, float, int]:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-ORDER = ["full", "full, 2b full-vocab", "raw teacher (no 1)", "no warmup (no 2a)", "no on-policy (no 2b)",
-         "warmup only", "teacher-sample SFT", "direct GRPO", "base student (no training)"]
 PAPER = {"full": "79.3", "raw teacher (no 1)": "-7.8", "no warmup (no 2a)": "-1.7", "no on-policy (no 2b)": "-3.3",
          "direct GRPO": "75.9 (-3.4)"}
+EQUAL_TOKENS = ("full", EQ_NO2B, EQ_WARM, "direct GRPO")  # the second table: arms at (about) the full arm's teacher tokens
 
 
 def summary(result: dict) -> list[dict]:
+    """Per arm: mean ± std of each metric over seeds, and the paired difference to the full arm (95% t-interval)."""
     k = result["k"]
+    names = list(dict.fromkeys(r["arm"] for r in result["rows"]))
+    full = {r["seed"]: r[f"avg@{k}"] for r in result["rows"] if r["arm"] == "full"}
     out = []
-    for name in ORDER:
-        rs = [r for r in result["rows"] if r["arm"] == name]
-        if not rs:
-            continue
+    for name in names:
+        rs = sorted((r for r in result["rows"] if r["arm"] == name), key=lambda r: r["seed"])
         s = {"arm": name, "n": len(rs)}
         for key in (f"avg@{k}", f"pass@{k}", "greedy", "c2_final", "student_wall_s", "teacher_tokens",
                     "c2_after_kl_warmup", "c2_after_onpolicy_distill"):
@@ -281,46 +373,74 @@ def summary(result: dict) -> list[dict]:
         s["student_steps"] = rs[0]["student_steps"]
         s["labeled_student"] = rs[0]["labeled_student"]
         s["per_seed"] = [r[f"avg@{k}"] for r in rs]
+        both = [r for r in rs if r["seed"] in full]
+        s["vs_full"] = None if name == "full" else paired([r[f"avg@{k}"] for r in both], [full[r["seed"]] for r in both])
         out.append(s)
     return out
+
+
+def _f(ms, nd=3):
+    m, s = ms
+    return "-" if math.isnan(m) else f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+def _delta(r) -> tuple[str, str]:
+    d = r.get("vs_full")
+    if not d:
+        return "", ""
+    if math.isnan(d["lo"]):
+        return f"{d['mean']:+.3f}", "-"
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", ("**resolved**" if d["resolved"] else "within noise")
 
 
 def render(result: dict) -> str:
     k = result["k"]
     rows = summary(result)
-    full = next((r for r in rows if r["arm"] == "full"), None)
     t = result["teacher"]
     lab_t = t[0]["labeled"] if t else 0
+    m = result["machine"]
     lines = [
         f"# The paper's table in miniature ({result['preset']})", "",
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}. Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), "
-        f"Python {result['machine']['python']}, torch {result['machine']['torch']}, transformers {result['machine']['transformers']}. "
-        f"Git: {result['machine']['git']}.  ",
-        f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out problems (k = {k} samples each); "
-        f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}. "
-        f"Total wall time {result['wall_s'] / 60:.1f} min.", "",
-        f"Stage 1 (shared by every arm with an RL'd teacher; {lab_t} labeled examples): teacher avg@{k} "
-        + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f} ({r['wall_s']:.0f} s)" for r in t) + " (C1).", "",
-        f"| arm | avg@{k} mean ± std | Δ vs full | paper (MATH) | per seed | pass@{k} | greedy | C2 final | C2 after 2a | C2 after 2b "
-        "| student steps | labeled (student) | student wall s | teacher tokens |",
-        "|" + "---|" * 14,
+        f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores, torch kernels {m.get('cpu_capability')}), "
+        f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. Git: {m['git']}. "
+        f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall.  ",
+        f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out eval problems (k = {k} samples each); "
+        f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
+        f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.", "",
+        f"Base models (bootstrap, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "
+        f"student {result['bootstrap'].get(f'student.eval.avg@{k}', float('nan')):.3f}. "
+        f"Stage 1 ({lab_t} labeled examples): teacher avg@{k} "
+        + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f}" for r in t) + " (C1).", "",
+        "## Selection (validation split, first seed; never the eval split)", "",
+        "| what | avg@%d on validation per value | chosen |" % k, "|---|---|---|",
     ]
+    for sel in result.get("selection", []):
+        lines.append(f"| {sel['what']} | " + ", ".join(f"{v}: {x:.3f}" for v, x in sel["values"].items()) + f" | {sel['chosen']} |")
+    lines += ["", "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".", ""]
 
-    def f(ms, nd=3):
-        m, s = ms
-        return "-" if math.isnan(m) else f"{m:.{nd}f} ± {s:.{nd}f}"
+    def table(title: str, names) -> list[str]:
+        out = [f"## {title}", "",
+               f"| arm | avg@{k} mean ± std | Δ vs full, paired [95% CI] | ordering | paper (MATH) | per seed | pass@{k} | C2 final "
+               "| C2 after 2a | C2 after 2b | student steps | labeled (student) | teacher tokens | student wall s |",
+               "|" + "---|" * 14]
+        for r in rows:
+            if r["arm"] not in names:
+                continue
+            delta, res = _delta(r)
+            out.append(f"| {r['arm']} | {_f(r[f'avg@{k}'])} | {delta} | {res} | {PAPER.get(r['arm'], '')} | "
+                       f"{', '.join(f'{v:.3f}' for v in r['per_seed'])} | {_f(r[f'pass@{k}'])} | {_f(r['c2_final'])} | "
+                       f"{_f(r['c2_after_kl_warmup'])} | {_f(r['c2_after_onpolicy_distill'])} | {r['student_steps']} | "
+                       f"{r['labeled_student']} | {_f(r['teacher_tokens'], 0)} | {_f(r['student_wall_s'], 0)} |")
+        return out + [""]
 
-    for r in rows:
-        delta = "" if full is None or r["arm"] == "full" else f"{r[f'avg@{k}'][0] - full[f'avg@{k}'][0]:+.3f}"
-        lines.append(f"| {r['arm']} | {f(r[f'avg@{k}'])} | {delta} | {PAPER.get(r['arm'], '')} | "
-                     f"{', '.join(f'{v:.3f}' for v in r['per_seed'])} | {f(r[f'pass@{k}'])} | {f(r['greedy'])} | "
-                     f"{f(r['c2_final'])} | {f(r['c2_after_kl_warmup'])} | {f(r['c2_after_onpolicy_distill'])} | "
-                     f"{r['student_steps']} | {r['labeled_student']} | {f(r['student_wall_s'], 0)} | {f(r['teacher_tokens'], 0)} |")
-    sweep = ", ".join(f"lr {lr}: {v:.3f}" for lr, v in result["lr_sweep_seed0"].items())
-    lines += ["", f"Direct GRPO learning-rate sweep (seed {result['seeds'][0]}, avg@{k}): {sweep}; best lr "
-              f"{result['best_direct_lr']} is the row above (selected on the eval set: this favours the baseline).",
-              "", "Labeled examples: stage 1 uses the `teacher_rl` split for the teacher; arms with stage 3 add the "
+    all_names = [r["arm"] for r in rows]
+    lines += table("Equal student steps", [n for n in all_names if n not in (EQ_NO2B, EQ_WARM)])
+    lines += table("Equal teacher tokens (about the full arm's)", [n for n in all_names if n in EQUAL_TOKENS])
+    lines += ["Δ vs full: mean over seeds of (arm - full) on the same seed, with a 95% t-interval over seeds; "
+              "**resolved** when the interval excludes 0, else within noise.",
+              "Teacher tokens: completion tokens the teacher generated and scored (2a: 2 per token) or scored (2b).",
+              "Labeled examples: stage 1 uses the `teacher_rl` split for the teacher; arms with stage 3 add the "
               "`student_rl` split; direct GRPO draws from both splits. Stages 2a/2b see prompts only.",
               "C2 = KL(student || teacher) per completion token on student rollouts, against the seed's RL'd teacher."]
     return "\n".join(lines) + "\n"
@@ -334,60 +454,110 @@ def plot(result: dict, path: Path) -> None:
 
     k = result["k"]
     rows = summary(result)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.6))
     names = [r["arm"] for r in rows]
-    for ax, key, title in ((axes[0], f"avg@{k}", f"student avg@{k} (mean ± std over seeds)"),
-                           (axes[1], "c2_final", "C2: KL(student || RL teacher) per token")):
-        means = [r[key][0] for r in rows]
-        stds = [r[key][1] for r in rows]
-        colors = ["tab:green" if n.startswith("full") else "tab:red" if n == "direct GRPO" else "tab:gray" for n in names]
-        ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=3)
-        for i, r in enumerate(rows):
-            if key == f"avg@{k}":
-                ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color="k", s=8, zorder=3)
-        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
+    colors = ["tab:green" if n.startswith("full") else "tab:red" if n == "direct GRPO" else "tab:gray" for n in names]
+    ax = axes[0]
+    ax.bar(range(len(rows)), [r[f"avg@{k}"][0] for r in rows], yerr=[r[f"avg@{k}"][1] for r in rows], color=colors, capsize=3)
+    for i, r in enumerate(rows):
+        ax.scatter([i] * len(r["per_seed"]), r["per_seed"], color="k", s=8, zorder=3)
+    ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=7)
+    ax.set_title(f"student avg@{k} (mean ± std, dots: seeds)")
+    ax = axes[1]
+    diffs = [r for r in rows if r.get("vs_full") and not math.isnan(r["vs_full"]["lo"])]
+    ax.errorbar([r["vs_full"]["mean"] for r in diffs], range(len(diffs)), fmt="o",
+                xerr=[[r["vs_full"]["mean"] - r["vs_full"]["lo"] for r in diffs], [r["vs_full"]["hi"] - r["vs_full"]["mean"] for r in diffs]],
+                capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(diffs)), [r["arm"] for r in diffs], fontsize=7)
+    ax.set_title("arm - full, paired over seeds (95% CI)")
+    ax = axes[2]
+    for r, c in zip(rows, colors):
+        ax.errorbar(r["teacher_tokens"][0], r[f"avg@{k}"][0], yerr=r[f"avg@{k}"][1], fmt="o", color=c, capsize=3)
+        ax.annotate(r["arm"], (r["teacher_tokens"][0], r[f"avg@{k}"][0]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("teacher tokens (generated + scored)")
+    ax.set_title(f"avg@{k} against teacher compute")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     fig.suptitle(f"Sparse-to-dense in miniature ({result['preset']}, seeds {result['seeds']}, {result['eval_problems']} eval problems)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def machine() -> dict:
-    import torch
-    import transformers
+def mechanism_points(result: dict) -> list[dict]:
+    """Per digit count: the 2b gain (full - no 2b; full - warmup-only at equal teacher tokens), paired over seeds."""
+    pts = []
+    for m in result["mechanism"]:
+        sm = {r["arm"]: r for r in summary(m)}
+        pts.append({"digits": m["digits"], "full": sm["full"][f"avg@{m['k']}"],
+                    "teacher": [t["after"] for t in m["teacher"]],
+                    "vs_no2b": _neg(sm["no on-policy (no 2b)"]["vs_full"]), "vs_warm_eq": _neg(sm[EQ_WARM]["vs_full"]),
+                    "no2b": sm["no on-policy (no 2b)"][f"avg@{m['k']}"], "warm_eq": sm[EQ_WARM][f"avg@{m['k']}"]})
+    return pts
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "stages"], capture_output=True, text=True).stdout.strip()
-        git += " (stages/ modified)" if dirty else ""
-    except OSError:
-        git = "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "git": git,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+def _neg(d: dict) -> dict:
+    """full - arm, from arm - full."""
+    return d | {"mean": -d["mean"] + 0.0, "lo": -d["hi"] + 0.0, "hi": -d["lo"] + 0.0}  # + 0.0: no "-0.000"
+
+
+def render_mechanism(result: dict) -> str:
+    k = result["mechanism"][0]["k"]
+    m = result["machine"]
+    lines = ["# The mechanism: does on-policy distillation (2b) gain more as traces get longer?", "",
+             f"Command: `{result['command']}`  ",
+             f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Git: {m['git']}. "
+             f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: the preset's (the values the "
+             "table's validation sweep chose).", "",
+             "A task of d digits has a d-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
+             "95% t-interval over seeds.", "",
+             f"| digits | teacher after stage 1 | full avg@{k} | no 2b | warmup only, = teacher tokens | 2b gain vs no 2b | 2b gain vs warmup only (= tokens) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in mechanism_points(result):
+        g = lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + (" **resolved**" if d["resolved"] else "")  # noqa: E731
+        lines.append(f"| {p['digits']} | {statistics.mean(p['teacher']):.3f} | {_f(p['full'])} | {_f(p['no2b'])} | {_f(p['warm_eq'])} | "
+                     f"{g(p['vs_no2b'])} | {g(p['vs_warm_eq'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_mechanism(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = mechanism_points(result)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for key, label, dx in (("vs_no2b", "full - no 2b (equal student steps)", -0.05),
+                           ("vs_warm_eq", "full - warmup only (equal teacher tokens)", 0.05)):
+        xs = [p["digits"] + dx for p in pts]
+        ys = [p[key]["mean"] for p in pts]
+        err = [[p[key]["mean"] - p[key]["lo"] for p in pts], [p[key]["hi"] - p[key]["mean"] for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=label)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("digits (trace length grows ~10 tokens a digit)")
+    ax.set_ylabel(f"2b gain in avg@{result['mechanism'][0]['k']} (95% CI over seeds)")
+    ax.set_xticks([p["digits"] for p in pts])
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("On-policy distillation's gain against trace length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def log_mlflow(result: dict, stem: Path) -> None:
     """One MLflow run in experiment ``s2d-bench`` (tracking URI from the environment)."""
     import mlflow
 
-    k = result["k"]
     mlflow.set_experiment("s2d-bench")
-    with mlflow.start_run(run_name=f"paper_table_{result['preset']}"):
-        mlflow.log_params({"preset": result["preset"], "seeds": ",".join(map(str, result["seeds"])), "k": k,
-                           "eval_problems": result["eval_problems"], "best_direct_lr": result["best_direct_lr"]})
-        for r in summary(result):
-            key = _slug(r["arm"])
+    with mlflow.start_run(run_name=stem.name):
+        mlflow.log_params({"preset": result["preset"], "seeds": ",".join(map(str, result["seeds"])),
+                           **{c.split("=")[0]: c.split("=")[1] for c in result.get("chosen", [])}})
+        for r in summary(result) if "rows" in result else []:
+            k = result["k"]
+            key = _slug(r["arm"]).replace("-s-", "-")
             mlflow.log_metrics({f"{key}.avg_at_{k}.mean": r[f"avg@{k}"][0], f"{key}.avg_at_{k}.std": r[f"avg@{k}"][1],
                                 f"{key}.c2_final.mean": r["c2_final"][0]})
         mlflow.log_metric("wall_s", result["wall_s"])

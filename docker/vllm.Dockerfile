@@ -10,6 +10,9 @@
 #   docker push ghcr.io/sparse-to-dense/stages:0.1.0-vllm
 #
 # Use it for the stages that sample with vLLM: S2D_IMAGE=ghcr.io/sparse-to-dense/stages:0.1.0-vllm.
+# The served teacher (teacher.engine: server) needs no image of ours: it is upstream vllm/vllm-openai at
+# the same vLLM version (infra/compose.yaml service "teacher", infra/k8s/manifests/60-teacher-server.yaml);
+# the stages that talk to it run in the plain stage image (HTTP only).
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build

@@ -5,6 +5,7 @@
     python -m stages validate --config qwen3-1.7b                      # check a config, load nothing
     python -m stages plan --config tiny --root runs/demo               # stage order + inputs, MLflow parent run
     python -m stages report --config tiny --root runs/demo --parent-run-id ID   # the table, from manifests
+    python -m stages close-runs --root runs/demo --status FAILED      # end the root's open MLflow runs
 
 Stage inputs default to the workflow's plan (e.g. kl_warmup reads <root>/teacher_rl/model when
 stage 1 is on); --teacher / --student override them.
@@ -27,7 +28,7 @@ from pathlib import Path
 from .registry import STAGES
 
 NOT_PLANNED = 99
-COMMANDS = (*STAGES, "workflow", "validate", "plan", "report")
+COMMANDS = (*STAGES, "workflow", "validate", "plan", "report", "close-runs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLflow parent run to attach the stage's child run to (env S2D_PARENT_RUN_ID)")
     p.add_argument("--if-planned", action="store_true",
                    help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
+    p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
+                   help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
@@ -161,6 +164,10 @@ def _terminate(signum, frame):
 
 
 def _main(argv: list[str]) -> int:
+    from . import ray_train
+
+    if ray_train.wanted(argv):  # S2D_ENGINE=ray: this same command on S2D_RAY_WORKERS Ray Train workers
+        return ray_train.run(argv)
     relaunch = relaunch_command(argv)
     if relaunch is not None:
         import subprocess
@@ -177,6 +184,13 @@ def _main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     cfg = load_config(args.config, args.overrides)
+    warnings: list[str] = []
+    if args.command not in ("report", "close-runs"):  # task data and plugin: before any model or MLflow run
+        from .prompting import preflight
+
+        warnings = preflight(cfg, allow_unavailable=args.command == "validate")
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr)
     if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
         try:
             check_runtime(cfg)
@@ -184,13 +198,35 @@ def _main(argv: list[str]) -> int:
             if not str(e).startswith("device"):
                 raise
             print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
-        emit(args, {"valid": True, "name": cfg.name})
+        emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
     check_runtime(cfg)
 
     from . import workflow
+    from .tracking import TrackingUnavailable, close_runs, resolve_model_uri
 
     root = (args.root or f"{os.environ.get('S2D_ARTIFACT_ROOT', 'runs').rstrip('/')}/default").rstrip("/")
+    if args.command == "close-runs":  # the DAG's failure callback / teardown: no run stays RUNNING forever
+        try:
+            closed = close_runs(cfg.tracking, root, args.status)
+        except TrackingUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        emit(args, {"root": root, "status": args.status, "closed": closed})
+        return 0
+    try:
+        return _run(args, cfg, root, workflow, resolve_model_uri)
+    except TrackingUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if str(e).startswith("models:/"):  # a registry reference that does not resolve
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
@@ -209,12 +245,19 @@ def _main(argv: list[str]) -> int:
         emit(args, {"stage": cmd, "skipped": "not planned"})
         return NOT_PLANNED
     explicit = {"teacher": args.teacher, "student": args.student, "final_student": args.model}
-    inputs = workflow.stage_inputs(cfg, root, cmd, explicit)
+    # models:/<name>/<version> (or @alias) names a registered version: its checkpoint URI is the input
+    inputs = workflow.stage_inputs(cfg, root, cmd, {k: v and resolve_model_uri(v) for k, v in explicit.items()})
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
-    manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    from .teacher import TeacherUnavailable
+
+    try:
+        manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
+    except TeacherUnavailable as e:  # nothing published; the last saved state is kept for the rerun
+        print(f"error: {e} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
+        return 1
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
                 "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})
     return 0

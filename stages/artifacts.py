@@ -142,9 +142,12 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 
 def uri_kind(uri: str) -> str:
     """What a checkpoint or artifact URI names: ``s3`` (``s3://bucket/key``), ``local`` (a path or
-    ``file://``), ``hub`` (a Hugging Face hub id ``org/name`` that is not a local path), or ``unsupported``."""
+    ``file://``), ``hub`` (a Hugging Face hub id ``org/name`` that is not a local path), ``registry`` (``models:/<name>/<version>``
+    or ``@<alias>``, an MLflow registered version), or ``unsupported``."""
     if uri.startswith("s3://"):
         return "s3"
+    if uri.startswith("models:/"):  # a registered model version (resolved by tracking.resolve_model_uri)
+        return "registry"
     if uri.startswith("file://"):
         return "local"
     if "://" in uri:
@@ -422,11 +425,11 @@ _S3: dict[tuple, S3Store] = {}
 def store_for(uri: str) -> Store:
     if uri.startswith("s3://"):
         key = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S2D_S3_MULTIPART_MB",
-                                                 "S2D_S3_TIMEOUT_S", "S2D_S3_DEADLINE_S"))
+                                                "S2D_S3_TIMEOUT_S", "S2D_S3_DEADLINE_S"))
         if key not in _S3:
             _S3[key] = S3Store(multipart_mb=int(os.environ.get("S2D_S3_MULTIPART_MB", "64")))
         return _S3[key]
-    if uri_kind(uri) == "unsupported":
+    if uri_kind(uri) in ("unsupported", "registry"):
         raise ArtifactError(f"unsupported artifact URI scheme: {uri} (use a local path, file:// or s3://)")
     return LocalStore()
 
@@ -506,7 +509,7 @@ def check_files(uri: str) -> None:
             raise ArtifactError(f"{f}: listed in its manifest but {what} (deleted or overwritten after publishing?)")
 
 
-def fetch(uri: str, cache_dir: Path | None = None) -> Path:
+def fetch(uri: str, cache_dir: Path | None = None, only=None) -> Path:
     """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``).
 
     Files are checked against the owning stage's manifest; a missing manifest means the stage did
@@ -518,6 +521,8 @@ def fetch(uri: str, cache_dir: Path | None = None) -> Path:
     stage_uri, manifest = found
     sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
     wanted = {rel: meta for rel, meta in manifest["files"].items() if not sub or rel.startswith(sub + "/")}
+    if only is not None:  # a subset, e.g. only a checkpoint's tokenizer files
+        wanted = {rel: meta for rel, meta in wanted.items() if only(rel)}
     if not wanted:
         raise ArtifactError(f"{uri}: the manifest of {stage_uri} lists no files under '{sub}'")
     store = store_for(uri)

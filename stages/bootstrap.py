@@ -1,14 +1,20 @@
-"""Embedded default only: make the tiny base teacher and base student.
+"""Make the tiny base teacher and base student (``models.*.source: bootstrap``), for any task that can write
+worked solutions (``solution(problem, rng, noise)``: the built-in arithmetic task, ``examples/reverse_task.py``).
 
-Both are random-init Qwen3-architecture models trained briefly on worked arithmetic traces, a
+Both are random-init Qwen3-architecture models trained briefly on worked solutions (arithmetic traces), a
 fraction of them corrupted (``bootstrap.noise``), so they start like pretrained models do: able to
 solve many problems, not reliably. The teacher is bigger and trained longer than the student.
+
+Everything downstream presumes the teacher is the better model (C1: stage 1 sharpens it, stages 2a/2b
+move the student towards it), so the stage checks that the teacher beats the student on the
+``validation`` split and fails, publishing nothing, when it does not.
 
     python -m stages bootstrap --config tiny --root runs/demo
 """
 
 from __future__ import annotations
 
+import logging
 import random
 
 from .losses import sft_loss
@@ -16,18 +22,38 @@ from .models import char_tokenizer, tiny_qwen3
 from .rollout import token_logprobs
 from .runtime import StageRun, seed_for, teacher_forced
 from .scoring import score
-from .tasks import ArithmeticTask
+
+log = logging.getLogger(__name__)
+
+
+class TeacherNotBetter(RuntimeError):
+    """The bootstrapped teacher does not beat the bootstrapped student on the validation split."""
+
+
+def check_teacher_beats_student(teacher: dict, student: dict, k: int) -> None:
+    """Fail unless the teacher's validation avg@k is above the student's. Two models that solve nothing
+    (test-sized bootstraps of a few steps) carry no ordering to check: a warning, not a failure."""
+    t, s = teacher[f"avg@{k}"], student[f"avg@{k}"]
+    if t > s:
+        return
+    if t == s == 0:
+        log.warning("bootstrap: neither base model solves a validation problem; the teacher-beats-student check is vacuous")
+        return
+    raise TeacherNotBetter(
+        f"bootstrap: the teacher (validation avg@{k} {t:.3f}) does not beat the student ({s:.3f}); the workflow would "
+        "distill from a worse model. Train the teacher longer or better (bootstrap.teacher_steps, bootstrap.teacher_optim.lr) "
+        "or the student less (bootstrap.student_steps), or use another seed")
 
 
 def run(run: StageRun) -> dict:
     cfg, b = run.cfg, run.cfg.bootstrap
-    if not isinstance(run.task, ArithmeticTask):
-        raise ValueError("bootstrap makes tiny models for the built-in arithmetic task only; "
-                         "other tasks start from real checkpoints (models.*.source)")
+    if not callable(getattr(run.task, "solution", None)):  # validate says so before anything runs
+        raise ValueError(f"bootstrap trains the tiny base models on worked solutions, but task '{cfg.task.kind}' has "
+                         "no solution(problem, rng, noise); start from checkpoints (models.*.source)")
     tok = char_tokenizer()
     data = run.task.problems("bootstrap")
-    eval_set = run.task.problems("eval")
-    out, metrics = {}, {}
+    eval_set, val_set = run.task.problems("eval"), run.task.problems("validation")
+    out, metrics, val = {}, {}, {}
     with run.tracking(datasets={"bootstrap": data}):
         plan = (("teacher", b.teacher_steps, b.teacher_optim, b.batch_size),
                 ("student", b.student_steps, b.student_optim, b.student_batch_size or b.batch_size))
@@ -48,4 +74,11 @@ def run(run: StageRun) -> dict:
             out[role] = model
             n_params = sum(p.numel() for p in model.parameters())
             metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in score(run.rollouts, model, tok, eval_set).items()}
+            if val_set:
+                val[role] = score(run.rollouts, model, tok, val_set)
+                metrics |= {f"{role}.validation.{k}": v for k, v in val[role].items()}
+        if val_set:
+            check_teacher_beats_student(val["teacher"], val["student"], cfg.eval.samples)
+        else:
+            log.warning("bootstrap: no validation split (task.sizes.validation): the teacher-beats-student check is skipped")
         return run.publish(out, tok, metrics=metrics, extra={"labeled_examples": 0, "student_steps": 0})

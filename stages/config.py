@@ -74,11 +74,58 @@ class Models(Strict):
     student: ModelSpec
 
 
-class TaskConfig(Strict):
-    """``arithmetic``: built-in procedural additions with a column trace. ``math_jsonl``: files of
-    ``{"problem", "answer"}`` lines, answers checked with math-verify."""
+SPLITS = ("bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval")
+AnswerExtraction = Literal["plain", "boxed", "gsm8k"]
 
-    kind: str = Field("arithmetic", description="arithmetic | math_jsonl | 'package.module:factory' (a plugin)")
+# Where the paper's data lives on the Hugging Face hub, and how its fields map (any key can be overridden).
+RECIPES: dict[str, dict] = {
+    # MATH (Hendrycks et al.): the gold answer is the last \boxed{} of the worked solution
+    "math": {"path": "DigitalLearningGmbH/MATH-lighteval", "split": "train", "problem_field": "problem",
+             "answer_field": "solution", "answer": "boxed"},
+    "math500": {"path": "HuggingFaceH4/MATH-500", "split": "test", "problem_field": "problem",
+                "answer_field": "answer", "answer": "plain"},
+    "aime24": {"path": "HuggingFaceH4/aime_2024", "split": "train", "problem_field": "problem",
+               "answer_field": "answer", "answer": "plain"},
+    # GSM8K: the answer follows '####' at the end of the solution
+    "gsm8k": {"path": "openai/gsm8k", "name": "main", "split": "train", "problem_field": "question",
+              "answer_field": "answer", "answer": "gsm8k"},
+}
+
+
+class DataSource(Strict):
+    """One split's data, read with ``datasets``: a hub id, a local dataset folder (``save_to_disk`` or a
+    folder of data files), or Parquet / JSON(L) / CSV file(s) (a glob or a list)."""
+
+    recipe: Literal["math", "math500", "aime24", "gsm8k"] | None = Field(None, description="fills the fields below")
+    path: str | list[str] = Field(description="hub id, dataset folder, or data file(s)")
+    name: str | None = Field(None, description="the dataset's configuration (hub datasets with several)")
+    split: str = Field("train", description="the dataset's own split to read")
+    problem_field: str = "problem"
+    answer_field: str | None = Field("answer", description="None: unlabeled (prompts only)")
+    answer: AnswerExtraction = Field("plain", description="plain | boxed (last \\boxed{} of the field) | gsm8k (after ####)")
+    id_field: str | None = Field(None, description="default: <split>-<row>")
+    rows: tuple[int, int] | None = Field(None, description="[start, stop): cut disjoint splits from one dataset")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data):
+        if isinstance(data, dict) and data.get("recipe") in RECIPES:
+            data = {**RECIPES[data["recipe"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _rows(self):
+        if self.rows is not None and not 0 <= self.rows[0] < self.rows[1]:
+            raise ValueError(f"rows {list(self.rows)} must be [start, stop) with 0 <= start < stop")
+        return self
+
+
+class TaskConfig(Strict):
+    """``arithmetic``: built-in procedural additions with a column trace. ``dataset``: any data readable by
+    ``datasets`` (``task.data``), answers checked with math-verify. ``math_jsonl``: files of
+    ``{"problem", "answer"}`` lines (``task.files``). A plugin: ``package.module:factory`` (README, "Tasks")."""
+
+    kind: str = Field("arithmetic", description="arithmetic | dataset | math_jsonl | 'package.module:factory' (a plugin)")
     seed: int = 1234
     min_digits: int = Field(2, ge=1, le=12)
     max_digits: int = Field(4, ge=1, le=12)
@@ -86,13 +133,21 @@ class TaskConfig(Strict):
     # min..max_digits number by one digit 2-9 (a column trace of partial products with carries).
     ops: list[Literal["add", "mul"]] = Field(default_factory=lambda: ["add"], min_length=1)
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
-    # validation: held out like eval, for choosing hyper-parameters (never choose them on eval)
+    # validation: held out like eval, for choosing hyper-parameters (never choose them on eval).
+    # Data tasks: the first N rows of each split (no entry: all of them).
     sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval"], int] = Field(
         default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000,
                                  "validation": 200, "eval": 200}
     )
     files: dict[Literal["teacher_rl", "prompts", "student_rl", "validation", "eval"], str] = Field(default_factory=dict)
+    # kind dataset: the splits above and any further named evaluation sets (e.g. aime24), see eval.sets
+    data: dict[str, DataSource] = Field(default_factory=dict)
     prompt_template: str = "{problem}\nPut the final answer in \\boxed{{}}.\n"
+    answer_format: Literal["boxed", "any"] = Field(
+        "boxed", description="boxed: only the last \\boxed{} counts; any: math-verify's extraction from anywhere")
+    chat_template: Literal["auto", "never", "always"] = Field(
+        "auto", description="wrap prompts in the tokenizer's chat template: auto = when it has one")
+    options: dict = Field(default_factory=dict, description="a plugin's own settings, passed as cfg.options")
 
     @model_validator(mode="after")
     def _check(self):
@@ -100,12 +155,13 @@ class TaskConfig(Strict):
             raise ValueError(f"min_digits {self.min_digits} > max_digits {self.max_digits}")
         if any(v < 0 for v in self.sizes.values()):
             raise ValueError("split sizes must be >= 0")
-        if self.kind not in ("arithmetic", "math_jsonl") and ":" not in self.kind:
-            raise ValueError(f"kind '{self.kind}' is not arithmetic, math_jsonl or 'module:factory'")
-        if self.kind == "math_jsonl":
-            missing = {"teacher_rl", "prompts", "eval"} - set(self.files)
-            if missing:
-                raise ValueError(f"math_jsonl needs files for splits {sorted(missing)}")
+        if self.kind not in ("arithmetic", "math_jsonl", "dataset") and ":" not in self.kind:
+            raise ValueError(f"kind '{self.kind}' is not arithmetic, dataset, math_jsonl or 'module:factory'")
+        needs = {"teacher_rl", "prompts", "eval"}
+        if self.kind == "math_jsonl" and needs - set(self.files):
+            raise ValueError(f"math_jsonl needs files for splits {sorted(needs - set(self.files))}")
+        if self.kind == "dataset" and needs - set(self.data):
+            raise ValueError(f"dataset needs data for splits {sorted(needs - set(self.data))}")
         _check_template(self.prompt_template)
         return self
 
@@ -129,6 +185,36 @@ class VLLMOptions(Strict):
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of GPU memory vLLM may take")
     enable_sleep_mode: bool = Field(True, description="free vLLM's KV cache while the trainer steps")
     max_model_len: int | None = Field(None, gt=0, description="default: the model's")
+
+
+class TeacherEngine(Strict):
+    """How stages 2a/2b reach the teacher (README, "Teacher as a service"): ``local`` loads it in the
+    training process; ``server`` scores with an OpenAI-compatible vLLM server holding it."""
+
+    engine: Literal["local", "server"] = "local"
+    url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
+    model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
+    sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
+    concurrency: int = Field(4, gt=0, description="requests in flight")
+    timeout_s: float = Field(300.0, gt=0, description="per request")
+    retries: int = Field(3, ge=0, description="per request, with backoff, on connection errors and 5xx")
+
+    def resolved_url(self) -> str:
+        import os
+
+        url = os.environ.get("S2D_TEACHER_URL") or self.url
+        if not url:
+            raise ConfigError("teacher.engine server needs teacher.url (or S2D_TEACHER_URL)")
+        return url
+
+
+class TeacherDataConfig(Strict):
+    """Stage ``teacher_data``: teacher rollouts with their top-k log-probs, generated once and stored as
+    Parquet for every warmup run with the same teacher and prompts (``kl_warmup.form: topk``)."""
+
+    top_k: int = Field(64, gt=0, description="teacher log-probs kept per position (the server needs --max-logprobs >= k)")
+    prompts: int | None = Field(None, gt=0, description="first N problems of the prompts split; default: all")
+    rows_per_shard: int = Field(256, gt=0, description="rollouts per Parquet shard (the unit of resume)")
 
 
 class Sampling(Strict):
@@ -194,7 +280,9 @@ class WarmupConfig(Strict):
     sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
     steps: int = Field(50, ge=0)
-    form: Literal["token_kl", "seq_sft"] = "token_kl"
+    # topk: forward KL over the teacher's stored top-k + a tail bucket, trained from stage teacher_data's
+    # Parquet (the teacher is not loaded for training)
+    form: Literal["token_kl", "seq_sft", "topk"] = "token_kl"
     prompts_per_step: int = Field(32, gt=0)
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
     c2_every: int = Field(10, gt=0)
@@ -219,12 +307,24 @@ class EvalConfig(Strict):
     problems: int = Field(200, gt=0)
     samples: int = Field(8, gt=0, description="k in avg@k / pass@k")
     greedy: bool = True
+    # the `evaluate` command scores each of these task splits (e.g. [math500, aime24]) into one table;
+    # the stages' own evaluation uses the `eval` split
+    sets: list[str] = Field(default_factory=lambda: ["eval"], min_length=1)
+    temperature: float | None = Field(None, gt=0, description="sampling temperature of evaluation (default: sampling's)")
+    max_new_tokens: int | None = Field(None, gt=0, description="default: sampling's")
     c2_prompts: int = Field(64, gt=0, description="student rollouts used to measure KL(student||teacher)")
 
 
 class Tracking(Strict):
     enabled: bool = True
     experiment: str = "sparse-to-dense"
+    # an unreachable tracking server at start: false = train anyway (records are kept and sent when it
+    # is back, the run is reconciled at publish); true = a fast error naming the URI, before any model loads
+    required: bool = False
+    flush_timeout_s: float = Field(30.0, ge=0)  # longest wait for the server when a stage publishes
+    # registered-model names for the workflow's final student and RL teacher ("" = do not register)
+    registered_models: dict[Literal["student", "teacher"], str] = Field(
+        default_factory=lambda: {"student": "s2d-student", "teacher": "s2d-teacher"})
 
 
 class Workflow(Strict):
@@ -254,6 +354,8 @@ class Config(Strict):
     task: TaskConfig = TaskConfig()
     models: Models
     sampling: Sampling = Sampling()
+    teacher: TeacherEngine = TeacherEngine()
+    teacher_data: TeacherDataConfig = TeacherDataConfig()
     bootstrap: Bootstrap = Bootstrap()
     teacher_rl: GRPOConfig = GRPOConfig()
     kl_warmup: WarmupConfig = WarmupConfig()
@@ -270,6 +372,21 @@ class Config(Strict):
         if not DEVICE.match(v):
             raise ValueError("not a device: use cpu, cuda, cuda:N or mps")
         return v
+
+    @model_validator(mode="after")
+    def _served_teacher(self):
+        """A served teacher gives log-probs at temperature 1 and top-k, never the full vocabulary."""
+        if self.teacher.engine != "server":
+            return self
+        if self.sampling.temperature != 1.0:
+            raise ValueError("teacher.engine server scores at temperature 1: set sampling.temperature to 1.0")
+        if self.kl_warmup.form == "token_kl":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set kl_warmup.form to topk (or seq_sft)")
+        if self.onpolicy_distill.form == "full":
+            raise ValueError("teacher.engine server serves top-k log-probs, not the full vocabulary: "
+                             "set onpolicy_distill.form to sampled")
+        return self
 
     def student_step_budget(self) -> int:
         """Student update steps the workflow may spend: the direct-GRPO baseline gets as many."""

@@ -19,33 +19,59 @@ from __future__ import annotations
 
 import time
 
-from .losses import aggregate, forward_kl, sft_loss
-from .rollout import token_logprobs, vocab_kl
+from . import teacher_data
+from .losses import aggregate, forward_kl, sft_loss, topk_forward_kl
+from .rollout import hidden_states, map_positions, token_logprobs, vocab_kl
 from .runtime import StageRun, decode
 from .scoring import score, student_teacher_kl
+from .teacher import open_teacher, sampled_c2
 
 
-def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+def run(run: StageRun, teacher_uri: str, student_uri: str, teacher_data_uri: str | None = None) -> dict:
     cfg, w = run.cfg, run.cfg.kl_warmup
-    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
     prompts = run.task.problems("prompts")
-    trainer = run.trainer("student", student, w.optim, w.steps)  # restored from its last saved state, if any
+    if w.form == "topk":  # trains from stage teacher_data's Parquet: the teacher is reached for C2 only
+        student, tok = run.load_model(student_uri, "student")
+        rows = teacher_data.load(teacher_data_uri)
+        by_id = {p.id: p for p in prompts}
+        served = {}
 
-    def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
-        return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
+        def c2(label: str = "c2") -> float:  # the sampled-token estimate through the teacher engine
+            if not served:
+                served["teacher"] = open_teacher(run, teacher_uri, tok, student)[0]
+            return sampled_c2(run.rollouts, student, tok, served["teacher"], prompts, label)
+    else:
+        teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
+
+        def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
+            return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
+    trainer = run.trainer("student", student, w.optim, w.steps)  # restored from its last saved state, if any
+    s_head = student.get_output_embeddings()
 
     def step_fn(step: int) -> dict:
-        batch = run.batch_of(prompts, w.prompts_per_step, step)
         t0 = time.perf_counter()
-        ro = run.rollouts.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
-        if w.form == "seq_sft":
-            loss = sft_loss(token_logprobs(student, ro, cfg.logprob_chunk), ro.completion)
+        if w.form == "topk":
+            # stored teacher rollouts and their top-k: forward KL over the top-k + a tail bucket; the
+            # teacher side is [B, L, k], never [B, L, V]
+            stored = run.batch_of(rows, w.prompts_per_step, step)
+            batch = [by_id[r["problem_id"]] for r in stored]
+            ro, ids, lp = teacher_data.batch_tensors(stored, tok.pad_token_id, cfg.sampling.temperature, run.device)
+            P, T = ro.prompt_len, ro.temperature
+            hs = hidden_states(student, ro)[:, P - 1 : -1]
+            kl = map_positions(lambda h, i, lt: topk_forward_kl(s_head(h) / T, i, lt), cfg.logprob_chunk, hs,
+                               ids[:, P:], lp[:, P:])
+            loss = aggregate(kl, ro.completion[:, P:], "token-mean")
         else:
-            kl, _ = vocab_kl(forward_kl, student, teacher, ro, cfg.logprob_chunk)
-            loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
+            batch = run.batch_of(prompts, w.prompts_per_step, step)
+            ro = run.rollouts.sample(teacher, tok, batch, step)  # the teacher writes, the student learns to follow
+            if w.form == "seq_sft":
+                loss = sft_loss(token_logprobs(student, ro, cfg.logprob_chunk), ro.completion)
+            else:
+                kl, _ = vocab_kl(forward_kl, student, teacher, ro, cfg.logprob_chunk)
+                loss = aggregate(kl, ro.completion[:, 1:], "token-mean")
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
-        out = {"loss": float(loss.detach()), ("forward_kl" if w.form == "token_kl" else "teacher_nll"): float(loss.detach()), "grad_norm": norm,
+        out = {"loss": float(loss.detach()), ("teacher_nll" if w.form == "seq_sft" else "forward_kl"): float(loss.detach()), "grad_norm": norm,
                "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
         if (step + 1) % w.c2_every == 0:
             out["c2"] = c2(f"c2-{step}")
@@ -59,5 +85,5 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         metrics = {f"eval.{k}": v for k, v in score(run.rollouts, student, tok, run.task.problems("eval")).items()}
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
         extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
-                 "stopped_early": trainer.step < w.steps}
+                 "stopped_early": trainer.step < w.steps, "c2_estimator": "sampled" if w.form == "topk" else "full"}
         return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)

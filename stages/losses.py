@@ -147,3 +147,71 @@ def reverse_kl_advantages(
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood per target token: -sum_t m_t log p(x_t) / sum_t m_t."""
     return aggregate(-logp, mask, "token-mean")
+
+
+# --------------------------------------------------------------------------- served / stored teacher signal
+# The teacher side of these losses is what a served or stored teacher provides: its top-k token ids and
+# log-probs per position ([..., k]), or the log-prob of one token per position. No [B, L, V] teacher tensor.
+
+
+def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                    tail: bool = True) -> torch.Tensor:
+    """Per-position forward KL against the teacher's top-k, [..., V] x [..., k] -> [...]:
+
+    tail=True (the default; NeMo-RL / verl ``forward_kl_topk_tail``): the top-k plus one bucket holding
+    the remaining mass of each distribution,
+        KL = sum_{i<=k} p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail),
+        p_tail = 1 - sum_{i<=k} p_i,   q_tail = 1 - sum_{i<=k} q_i        (q: student, at the same ids)
+    This is the exact KL between the two distributions coarsened to k+1 outcomes: >= 0, equal to the
+    full-vocabulary :func:`forward_kl` when k = V, and a lower bound of it otherwise (close when the
+    teacher's tail mass is small).
+    tail=False (verl ``forward_kl_topk``): the top-k terms only, sum_{i<=k} p_i (log p_i - log q_i).
+
+    ``teacher_logp`` are normalised log-probs (log softmax over the full vocabulary, as served); padded
+    entries (fewer than k served) carry ``-inf`` and contribute 0.
+    """
+    s_logp = F.log_softmax(_at_least_f32(student_logits), dim=-1)
+    t_logp = teacher_logp.to(s_logp.dtype)
+    s_k = s_logp.gather(-1, teacher_ids.clamp(min=0))
+    p = t_logp.exp()
+    kl = torch.where(p > 0, p * (t_logp - s_k), torch.zeros_like(p)).sum(-1)
+    if not tail:
+        return kl
+    # log of the remaining mass: log(1 - sum exp(l)) = log(-expm1(logsumexp(l))), accurate near 0 and 1
+    # A remaining mass below the rounding error of a k-term sum is noise (k = V): it counts as 0, and the
+    # student's remaining mass is floored at the dtype's tiny so a rounded-away tail never gives inf.
+    floor = 4 * t_logp.shape[-1] * torch.finfo(s_logp.dtype).eps
+    t_rest = _log1m_sum_exp(t_logp)
+    s_rest = _log1m_sum_exp(torch.where(p > 0, s_k, torch.full_like(s_k, -torch.inf)))
+    p_rest = t_rest.exp()
+    return kl + torch.where(p_rest > floor, p_rest * (t_rest - s_rest), torch.zeros_like(p_rest))
+
+
+def _log1m_sum_exp(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_i exp(logp_i)) over the last dim, floored at log(tiny) when the mass is (numerically) all there."""
+    lse = torch.logsumexp(logp, dim=-1).clamp(max=0.0)
+    # clamped before the log: a finite gradient (0) where the remaining mass rounds to 0
+    return torch.log((-torch.expm1(lse)).clamp(min=torch.finfo(logp.dtype).tiny))
+
+
+def sampled_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(p_S || p_T) on tokens x_t sampled from the student:
+
+        k1_t = log p_S(x_t) - log p_T(x_t),      E_{x ~ p_S}[k1] = KL(p_S || p_T)
+
+    Fed by one served log-prob per position (``prompt_logprobs=0``). It is ``-d_t`` of
+    :func:`reverse_kl_advantages` with kl_coef = 1: the on-policy stage's reward and its KL metric.
+    """
+    return student_logp - teacher_logp
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probs) of the k most likely tokens of softmax(logits / T), [..., V] -> 2 x [..., k],
+    most likely first (what vLLM's ``prompt_logprobs=k`` returns per position, ranks 1..k)."""
+    logp = F.log_softmax(_at_least_f32(logits) / temperature, dim=-1)
+    lp, ids = logp.topk(k, dim=-1)
+    return ids, lp
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))

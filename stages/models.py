@@ -14,6 +14,7 @@ from .config import InputError, ModelSpec, TinyArch
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]
+TINY_CONTEXT = 256  # positions of the tiny models (prompt + completion)
 
 
 class ModelInputError(InputError):
@@ -45,7 +46,7 @@ def tiny_qwen3(arch: TinyArch, tokenizer, seed: int) -> Qwen3ForCausalLM:
         num_attention_heads=arch.heads,
         num_key_value_heads=arch.kv_heads,
         head_dim=arch.hidden_size // arch.heads,
-        max_position_embeddings=256,
+        max_position_embeddings=TINY_CONTEXT,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -16,23 +16,27 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.nn.functional as F
 
 from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
 from .rollout import chosen_logprobs, token_logprobs, vocab_kl
 from .runtime import StageRun, decode
 from .scoring import score, student_teacher_kl
+from .teacher import open_teacher, sampled_c2
 
 
 def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, d = run.cfg, run.cfg.onpolicy_distill
-    teacher, student, tok = run.load_teacher_student(teacher_uri, student_uri)
+    student, tok = run.load_model(student_uri, "student")
+    # teacher.engine local: the model in this process; server: log-probs served by vLLM (never loaded here)
+    scorer, teacher = open_teacher(run, teacher_uri, tok, student)
     prompts = run.task.problems("prompts")
     trainer = run.trainer("student", student, d.optim, d.steps)  # restored from its last saved state, if any
     chunk = cfg.logprob_chunk
 
     def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
+        if teacher is None:  # served: the sampled-token estimate (no full vocabulary over HTTP)
+            return sampled_c2(run.rollouts, student, tok, scorer, prompts, label)
         return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
 
     def step_fn(step: int) -> dict:
@@ -41,8 +45,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         ro = run.rollouts.sample(student, tok, batch, step)
         mask = ro.completion
         if d.form == "sampled":
-            with torch.no_grad():
-                t_lp = token_logprobs(teacher, ro, chunk)
+            t_lp = scorer.logprobs(ro)  # one log-prob per position: prompt_logprobs=0 when served
             adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
             logp = token_logprobs(student, ro, chunk)
             loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
@@ -76,5 +79,6 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         history = trainer.fit(step_fn)
         metrics = {f"eval.{k}": v for k, v in score(run.rollouts, student, tok, run.task.problems("eval")).items()}
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
-        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step}
+        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
+                 "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled"}
         return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)

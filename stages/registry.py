@@ -16,16 +16,20 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["setup", "workflow", "baseline", "tool"]
+Kind = Literal["setup", "data", "workflow", "baseline", "tool"]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     module: str  # ``stages.<module>.run(run, *input_uris)`` runs it
-    kind: Kind  # setup: makes base models; workflow: switchable (workflow.stages); baseline; tool: on demand
+    kind: Kind  # setup: makes base models; data: made when ``when`` holds; workflow: switchable
+    #             (workflow.stages); baseline; tool: on demand
     inputs: dict[str, str]  # input name (the manifest's key) -> the role it reads
     output: str | None = None  # role its published ``model`` becomes for the stages after it
+    published: str = "model"  # the folder under <root>/<stage>/ that ``output`` names
+    optional: tuple[str, ...] = ()  # inputs read only when a planned stage provides their role
+    when: tuple[str, str, str] | None = None  # data: (stage, key, value): planned when that stage is and its key is value
     trains: Literal["teacher", "student"] | None = None  # whose update steps it spends
     splits: tuple[str, ...] = ()  # task splits it trains on
     labeled: bool = False  # whether those splits carry answers (labeled data is the scarce resource)
@@ -41,8 +45,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           paper="stand-in for pretraining (embedded default only)"),
     Stage("teacher_rl", "grpo", "workflow", {"policy": "teacher"}, output="teacher", trains="teacher",
           splits=("teacher_rl",), labeled=True, label="RL teacher (1)", paper="1: GRPO on the teacher, sparse reward"),
-    Stage("kl_warmup", "kl_warmup", "workflow", {"teacher": "teacher", "student": "student"}, output="student",
-          trains="student", splits=("prompts",), label="warmed student (2a)",
+    Stage("teacher_data", "teacher_data", "data", {"teacher": "teacher", "student": "student"},
+          output="teacher_data", published="data", splits=("prompts",), when=("kl_warmup", "form", "topk"),
+          paper="2a's data: teacher rollouts with top-k log-probs, generated once (Parquet)"),
+    Stage("kl_warmup", "kl_warmup", "workflow", {"teacher": "teacher", "student": "student",
+                                                 "teacher_data": "teacher_data"}, optional=("teacher_data",),
+          output="student", trains="student", splits=("prompts",), label="warmed student (2a)",
           paper="2a: forward KL on teacher rollouts"),
     Stage("onpolicy_distill", "onpolicy_distill", "workflow", {"teacher": "teacher", "student": "student"},
           output="student", trains="student", splits=("prompts",), label="distilled student (2b)",

@@ -36,10 +36,10 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from . import artifacts, models
+from . import artifacts, models, prompting
 from .config import Config, InputError, Optim
 from .rollout import Rollouts, Sampler, concat
-from .tasks import Problem, make_task
+from .tasks import Problem, data_digest, make_task, stage_splits
 from .tracking import Tracker, plot_history
 
 log = logging.getLogger("stages")
@@ -63,18 +63,15 @@ class RolloutMaker:
         self.sampler: Sampler | None = None
 
     def encode(self, tok, problems: list[Problem]) -> list[list[int]]:
-        out = []
-        for p in problems:
-            ids = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
-            out.append(ids)
-        return out
+        """Prompt ids, through the chat template when ``task.chat_template`` says so (sampling, training
+        and evaluation all encode here)."""
+        return prompting.encode(tok, problems, self.cfg.task.chat_template)
 
-    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False) -> Rollouts:
-        """Rollouts for ``problems``. Under several processes each rank generates a contiguous slice of
-        the rows (the uniforms are per row, so the tokens do not depend on the split) and every rank
-        gets the gathered batch."""
+    def sample(self, model, tok, problems: list[Problem], step: int, salt: str = "", greedy: bool = False,
+               temperature: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+        """Rollouts for ``problems`` (at the sampling settings unless given: evaluation's own). Under several
+        processes each rank generates a contiguous slice of the rows (the uniforms are per row, so the
+        tokens do not depend on the split) and every rank gets the gathered batch."""
         s = self.cfg.sampling
         if self.sampler is None:
             from .engines import make_sampler
@@ -91,8 +88,8 @@ class RolloutMaker:
         ro = None
         if hi > lo:
             with full_weights(model):
-                ro = self.sampler.generate(model, prompts[lo:hi], temperature=s.temperature,
-                                           max_new_tokens=s.max_new_tokens, greedy=greedy,
+                ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
+                                           max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
         if acc.num_processes == 1:
             return ro
@@ -117,6 +114,9 @@ class StageRun:
         self.inputs = inputs or {}
         # inputs are identified by URI and by the digest of the manifest that published them
         ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
+        # ... and by the problems it reads: editing a data file (or a task plugin) in place re-runs it
+        self.task = make_task(cfg.task)
+        ident["task_data"] = data_digest(self.task, stage_splits(stage, cfg))
         self.config_hash = cfg.stage_hash(stage, ident)
         try:
             m = artifacts.read_manifest(self.uri)
@@ -133,12 +133,10 @@ class StageRun:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.work), True) if self.work else None
         self.started = time.perf_counter()
         self.parent_run_id = parent_run_id
-        self.run_id: str | None = None  # this stage's MLflow run, once tracking has started
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         tracking = cfg.tracking if self.is_main else cfg.tracking.model_copy(update={"enabled": False})
         self.tracker = Tracker(tracking) if not self.finished else None
-        self.task = make_task(cfg.task)
         if not self.finished:
             self.check_splits()
         torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
@@ -199,27 +197,31 @@ class StageRun:
     @contextlib.contextmanager
     def tracking(self, trainer: "Trainer | None" = None, datasets: dict[str, list[Problem]] | None = None,
                  context: str = "training"):
-        """The stage's MLflow child run for the block: created (params, dataset inputs) or, when ``trainer``
-        resumed a state, reopened; ended FINISHED, or FAILED on an exception."""
+        """The stage's MLflow child run for the block: created (params, input lineage, dataset inputs) or,
+        when ``trainer`` resumed a state, reopened; ended FINISHED, or FAILED on an exception. Never blocks
+        on an unreachable server: records are kept and sent when it is back (see ``tracking``)."""
         resume_run_id = (trainer.resumed or {}).get("mlflow_run_id") if trainer else None
-        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name,
-                  **{f"input.{k}": v for k, v in self.inputs.items()}}
+        params = {"stage": self.stage, "config_hash": self.config_hash, "root": self.root, "preset": self.cfg.name}
         section = getattr(self.cfg, self.stage, None)
         if section is not None:
             params.update({f"{self.stage}.{k}": v for k, v in _flatten(section.model_dump()).items()})
         params.update({"seed": self.cfg.seed, "sampling.temperature": self.cfg.sampling.temperature,
                        "sampling.max_new_tokens": self.cfg.sampling.max_new_tokens})
-        self.run_id = self.tracker.start(self.stage, self.parent_run_id, resume_run_id=resume_run_id,
-                                         tags={"s2d.stage": self.stage, "s2d.root": self.root})
+        self.tracker.start(self.stage, self.parent_run_id, tags={"s2d.stage": self.stage, "s2d.root": self.root},
+                           resume_run_id=resume_run_id, params=None if resume_run_id else params)
         if not resume_run_id:
-            self.tracker.params(params)
-            self.tracker.tags({f"s2d.input.{k}": v for k, v in self.inputs.items()})
+            self.tracker.link_inputs(self.stage, self.root, self.inputs)
             for split, problems in (datasets or {}).items():
                 digest = hashlib.sha256("\n".join(p.id + p.prompt for p in problems).encode()).hexdigest()[:16]
                 self.tracker.dataset(f"{self.cfg.task.kind}/{split}", digest, f"task:{self.cfg.task.kind}:{split}",
                                      len(problems), context)
         with self.tracker.running():
             yield self
+
+    @property
+    def run_id(self) -> str | None:
+        """The stage's MLflow run id; None until the tracking server has created the run."""
+        return self.tracker.run_id if self.tracker else None
 
     # ------------------------------------------------------------ publish
     @property
@@ -237,9 +239,10 @@ class StageRun:
                 f.write(artifacts.dumps(row) + "\n")
 
     def publish(self, models_out: dict, tokenizer, *, metrics: dict, extra: dict | None = None,
-                history: list[dict] | None = None) -> dict:
+                history: list[dict] | None = None, outputs: dict[str, str] | None = None) -> dict:
         """Write the stage's outputs (checkpoints ``models_out``, ``metrics.jsonl`` and curves from
-        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow."""
+        ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow.
+        ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data)."""
         acc = self.accelerator
         out = self.work / "out"
         for name, model in models_out.items():
@@ -260,7 +263,8 @@ class StageRun:
             "stage": self.stage,
             "config_hash": self.config_hash,
             "inputs": self.inputs,
-            "outputs": {name: artifacts.join(self.uri, name) for name in models_out},
+            "outputs": {name: artifacts.join(self.uri, name) for name in models_out}
+                       | {name: artifacts.join(self.uri, rel) for name, rel in (outputs or {}).items()},
             "metrics": metrics,
             "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
@@ -269,11 +273,11 @@ class StageRun:
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)
         if self.tracker and self.tracker.enabled:
-            self.tracker.tags({f"s2d.output.{k}": v for k, v in manifest["outputs"].items()} | {"s2d.manifest": artifacts.join(self.uri, artifacts.MANIFEST)})
-            self.tracker.metrics({f"final.{k}": v for k, v in metrics.items()})
+            # after the manifest: an unreachable server costs a warning, never the stage (a skip repairs it)
             for name in ("metrics.jsonl", "curves.png"):
                 if (out / name).exists():
                     self.tracker.artifact(str(out / name))
+            self.tracker.reconcile(manifest, self.uri, self.root, self.parent_run_id, history)
         self.close()
         acc.wait_for_everyone()
         return manifest
@@ -310,7 +314,9 @@ def full_weights(model):
 
 def make_accelerator(cfg: Config):
     """The process's ``Accelerator``: plain when not launched, the launcher's setup (DDP, DeepSpeed) when
-    started by ``accelerate launch``."""
+    started by ``accelerate launch``. In a Ray Train worker (stages/ray_train.py) Ray has already created the
+    process group and set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``: accelerate adopts it (MULTI_CPU with gloo on
+    the CPU, MULTI_GPU with NCCL on GPUs) without initialising another, so nothing here differs."""
     from accelerate import Accelerator
 
     # cpu=True would switch a DeepSpeed launch off; under DeepSpeed on a CPU (DS_ACCELERATOR=cpu, as in the
@@ -508,6 +514,7 @@ class Trainer:
             shutil.copyfile(d / "rollouts.jsonl", self.run.rollout_file)
         self.step = self.saved_step = latest["step"]
         self.resumed = latest
+        log.info("%s: resumed %s from step %d", self.run.stage, self.name, self.step)
         self.history = latest["history"]
         self.state = latest.get("state", {})
         return latest

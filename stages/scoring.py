@@ -45,14 +45,15 @@ def score(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
 
     repeated = [p for p in problems for _ in range(k)]
     # the same draws for every evaluation: one checkpoint always gets the same numbers, wherever evaluated
-    ro = rollouts.sample(model, tok, repeated, step=0, salt="eval")
+    settings = {"temperature": ecfg.temperature, "max_new_tokens": ecfg.max_new_tokens}  # None: sampling's
+    ro = rollouts.sample(model, tok, repeated, step=0, salt="eval", **settings)
     texts = decode(tok, ro)
     rewards = [task.reward(t, p) for t, p in zip(texts, repeated)]
     correct = [rewards[i * k : (i + 1) * k] for i in range(len(problems))]
     out = summarize(correct, k)
     out["completion_len"] = float(ro.completion.sum()) / len(ro)
     if ecfg.greedy:
-        g = rollouts.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True)
+        g = rollouts.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True, **settings)
         out["greedy"] = sum(task.reward(t, p) for t, p in zip(decode(tok, g), problems)) / len(problems)
     return out
 

@@ -1,23 +1,44 @@
-"""Verifiable tasks: prompts, disjoint splits, and a reward function.
+"""Verifiable tasks: the contract every task follows, the built-in arithmetic task, and the plugin loader.
 
-A task is anything with ``problems(split) -> list[Problem]`` and ``reward(completion, problem) -> float``.
-Splits: ``teacher_rl`` (labeled, stage 1), ``prompts`` (answers withheld, stages 2a/2b),
-``student_rl`` (held-out labeled, stage 3), ``eval``; the embedded default adds ``bootstrap``.
-Plugins: ``task.kind: "my_pkg.my_module:make_task"`` names a factory taking the TaskConfig.
+The contract (:class:`Task`) -- what ``task.kind: "my_pkg.my_module:make_task"`` must return:
+
+- ``problems(split) -> list[Problem]``: the problems of a split, deterministic. Splits: ``teacher_rl``
+  (labeled, stage 1), ``prompts`` (answers withheld: ``answer=None``; stages 2a/2b), ``student_rl``
+  (held-out labeled, stage 3), ``eval`` (held out, every stage's evaluation), ``validation`` (held out,
+  for choosing hyper-parameters), ``bootstrap`` (only when the tiny base models are built here), and any
+  further evaluation set named in ``eval.sets``. An unknown split raises KeyError.
+- ``reward(completion, problem) -> float``: the verifier, on the decoded completion (no prompt, no EOS).
+- optional ``solution(problem, rng, noise) -> str``: a worked completion (``rng``/``noise``: corrupt it with
+  probability ``noise``); a task that has it can build the tiny base models (``bootstrap``).
+- optional ``check() -> list[str]``: load and check everything up front (raise :class:`TaskError` for what
+  cannot run), return warnings. ``python -m stages validate`` calls it.
+
+The factory is called with the :class:`~stages.config.TaskConfig`; a plugin's own settings are in
+``cfg.options`` (``task.options: {...}`` in the config). The stage identity includes a digest of the
+problems each stage reads and of the plugin module's source, so editing either re-runs the stages.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
-import json
+import inspect
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from .config import TaskConfig
+from .config import Config, InputError, TaskConfig
 
 LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
+
+
+class TaskError(InputError):
+    """Task data or a plugin that cannot run; the message names the config key, file and row."""
+
+
+class DataUnavailable(TaskError):
+    """Data that cannot be read on this machine (a hub dataset offline): an error for a stage, a warning
+    for ``validate`` on a machine that will not run the stages."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +48,10 @@ class Problem:
     answer: str | None  # None on the prompts-only split: stages 2a/2b never see labels
 
 
+@runtime_checkable
 class Task(Protocol):
+    """What every task provides (see the module docstring for the optional ``solution`` and ``check``)."""
+
     def problems(self, split: str) -> list[Problem]: ...
 
     def reward(self, completion: str, problem: Problem) -> float: ...
@@ -80,6 +104,9 @@ class ArithmeticTask:
             return f"{a:0{self.width}d}*{b}="
         return f"{a:0{self.width}d}+{b:0{self.width}d}="
 
+    def splits(self) -> list[str]:
+        return list(self._splits)
+
     def problems(self, split: str) -> list[Problem]:
         if split not in self._splits:
             raise KeyError(f"unknown split '{split}' (splits: {', '.join(self._splits)})")
@@ -112,43 +139,94 @@ class ArithmeticTask:
         return float(completion.rsplit(">", 1)[1].strip() == problem.answer)
 
 
-class MathJsonlTask:
-    """MATH-style JSONL (``{"problem": ..., "answer": ...}`` per line), verified with math-verify."""
-
-    def __init__(self, cfg: TaskConfig):
-        self.cfg = cfg
-        for split, path in cfg.files.items():
-            if not Path(path).exists():
-                raise FileNotFoundError(f"task.files.{split}: {path} does not exist")
-
-    def problems(self, split: str) -> list[Problem]:
-        if split not in self.cfg.files:
-            raise KeyError(f"no file for split '{split}' (task.files has {', '.join(self.cfg.files)})")
-        out = []
-        with open(self.cfg.files[split]) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "problem" not in row or (split != "prompts" and "answer" not in row):
-                    raise ValueError(f"{self.cfg.files[split]}:{i + 1}: needs 'problem' and 'answer'")
-                prompt = self.cfg.prompt_template.format(problem=row["problem"])
-                out.append(Problem(str(row.get("id", f"{split}-{i}")), prompt, None if split == "prompts" else str(row["answer"])))
-        limit = self.cfg.sizes.get(split)
-        return out[:limit] if limit else out
-
-    def reward(self, completion: str, problem: Problem) -> float:
-        from math_verify import parse, verify
-
-        gold = parse(f"\\boxed{{{problem.answer}}}")
-        pred = parse(completion)
-        return float(bool(pred) and verify(gold, pred))
-
-
 def make_task(cfg: TaskConfig) -> Task:
     if cfg.kind == "arithmetic":
         return ArithmeticTask(cfg)
-    if cfg.kind == "math_jsonl":
-        return MathJsonlTask(cfg)
+    if cfg.kind in ("dataset", "math_jsonl"):
+        from .data import DatasetTask
+
+        return DatasetTask(cfg)
     module, _, attr = cfg.kind.partition(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except Exception as e:  # noqa: BLE001 - an import can fail in any way; say which plugin and why
+        raise TaskError(f"task.kind: cannot load plugin '{cfg.kind}': {type(e).__name__}: {e}") from None
+    try:
+        task = factory(cfg)
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a bad task.options value; name the plugin
+        raise TaskError(f"task.kind: plugin '{cfg.kind}' failed to build its task: {type(e).__name__}: {e}") from None
+    if not isinstance(task, Task):
+        raise TaskError(f"task.kind: '{cfg.kind}' returned {type(task).__name__}, which lacks problems(split) and reward(completion, problem)")
+    return task
+
+
+def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
+    """The splits a stage reads (its data digest covers exactly these): the ones it trains on (the stage
+    table) and ``eval``, which every stage scores its output on; ``evaluate``: the ``eval.sets``."""
+    from .registry import get
+
+    s = get(stage)
+    return tuple(cfg.eval.sets) if s.kind == "tool" else s.splits + ("eval",)
+
+
+def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """The splits each planned stage (and the ``evaluate`` command) reads."""
+    stages = list(cfg.workflow.stages) + (["direct_grpo"] if cfg.workflow.baseline else [])
+    if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
+        stages.insert(0, "bootstrap")
+    return {s: stage_splits(s, cfg) for s in stages + ["evaluate"]}
+
+
+def data_digest(task: Task, splits) -> str:
+    """Digest of the problems ``splits`` hold (ids, prompts, answers) and of a plugin's module source."""
+    h = hashlib.sha256()
+    for split in splits:
+        try:
+            problems = task.problems(split)
+        except KeyError:
+            problems = []
+        h.update(f"[{split}:{len(problems)}]".encode())
+        for p in problems:
+            h.update(f"{p.id}\0{p.prompt}\0{p.answer}\n".encode())
+    module = inspect.getmodule(type(task))
+    if module is not None and not module.__name__.startswith("stages."):
+        try:
+            h.update(inspect.getsource(module).encode())
+        except (OSError, TypeError):
+            pass
+    return h.hexdigest()[:16]
+
+
+def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list[str]]:
+    """Build the task and check every split the config's stages read; errors raise TaskError naming the
+    split, warnings (e.g. held-out problems also in a training split) are returned."""
+    task = make_task(cfg.task)
+    try:
+        warnings = list(task.check()) if callable(getattr(task, "check", None)) else []
+    except DataUnavailable as e:
+        if not allow_unavailable:
+            raise
+        return task, [f"{e}; the data is not checked here"]
+    needs = needed_splits(cfg)
+    if "bootstrap" in needs and not callable(getattr(task, "solution", None)):
+        raise TaskError(f"models: source 'bootstrap' trains the tiny base models on worked solutions, but task "
+                        f"'{cfg.task.kind}' has no solution(problem, rng, noise); start from checkpoints (models.*.source)")
+    for stage, splits in needs.items():
+        for split in splits:
+            try:
+                problems = task.problems(split)
+            except KeyError as e:
+                raise TaskError(f"task: stage {stage} reads split '{split}', which task '{cfg.task.kind}' does not have "
+                                f"({e.args[0] if e.args else e})") from None
+            if not problems:
+                raise TaskError(f"task: split '{split}' (read by {stage}) is empty")
+            for p in problems:
+                if not isinstance(p, Problem) or not p.prompt:
+                    raise TaskError(f"task: split '{split}' has a problem with an empty prompt ({getattr(p, 'id', p)!r})")
+                if split in LABELED and p.answer is None and split != "bootstrap":
+                    raise TaskError(f"task: split '{split}' is labeled but problem {p.id} has no answer")
+                if split == "prompts" and p.answer is not None:
+                    raise TaskError(f"task: split 'prompts' must withhold answers (problem {p.id} has one)")
+    return task, warnings

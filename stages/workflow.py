@@ -9,23 +9,31 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import nullcontext
 
-from . import artifacts
+from . import artifacts, tracking
 from .config import Config
 from .registry import STAGES, get
-from .tracking import Tracker
+from .tracking import Tracker, quote, short_uri
 
 
 def base_uri(cfg: Config, root: str, role: str) -> str:
     src = getattr(cfg.models, role).source
-    return artifacts.join(root, src, role) if src in STAGES and STAGES[src].kind == "setup" else src
+    if src in STAGES and STAGES[src].kind == "setup":
+        return artifacts.join(root, src, role)
+    # models:/<name>/<version> is looked up in the registry: the version's checkpoint URI is the input
+    return tracking.resolve_model_uri(src)
 
 
 def _planned(cfg: Config, name: str) -> bool:
     kind = STAGES[name].kind
     if kind == "setup":  # a setup stage runs when a base model comes from it (models.*.source: bootstrap)
         return name in (cfg.models.teacher.source, cfg.models.student.source)
+    if kind == "data":  # made for a planned consumer that reads it (teacher_data: kl_warmup.form topk)
+        stage, key, value = STAGES[name].when
+        return stage in cfg.workflow.stages and getattr(getattr(cfg, stage), key) == value
     if kind == "workflow":
         return name in cfg.workflow.stages
     return kind == "baseline" and cfg.workflow.baseline
@@ -39,10 +47,11 @@ def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
     for name, st in STAGES.items():
         if st.kind == "tool" or not _planned(cfg, name):
             continue
-        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()},
+        steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()
+                                                if role in roles or k not in st.optional},
                       "uri": artifacts.join(root, name)})
-        if st.output:  # every stage publishes its model at <root>/<stage>/model
-            roles[st.output] = artifacts.join(root, name, "model")
+        if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
+            roles[st.output] = artifacts.join(root, name, st.published)
     roles["final_student"] = roles["student"]
     return steps, roles
 
@@ -73,7 +82,7 @@ def stage_inputs(cfg: Config, root: str, stage: str, explicit: dict[str, str | N
     roles = {**roles, "teacher": base_uri(cfg, root, "teacher"), "student": roles["base_student"]}
     spec = get(stage)
     inputs = next((s["inputs"] for s in steps if s["stage"] == spec.name),
-                  {k: roles[role] for k, role in spec.inputs.items()})
+                  {k: roles[role] for k, role in spec.inputs.items() if role in roles or k not in spec.optional})
     return {k: explicit.get(spec.inputs[k]) or v for k, v in inputs.items()}
 
 
@@ -89,24 +98,38 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
             if r.finished:
                 if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)
+                    # a skip makes the stage's MLflow run say what the manifest says (repairs a run left RUNNING
+                    # or unrecorded by a kill or a tracking outage); a no-op when it already does
+                    Tracker(cfg.tracking).reconcile(r.finished, r.uri, root, parent_run_id)
                 return r.finished, True
             return get(stage).fn()(r, *inputs.values()), False
 
 
+def parent_name(cfg: Config, root: str) -> str:
+    """A readable parent-run name: the preset and the Airflow DAG run, else the root's last part."""
+
+    return f"{cfg.name} · {os.environ.get('AIRFLOW_CTX_DAG_RUN_ID') or root.rstrip('/').rsplit('/', 1)[-1]}"
+
+
 def open_parent(cfg: Config, root: str) -> str | None:
     """The MLflow parent run for this workflow run: reused when one for the same root is still open
-    (an Airflow retry, a re-trigger), else created."""
+    (an Airflow retry, a re-trigger), else created. None when the server does not answer in time
+    (the stages then record their runs without a parent)."""
     tracker = Tracker(cfg.tracking)
     if not tracker.enabled:
         return None
-    found = tracker.client.search_runs([tracker.experiment_id],
-                                       f"tags.`s2d.root` = '{root}' and tags.mlflow.runName = 'workflow' and attributes.status = 'RUNNING'",
-                                       max_results=1)
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow' and attributes.status = 'RUNNING'"
+    found = tracker.call("find the open parent run",
+                         lambda c: c.search_runs([tracker._experiment(c)], query, max_results=1), timeout=cfg.tracking.flush_timeout_s)
     if found:
         return found[0].info.run_id
-    rid = tracker.start("workflow", tags={"s2d.root": root, "s2d.preset": cfg.name})
-    tracker.params({"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
-                    "baseline": cfg.workflow.baseline, "seed": cfg.seed, "student_step_budget": cfg.student_step_budget()})
+    if found is None:  # no answer: do not create a second parent later
+        return None
+    rid = tracker.start(parent_name(cfg, root), tags={"s2d.root": root, "s2d.preset": cfg.name, "s2d.kind": "workflow"},
+                        params={"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
+                                "baseline": cfg.workflow.baseline, "seed": cfg.seed,
+                                "student_step_budget": cfg.student_step_budget()})
+    tracker.flush()
     return rid
 
 
@@ -114,13 +137,16 @@ def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
     tracker.run_id = parent
-    with tracker.running() if not parent_run_id else nullcontext():
-        for step in plan(cfg, root):
-            print(f"[{step['stage']}] running", flush=True)
-            _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
-            if skipped:
-                print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
-        return report(cfg, root, parent, close=False)
+    try:
+        with tracker.running() if not parent_run_id else nullcontext():
+            for step in plan(cfg, root):
+                print(f"[{step['stage']}] running", flush=True)
+                _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
+                if skipped:
+                    print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
+            return report(cfg, root, parent, close=False)
+    finally:
+        tracker.flush()
 
 
 def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True) -> dict:
@@ -140,14 +166,58 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
     store.write_bytes(artifacts.join(root, "summary.json"), artifacts.dumps(summary, indent=2).encode())
     store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
     tracker = Tracker(cfg.tracking)
-    if tracker.enabled and parent_run_id:
-        tracker.run_id = parent_run_id
-        tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
-        tracker.tags({"s2d.final_student": models["final_student"], "s2d.teacher": models["teacher"]})
-        tracker.client.log_text(parent_run_id, text, "summary.md")
-        if close:
-            tracker.end("FINISHED")
+    if tracker.enabled:
+        versions = register_models(cfg, tracker, results, models, root, parent_run_id)
+        if parent_run_id:
+            tracker.run_id = parent_run_id
+            tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
+            tracker.tags({"s2d.final_student": short_uri(models["final_student"], root),
+                          "s2d.teacher": short_uri(models["teacher"], root),
+                          **{f"s2d.registered.{role}": f"{mv.name}/{mv.version}" for role, mv in versions.items()}})
+            tracker.params({"final_student": models["final_student"], "teacher": models["teacher"]})
+            tracker.text(text, "summary.md")
+            if close:
+                tracker.end("FINISHED")
+        left = tracker.flush()
+        if left:
+            print(f"warning: MLflow at {tracker.tracking_uri} did not record {', '.join(dict.fromkeys(left))} "
+                  f"({tracker.error or 'no answer in time'})", file=sys.stderr, flush=True)
     return summary
+
+
+def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, root: str, parent_run_id: str | None) -> dict:
+    """Register the RL teacher and the final student (when a stage trained them) as versions of the
+    configured registered models, tagged with their lineage: the teacher's version, the datasets, the
+    Airflow run, the root and preset. Idempotent: a checkpoint already registered is not added twice."""
+    names = cfg.tracking.registered_models
+    trained = {role: any(STAGES[s].kind == "workflow" and STAGES[s].output == role for s in results)
+               for role in ("teacher", "student")}
+    uris = {"teacher": models["teacher"], "student": models["final_student"]}
+
+    def reg(c):
+        exp = tracker._experiment(c)
+        runs = c.search_runs([exp], f"tags.`s2d.root` = '{quote(root)}'", max_results=1000)
+        datasets = sorted({f"{d.dataset.name}@{d.dataset.digest}" for r in runs for d in r.inputs.dataset_inputs})
+        common = {"s2d.preset": cfg.name, "s2d.root": root, "s2d.task": cfg.task.kind, "s2d.datasets": ",".join(datasets),
+                  **({"s2d.parent_run": parent_run_id} if parent_run_id else {}), **tracking.airflow_tags()}
+        out = {}
+        for role in ("teacher", "student"):  # the teacher first: the student's version names it
+            if not (names.get(role) and trained[role]):
+                continue
+            tags = dict(common, **{"s2d.role": role})
+            if "teacher" in out:
+                tags["s2d.teacher_version"] = f"{out['teacher'].name}/{out['teacher'].version}"
+            elif role == "student":
+                tags["s2d.teacher_uri"] = uris["teacher"]
+            mv = tracking.register(c, exp, names[role], uris[role], tags)
+            if mv is not None:
+                out[role] = mv
+        return out
+
+    return tracker.call("register models", reg) or {}
+
+
+
 
 
 def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> dict:

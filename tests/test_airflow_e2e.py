@@ -63,6 +63,7 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "MLFLOW_TRACKING_URI": mlflow_server,
            "S2D_RUNNER": "local", "S2D_STAGE_PYTHON": sys.executable, "S2D_WORKDIR": str(tmp_path),
+           "S2D_ARTIFACT_ROOT": f"s3://{s3_bucket}/runs",  # the base: the form's root must be under it
            "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     assert airflow(["db", "migrate"], env, timeout=300).returncode == 0
     assert airflow(["pools", "set", "gpu", "1", "GPU slots"], env, timeout=120).returncode == 0
@@ -77,7 +78,7 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     assert [r["state"] for r in runs] == ["success"]
     states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", runs[0]["run_id"], "-o", "json"],
                               env, timeout=120).stdout)
-    assert {t["task_id"]: t["state"] for t in states} == {t: "success" for t in ["plan", *STAGES, "report"]}
+    assert {t["task_id"]: t["state"] for t in states} == {t: "success" for t in ["plan", *STAGES, "report", "close-runs"]}
 
     # artifacts: every stage published on S3, checksums verify, the checkpoint loads
     for stage in STAGES:
@@ -91,21 +92,27 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     # MLflow: one parent run, one child per stage, tagged with the Airflow run, lineage readable
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("e2e")
-    parents = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'workflow'")
+    parents = client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.tags["s2d.final_student"] == f"{root}/student_rl/model"
+    assert parent.info.run_name.startswith("tiny · ") and parent.data.tags["s2d.final_student"] == "student_rl/model"
     children = {c.info.run_name: c for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert sorted(children) == sorted(STAGES)
     for c in children.values():
         assert c.data.tags["airflow.dag_id"] == "sparse_to_dense" and c.data.tags["airflow.try_number"] == "1"
         assert c.info.status == "FINISHED"
-    chain = [("teacher_rl", "policy", f"{root}/bootstrap/teacher"), ("kl_warmup", "teacher", f"{root}/teacher_rl/model"),
-             ("kl_warmup", "student", f"{root}/bootstrap/student"), ("onpolicy_distill", "student", f"{root}/kl_warmup/model"),
-             ("student_rl", "policy", f"{root}/onpolicy_distill/model")]
-    for stage, key, uri in chain:
-        assert children[stage].data.tags[f"s2d.input.{key}"] == uri
-        assert children[stage].data.tags["s2d.output.model"] == f"{root}/{stage}/model"
+    chain = [("teacher_rl", "teacher", "bootstrap/teacher"), ("kl_warmup", "teacher", "teacher_rl/model"),
+             ("kl_warmup", "student", "bootstrap/student"), ("onpolicy_distill", "student", "kl_warmup/model"),
+             ("student_rl", "student", "onpolicy_distill/model")]
+    for stage, role, short in chain:  # uniform role keys, short values, the producing run, full URIs in params
+        tags = children[stage].data.tags
+        assert tags[f"s2d.input.{role}"] == short and children[stage].data.params[f"input.{role}"] == f"{root}/{short}"
+        assert tags[f"s2d.input.{role}.run"] == children[short.split("/")[0]].info.run_id
+        assert tags["s2d.output.model"] == f"{stage}/model"
+    # the final student is a registered version whose source is its S3 checkpoint (no copy of the weights)
+    mv = client.get_model_version("s2d-student", "1")
+    assert mv.source == f"{root}/student_rl/model" and mv.run_id == children["student_rl"].info.run_id
+    assert mv.tags["s2d.teacher_version"] == "s2d-teacher/1" and mv.tags["airflow.dag_id"] == "sparse_to_dense"
     assert len(client.get_metric_history(children["teacher_rl"].info.run_id, "reward")) == 4
     assert "final.c2_after" in children["kl_warmup"].data.metrics and "c2" in children["kl_warmup"].data.metrics
     inputs = children["teacher_rl"].inputs.dataset_inputs
@@ -117,4 +124,5 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     second = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert (second.stdout + second.stderr).count('"skipped": true') == len(STAGES)
-    assert len(client.search_runs([exp.experiment_id], "tags.mlflow.runName != 'workflow'")) == len(STAGES)
+    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(STAGES)
+    assert len(client.search_model_versions("name = 's2d-student'")) == 1

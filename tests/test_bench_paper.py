@@ -1,4 +1,5 @@
-"""The paper-table benchmark end to end on test-sized settings: every arm runs, budgets are equal."""
+"""The paper-table benchmark end to end on test-sized settings: every arm runs, budgets are equal, the learning
+rates are chosen on the validation split, and the same command run twice gives identical numbers."""
 
 import importlib.util
 import json
@@ -6,13 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TEST_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
+SETS = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16", "sampling.max_new_tokens=24"] for a in ("--set", o)]
+ARGS = ["--preset", "cpu", "--seeds", "0", "1", "--lrs", "0.001", "0.0003", "--distill-lrs", "0.001", *SETS]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("paper_table", REPO / "bench" / "paper_table.py")
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -23,31 +27,107 @@ def run_bench(*args):
     return subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), *args], cwd=REPO, check=False)
 
 
-def test_paper_table_runs_every_arm_with_equal_student_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    bench = load_bench()
-    sets = [a for o in TEST_OVERRIDES for a in ("--set", o)] + ["--set", "sampling.max_new_tokens=24"]
-    proc = run_bench("--preset", "cpu", "--seeds", "0", "1", "--lrs", "0.001", "0.0003", "--root", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "out"), "--workers", "2", *sets)
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """One test-sized table (2 seeds, 2 workers); ~2 min on 2 quiet cores."""
+    tmp = tmp_path_factory.mktemp("paper")
+    proc = run_bench(*ARGS, "--root", str(tmp / "runs"), "--out", str(tmp / "out"), "--workers", "2")
     assert proc.returncode == 0
-    result = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
-    arms = {r["arm"] for r in result["rows"]}
-    assert arms == set(bench.ORDER)
+    return tmp, json.loads((tmp / "out" / "paper_table_paper-cpu.json").read_text())
+
+
+def test_paper_table_runs_every_arm_with_equal_student_steps(table):
+    tmp, result = table
+    bench = load("paper_table")
+    names = {r["arm"] for r in result["rows"]}
+    assert names == {"full", "full, 2b sampled", "raw teacher (no 1)", "no warmup (no 2a)", "no on-policy (no 2b)", "warmup only",
+                     bench.EQ_NO2B, bench.EQ_WARM, "direct GRPO", "base student (no training)"}
     trained = [r for r in result["rows"] if r["arm"] != "base student (no training)"]
-    assert len(trained) == 2 * (len(bench.ORDER) - 1)
+    assert len(trained) == 2 * (len(names) - 1)
     budget = 3 + 3 + 2  # kl_warmup + onpolicy_distill + student_rl steps of TEST_OVERRIDES
-    assert {r["student_steps"] for r in trained} == {budget}
-    assert set(result["lr_sweep_seed0"]) == {"0.001", "0.0003"}
+    equal_steps = [r for r in trained if r["arm"] not in (bench.EQ_NO2B, bench.EQ_WARM)]
+    assert {r["student_steps"] for r in equal_steps} == {budget}
+    # the equal-teacher-token arms: 2a gets w + d/2 steps (a 2a step costs the teacher twice a 2b step)
+    assert {r["student_steps"] for r in trained if r["arm"] == bench.EQ_WARM} == {3 + 2}
+    assert {r["student_steps"] for r in trained if r["arm"] == bench.EQ_NO2B} == {3 + 2 + 2}
     # the ablations really differ: the raw-teacher arm distills from another teacher than the full arm
     full = next(r for r in trained if r["arm"] == "full" and r["seed"] == 0)
     raw = next(r for r in trained if r["arm"] == "raw teacher (no 1)" and r["seed"] == 0)
     assert full["final_model"] != raw["final_model"]
     assert all(r["c2_final"] >= 0 for r in result["rows"])
-    md = (tmp_path / "out" / "paper_table_paper-cpu.md").read_text()
-    assert "| full |" in md and "| direct GRPO |" in md and "teacher avg@" in md
-    assert (tmp_path / "out" / "paper_table_paper-cpu.png").stat().st_size > 10_000
-    # a rerun (in-process, one worker) skips every published stage and reproduces the same numbers
-    assert bench.main(["--preset", "cpu", "--seeds", "0", "1", "--lrs", "0.001", "0.0003", "--root", str(tmp_path / "runs"),
-                     "--out", str(tmp_path / "out2"), "--workers", "1", *sets]) == 0
-    again = json.loads((tmp_path / "out2" / "paper_table_paper-cpu.json").read_text())
-    assert [r["avg@2"] for r in again["rows"]] == [r["avg@2"] for r in result["rows"]]
+    md = (tmp / "out" / "paper_table_paper-cpu.md").read_text()
+    assert "| full |" in md and "| direct GRPO |" in md and "## Equal teacher tokens" in md and "paired [95% CI]" in md
+    assert (tmp / "out" / "paper_table_paper-cpu.png").stat().st_size > 10_000
+
+
+def test_learning_rates_are_chosen_on_validation_and_used_by_every_arm(table):
+    _, result = table
+    sel = {s["what"]: s for s in result["selection"]}
+    assert set(sel) == {"2a/2b lr (full arm)", "stage 3 lr (full arm)", "direct GRPO lr"}
+    for s in sel.values():  # the choice is the argmax of the validation scores (first listed wins a tie)
+        assert s["values"][str(s["chosen"])] == max(s["values"].values())
+    assert set(sel["direct GRPO lr"]["values"]) == {"0.001", "0.0003"}
+    chosen = dict(c.split("=") for c in result["chosen"])
+    assert float(chosen["direct_grpo.optim.lr"]) == sel["direct GRPO lr"]["chosen"]
+    assert float(chosen["student_rl.optim.lr"]) == sel["stage 3 lr (full arm)"]["chosen"]
+    for r in result["rows"]:
+        if r["arm"] in ("full", "no warmup (no 2a)"):
+            assert f"student_rl.optim.lr={chosen['student_rl.optim.lr']}" in r["overrides"]
+
+
+def test_the_same_command_twice_gives_identical_results(table, tmp_path):
+    """Reproducibility on one machine: a fresh root, one worker in-process instead of two processes."""
+    _, first = table
+    bench = load("paper_table")
+    assert bench.main([*ARGS, "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    again = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
+    key = lambda r: (r["arm"], r["seed"])  # noqa: E731
+    for a, b in zip(sorted(first["rows"], key=key), sorted(again["rows"], key=key)):
+        assert (a["arm"], a["avg@2"], a["c2_final"], a["teacher_tokens"]) == (b["arm"], b["avg@2"], b["c2_final"], b["teacher_tokens"])
+    assert first["selection"] == again["selection"]
+
+
+def test_determinism_probe_repeats_a_bootstrap_bit_for_bit(tmp_path):
+    """bench/determinism.py, test-sized: the same bootstrap twice in fresh processes gives the same weights."""
+    sets = [a for o in TEST_OVERRIDES for a in ("--set", o)]
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "determinism.py"), "--variants", "1 thread", "1 thread, again",
+                           "--out", str(tmp_path), *sets], cwd=REPO, check=False)
+    assert proc.returncode == 0
+    rows = json.loads((tmp_path / "determinism.json").read_text())["rows"]
+    assert rows["1 thread"]["teacher_sha"] == rows["1 thread, again"]["teacher_sha"]
+    assert rows["1 thread"]["student_sha"] == rows["1 thread, again"]["student_sha"]
+    assert "| 1 thread, again |" in (tmp_path / "determinism.md").read_text()
+
+
+def test_paired_interval_matches_a_hand_computation():
+    common = load("_common")
+    # differences 0.2, 0.3, 0.1, 0.2, 0.2: mean 0.2, sd sqrt(0.02 / 4), t(0.975, 4 df) = 2.776
+    d = common.paired([0.3, 0.5, 0.4, 0.6, 0.2], [0.1, 0.2, 0.3, 0.4, 0.0])
+    half = 2.776 * (0.02 / 4) ** 0.5 / 5 ** 0.5
+    assert d["mean"] == pytest.approx(0.2) and d["lo"] == pytest.approx(0.2 - half) and d["hi"] == pytest.approx(0.2 + half)
+    assert d["resolved"]
+    # 3 seeds, differences 0.2, 0.3, 0.1: the interval (t = 4.303) reaches below 0: within noise
+    assert not common.paired([0.3, 0.5, 0.4], [0.1, 0.2, 0.3])["resolved"]
+
+
+@pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"]])  # 1-digit tasks: too few distinct problems
+def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", *bad, "--root", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and bad[1].split("=")[0] in proc.stderr
+    assert not (tmp_path / "base").exists()  # nothing ran
+
+
+def test_mechanism_mode_measures_the_2b_gain_per_digit_count(tmp_path):
+    """--digits: full vs no-2b vs warmup-only at equal teacher tokens, one task per digit count (test-sized)."""
+    sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16"] for a in ("--set", o)]
+    proc = run_bench("--preset", "cpu", "--digits", "2", "3", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "out"), "--workers", "2", *sets)
+    assert proc.returncode == 0
+    result = json.loads((tmp_path / "out" / "mechanism_paper-cpu.json").read_text())
+    assert [m["digits"] for m in result["mechanism"]] == [2, 3]
+    bench = load("paper_table")
+    for m in result["mechanism"]:
+        assert {r["arm"] for r in m["rows"]} == set(bench.MECHANISM_ARMS) | {"base student (no training)"}
+    md = (tmp_path / "out" / "mechanism_paper-cpu.md").read_text()
+    assert "| 2 |" in md and "| 3 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000

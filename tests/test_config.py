@@ -19,7 +19,8 @@ def test_every_shipped_preset_validates_and_documents_its_command(preset):
 def test_paper_presets_name_real_checkpoints():
     cfg = load_config("qwen3-1.7b")
     assert cfg.models.student.source == "Qwen/Qwen3-1.7B"
-    assert cfg.task.kind == "math_jsonl"
+    assert cfg.task.kind == "dataset" and cfg.task.data["eval"].path == "HuggingFaceH4/MATH-500"
+    assert cfg.eval.samples == 16 and cfg.eval.sets == ["eval", "aime24"]  # the paper's avg@16 protocol
 
 
 @pytest.mark.parametrize(

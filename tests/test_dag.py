@@ -35,10 +35,12 @@ def test_dag_imports_without_errors_and_without_torch():
 
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
-    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl",
-                                 "direct_grpo", "report"}
+    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
+                                 "student_rl", "direct_grpo", "report", "close-runs"}
     t = dag.task_dict
-    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_rl"}
+    assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report"}
+    assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
+    assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
     assert t["direct_grpo"].upstream_task_ids == {"plan", "bootstrap"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl", "direct_grpo"}
     for name in ("bootstrap", "teacher_rl", "student_rl", "direct_grpo"):
@@ -49,20 +51,15 @@ def test_dag_shape(monkeypatch):
     assert type(dag.timetable).__name__ == "NullTimetable"  # no schedule unless deployment config sets one
 
 
-def test_schedule_is_deployment_configuration(monkeypatch):
-    dag = load_dag(monkeypatch, S2D_SCHEDULE="0 3 * * 1")
-    assert dag.timetable.expression == "0 3 * * 1"
-
-
 @pytest.mark.parametrize("conf, bad", [
     ({"preset": "gpt-9"}, "preset"),
     ({"stages": ["teacher_rl", "teacher_rl"]}, "stages"),
     ({"stages": ["sft"]}, "stages"),
+    ({"stages": []}, "stages"),
     ({"seed": -1}, "seed"),
-    ({"steps": {"teacher_rl": -5}}, "steps"),
-    ({"steps": {"pretrain": 5}}, "steps"),
-    ({"artifact_root": "gs://bucket/x"}, "artifact_root"),
-    ({"overrides": ["no equals sign"]}, "overrides"),
+    ({"teacher_rl_steps": -5}, "teacher_rl_steps"),
+    ({"kl_warmup_steps": "ten"}, "kl_warmup_steps"),
+    ({"overrides": "teacher_rl.steps=3"}, "overrides"),
 ])
 def test_invalid_params_are_refused_by_the_form(monkeypatch, conf, bad):
     dag = load_dag(monkeypatch)
@@ -71,11 +68,140 @@ def test_invalid_params_are_refused_by_the_form(monkeypatch, conf, bad):
     assert bad in str(e.value)
 
 
-def test_valid_params_pass(monkeypatch):
+def test_form_widgets_cannot_be_mistyped(monkeypatch):
+    """One integer field per step budget, a multi-select of the stages, titles and sections on every
+    field; nothing marked required that may be empty (the UI requires a field whose type has no null)."""
     dag = load_dag(monkeypatch)
-    conf = {"preset": "qwen3-1.7b", "stages": ["teacher_rl", "onpolicy_distill"], "steps": {"teacher_rl": 10},
-            "artifact_root": "s3://my-bucket/runs/x", "teacher": "Qwen/Qwen3-8B"}
-    assert _with_conf(dag, conf).validate()["steps"] == {"teacher_rl": 10}
+    import s2d_runners as r
+
+    schema = {k: p.schema for k, p in dag.params.items()}
+    for stage in r.STEP_STAGES:
+        assert schema[f"{stage}_steps"]["type"] == ["null", "integer"] and schema[f"{stage}_steps"]["minimum"] == 0
+    stages = schema["stages"]
+    assert "array" in stages["type"] and stages["examples"] == stages["items"]["enum"]  # renders as a multi-select
+    assert set(stages["values_display"]) == set(stages["examples"])
+    for name in ("teacher", "student", "artifact_root", "overrides", *(f"{s}_steps" for s in r.STEP_STAGES)):
+        assert "null" in schema[name]["type"], name
+    for name, s in schema.items():
+        assert s.get("title") and s.get("section"), name
+    assert "steps" not in schema  # no JSON editor
+
+
+def test_valid_params_pass(monkeypatch):
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT="s3://my-bucket/runs")
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    conf = {"preset": "qwen3-1.7b", "stages": ["teacher_rl", "onpolicy_distill"], "teacher_rl_steps": 10,
+            "artifact_root": "s3://my-bucket/runs/x", "teacher": "Qwen/Qwen3-8B", "overrides": ["teacher_rl.group_size=4"]}
+    params = _with_conf(dag, conf).validate()
+    assert r.refusal(params, m.FORM) is None
+    assert "teacher_rl.steps=10" in r.overrides(params) and not any(o.startswith("kl_warmup.steps") for o in r.overrides(params))
+
+
+# ---------------------------------------------------------------- the trigger form is a security boundary
+
+BASE_REFUSALS = [  # (conf, what the one-line refusal must say)
+    ({"artifact_root": "/"}, "artifact_root '/' is outside the artifact base"),
+    ({"artifact_root": "../../etc"}, "artifact_root '../../etc' contains '..'"),
+    ({"artifact_root": "{base}/../x"}, "contains '..'"),
+    ({"artifact_root": "/tmp/elsewhere"}, "is outside the artifact base"),
+    ({"artifact_root": "s3://someone-elses-bucket/runs"}, "bucket 'someone-elses-bucket' is not an allowed bucket"),
+    ({"artifact_root": "gs://bucket/x"}, "neither a local path nor s3://"),
+    ({"stages": None}, "stages: choose at least one stage"),
+    ({"overrides": ["models.teacher.trust_remote_code=true"]}, "loads code"),
+    ({"overrides": ["task.kind=os:system"]}, "loads code"),
+    ({"overrides": ["task.files={eval: /etc/passwd}"]}, "loads code"),
+    ({"overrides": ["models.student={source: x, trust_remote_code: true}"]}, "loads code"),
+    ({"overrides": ["device=cuda:7"]}, "'device' is not an allowed key"),
+    ({"overrides": ["no equals sign"]}, "is not key.path=value"),
+    ({"overrides": ["models.teacher.source=someone/evil-model"]}, "not under an allowed model prefix"),
+    ({"teacher": "someone/evil-model"}, "teacher 'someone/evil-model' is not under an allowed model prefix"),
+    ({"student": "/etc/models/x"}, "student '/etc/models/x' is outside the artifact base"),
+    ({"steps": {"teacher_rl": 5}}, "steps: not a parameter of this DAG"),
+]
+
+
+@pytest.mark.parametrize("conf, said", BASE_REFUSALS)
+def test_trigger_refusals(monkeypatch, tmp_path, conf, said):
+    """What the schema cannot say, refused in one line by the check every task runs first."""
+    base = tmp_path / "runs"
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT=str(base))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    conf = {k: v.replace("{base}", str(base)) if isinstance(v, str) else v for k, v in conf.items()}
+    params = _with_conf(dag, conf)
+    values = {k: params[k] for k in params}  # unknown conf keys arrive as plain values, as in a DagRun
+    problem = r.refusal(values, m.FORM)
+    assert problem and said in problem and "\n" not in problem
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="^error: "):  # fails without retries
+        r.task_args("plan", values, m.FORM, "sparse_to_dense", "manual__1", None)
+
+
+def test_trigger_allowed_inside_the_base_and_deployment_allow_lists(monkeypatch, tmp_path):
+    base = tmp_path / "runs"
+    (tmp_path / "link").symlink_to("/etc")
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_ROOT=str(base), S2D_WORKDIR=str(tmp_path))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    ok = _with_conf(dag, {"artifact_root": "runs/mine", "student": f"{base}/x/kl_warmup/model",
+                          "overrides": ["teacher_rl.steps=3", "models.teacher.source=models:/s2d-teacher/2"]}).validate()
+    assert r.refusal(ok, m.FORM) is None
+    assert r.task_args("plan", ok, m.FORM, "sparse_to_dense", "r1")[:5] == ["plan", "--config", "tiny", "--root", "runs/mine"]
+    # a symlink out of the base is followed before the check
+    assert "outside the artifact base" in r.refusal({**ok, "artifact_root": "link/x"}, m.FORM)
+    # the deployment widens the lists explicitly (a code-loading key only when named)
+    monkeypatch.setenv("S2D_ALLOWED_OVERRIDES", "teacher_rl,task.kind")
+    monkeypatch.setenv("S2D_ALLOWED_MODEL_PREFIXES", "bootstrap,my-org/")
+    monkeypatch.setenv("S2D_ALLOWED_BUCKETS", "team-bucket")
+    assert r.refusal({**ok, "overrides": ["task.kind=my_pkg.tasks:make"], "teacher": "my-org/t",
+                      "artifact_root": "s3://team-bucket/runs/a", "student": None}, m.FORM) is None
+    assert "not an allowed key" in r.refusal({**ok, "overrides": ["eval.samples=4"]}, m.FORM)
+    assert "allowed model prefix" in r.refusal({**ok, "teacher": "Qwen/Qwen3-8B"}, m.FORM)
+
+
+def test_refusals_through_a_real_dag_run(tmp_path):
+    """Each refusal triggered as a DAG run (``dag.test``, the real task runner, SQLite database): the
+    plan task fails with the one-line refusal, without retries, and no stage runs."""
+    import os
+
+    home = tmp_path / "airflow"
+    base = tmp_path / "runs"
+    env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS), "S2D_ARTIFACT_ROOT": str(base), "S2D_WORKDIR": str(tmp_path),
+           "S2D_STAGE_PYTHON": "/nonexistent/python"}  # a stage command that ran would fail differently
+    assert subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env,
+                          capture_output=True, timeout=300).returncode == 0
+    cases = [(c, said) for c, said in BASE_REFUSALS if "steps" not in c]
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(DAGS)!r})
+from airflow.dag_processing.dagbag import DagBag
+for conf in json.loads(sys.argv[1]):
+    # a fresh DAG per run, as the scheduler deserializes one: dag.test leaves a run's conf in dag.params
+    dag = DagBag(dag_folder={str(DAGS)!r}).dags["sparse_to_dense"]
+    conf = {{k: v.replace("{{base}}", {str(base)!r}) if isinstance(v, str) else v for k, v in conf.items()}}
+    dr = dag.test(run_conf=conf)
+    states = {{ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
+    print("RESULT " + json.dumps({{"state": str(dr.state), "tasks": states}}), flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([c for c, _ in cases])], env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert len(results) == len(cases), out[-5000:]
+    (tmp_path / "out.log").write_text(out)
+    chunks = proc.stdout.split("RESULT ")  # each run's log precedes its RESULT line
+    for (conf, said), res, log in zip(cases, results, chunks):
+        assert res["state"].endswith("failed"), (conf, res)
+        assert res["tasks"]["plan"].endswith("failed"), (conf, res)
+        assert all(s.endswith("upstream_failed") for t, s in res["tasks"].items() if t != "plan"), (conf, res)
+        refusals = [x for x in log.splitlines() if "AirflowFailException: error: " in x]
+        assert len(refusals) == 1 and said in refusals[0], (conf, refusals or log[-3000:])
+    assert "/nonexistent/python" not in out  # no stage command was started
 
 
 def _with_conf(dag, conf):
@@ -102,7 +228,8 @@ def _render(op, dag, params, plan_json):
 
 
 PARAMS = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
-          "baseline": True, "seed": 3, "steps": {"teacher_rl": 7}, "artifact_root": None, "overrides": []}
+          "baseline": True, "seed": 3, "teacher_rl_steps": 7, "kl_warmup_steps": None, "onpolicy_distill_steps": None,
+          "student_rl_steps": None, "direct_grpo_steps": None, "artifact_root": None, "overrides": []}
 PLAN = json.dumps({"root": "s3://b/runs/r", "parent_run_id": "abc123", "stages": []})
 
 
@@ -114,7 +241,9 @@ def test_docker_runner_spec(monkeypatch):
     import s2d_runners as r
 
     op = dag.task_dict["teacher_rl"]
-    assert type(op).__name__ == "DockerOperator" and op.image == "registry.example/s2d:1.2"
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    assert isinstance(op, DockerOperator) and op.image == "registry.example/s2d:1.2"
     assert op.device_requests[0]["Capabilities"] == [["gpu"]] and op.device_requests[0]["Count"] == 1
     assert op.skip_on_exit_code == [r.NOT_PLANNED] or op.skip_on_exit_code == r.NOT_PLANNED or r.NOT_PLANNED in op.skip_on_exit_code
     rendered = _render(op, dag, PARAMS, PLAN)
@@ -123,7 +252,7 @@ def test_docker_runner_spec(monkeypatch):
     assert "environment" not in rendered  # not a template: native rendering would turn "1" into 1
     assert op.environment == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **r.stage_env("teacher_rl")}
     assert "s3cr3t" not in json.dumps(rendered, default=str)  # secrets never rendered
-    assert op._private_environment == {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}  # passed to the container only
+    assert "s3cr3t" not in repr(vars(op))  # handed over at execute, as a mounted file (tests/test_containers.py)
     assert "private_environment" not in op.template_fields
     assert dag.task_dict["plan"].device_requests is None  # no GPU for bookkeeping tasks
 
@@ -153,7 +282,7 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
 
     from stages.__main__ import parse_args
 
-    for cmd in ("plan", *r.GPU_STAGES, "report"):
+    for cmd in ("plan", *r.GPU_STAGES, "report", "close-runs"):
         args = parse_args(r.stage_args(cmd, PARAMS, "runs/x", "pid"))
         assert args.command == cmd and args.root == "runs/x" and args.parent_run_id == "pid"
         assert "teacher_rl.steps=7" in args.overrides and "seed=3" in args.overrides
@@ -190,6 +319,35 @@ def _local_argv_env(monkeypatch, command, args):
     return seen["argv"], seen["env"]
 
 
+def _local_task_argv(monkeypatch, dag, command, plan_json):
+    """What the local runner's task itself executes for this DAG run (its callable, the Popen argv)."""
+    import s2d_runners as r
+
+    seen = {}
+
+    class Proc:
+        def __init__(self, argv, **_):
+            seen["argv"] = argv
+            self.stdout = iter(['{"stage": "%s", "root": "x"}\n' % command])
+
+        def wait(self):
+            return 0
+
+    class TI:
+        try_number = 1
+
+    class DR:
+        dag_id, run_id = "sparse_to_dense", "manual__2026-11-26T00:00:00+00:00"
+
+    task = dag.task_dict[command]
+    ctx = {"params": PARAMS, "dag_run": DR(), "ti": TI(), "outlet_events": {}}
+    monkeypatch.setitem(task.python_callable.__globals__, "get_current_context", lambda: ctx)
+    monkeypatch.setattr(r.subprocess, "Popen", Proc)
+    monkeypatch.setattr(r, "connection_env", lambda: {})
+    task.python_callable(json.loads(plan_json) if plan_json else None)
+    return seen["argv"]
+
+
 @pytest.mark.parametrize("gpus", ["1", "4"])
 def test_all_runners_send_the_same_command(monkeypatch, gpus):
     """For every stage: local argv == image ENTRYPOINT + DockerOperator command == pod command + args,
@@ -199,6 +357,7 @@ def test_all_runners_send_the_same_command(monkeypatch, gpus):
     env = {"S2D_IMAGE": "registry.example/s2d:1.2", "S2D_GPUS_PER_TASK": gpus, "S2D_STAGE_PYTHON": "/opt/venv/bin/python"}
     docker_dag = load_dag(monkeypatch, "docker", **env)
     k8s_dag = load_dag(monkeypatch, "kubernetes", **env)
+    local_dag = load_dag(monkeypatch, "local", **env)
     import s2d_runners as r
 
     entrypoint = _image_entrypoint()
@@ -213,6 +372,8 @@ def test_all_runners_send_the_same_command(monkeypatch, gpus):
         argv, local_env = _local_argv_env(monkeypatch, command, args)
         assert argv == r.stage_argv(args, "/opt/venv/bin/python") and argv[1:] == want[1:]
         assert local_env["S2D_GPUS"] == str(n)
+        # the local task computes its arguments like the container runners' template (one function)
+        assert _local_task_argv(monkeypatch, local_dag, command, None if command == "plan" else PLAN)[1:] == want[1:]
 
         op = docker_dag.task_dict[command]
         rendered = _render(op, docker_dag, PARAMS, None if command == "plan" else PLAN)
@@ -265,3 +426,103 @@ def test_rendered_stage_pod_is_a_valid_kubernetes_pod(monkeypatch):
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
     env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
     assert env["S2D_GPUS"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+
+
+# ---------------------------------------------------------------- scheduled retraining
+
+
+def test_schedules_folder(monkeypatch, tmp_path, caplog):
+    """One DAG per schedule file, its conf the scheduled runs' values; a bad file is logged and
+    ignored while every other DAG still loads."""
+    (tmp_path / "weekly.yaml").write_text(
+        'cron: "0 3 * * 1"\nconf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
+    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
+    (tmp_path / "bad-cron.yaml").write_text('cron: "61 3 * * 1"\nconf: {}\n')
+    (tmp_path / "bad-value.yaml").write_text('cron: "0 3 * * 1"\nconf: {seed: -1}\n')
+    (tmp_path / "bad-key.yaml").write_text('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n')
+    (tmp_path / "refused.yaml").write_text('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n')
+    (tmp_path / "not-yaml.yaml").write_text("cron: [unclosed\n")
+    with caplog.at_level("ERROR"):
+        dag = load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts import_errors == {}
+    import sparse_to_dense as m
+
+    dags = m.scheduled_dags(tmp_path)
+    assert sorted(dags) == ["sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
+    weekly = dags["sparse_to_dense__weekly"]
+    assert type(weekly.timetable).__name__ == "CronTriggerTimetable" and weekly.timetable.expression == "0 3 * * 1"
+    assert weekly.catchup is False and weekly.max_active_runs == 1
+    values = weekly.params.validate()
+    assert values["teacher_rl_steps"] == 40 and values["seed"] == 7 and values["overrides"] == ["task.seed=99"]
+    assert values["stages"] == dag.params["stages"]  # everything else: the form's defaults
+    assert weekly.params.get_param("seed").schema["title"] == "Seed"  # the same form, other defaults
+    assert set(weekly.task_ids) == set(dag.task_ids)
+    data = dags["sparse_to_dense__on-new-data"]
+    assert type(data.timetable).__name__ == "AssetTriggeredTimetable"
+    assert "s3://s2d-data/arithmetic/latest" in str(data.timetable.asset_condition)
+    logged = caplog.text
+    for name, why in [("bad-cron", "61 3 * * 1"), ("bad-value", "-1"), ("bad-key", "steps"), ("refused", "loads code"),
+                      ("not-yaml", "")]:
+        assert f"{name}.yaml ignored" in logged and why in logged, name
+
+
+def test_no_surprise_run_for_the_last_missed_slot(monkeypatch, tmp_path):
+    """With catchup off, Airflow's cron timetable still proposes the most recent past slot when a
+    schedule is switched on: plan skips such a late run, and a skipped plan skips every task."""
+    import datetime
+
+    from airflow.sdk.exceptions import AirflowSkipException
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    (tmp_path / "weekly.yaml").write_text('cron: "0 3 * * 1"\nconf: {}\n')
+    load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))
+    import s2d_runners as r
+    import sparse_to_dense as m
+
+    dag = m.scheduled_dags(tmp_path)["sparse_to_dense__weekly"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    # what the scheduler does on enable: the core timetable (the DAG's, serialized) proposes a past slot
+    core = decode_timetable(encode_timetable(dag.timetable))
+    first = core.next_dagrun_info(last_automated_data_interval=None,
+                                  restriction=TimeRestriction(earliest=dag.start_date, latest=None, catchup=False))
+    assert first.run_after <= now  # the "surprise" run Airflow would start at once
+
+    class Run:
+        def __init__(self, run_type, run_after):
+            self.run_type, self.run_after, self.logical_date = run_type, run_after, run_after
+
+    with pytest.raises(AirflowSkipException, match="missed slot"):
+        r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(hours=2))})
+    r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(minutes=1))})  # on time: runs
+    r.skip_missed_slot({"dag_run": Run("manual", now - datetime.timedelta(days=9))})  # a trigger is never late
+    monkeypatch.setenv("S2D_MISSED_SLOT_GRACE_MINUTES", "600")
+    r.skip_missed_slot({"dag_run": Run("scheduled", now - datetime.timedelta(hours=2))})
+    t = dag.task_dict
+    assert t["plan"]._pre_execute_hook is r.skip_missed_slot
+    # a skipped plan skips the rest: every task waits for plan, directly or not, with rules that skip
+    # when nothing upstream succeeded
+    assert t["bootstrap"].trigger_rule == "all_success"
+    for name in ("teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo", "report"):
+        assert t[name].trigger_rule == "none_failed_min_one_success" and "plan" in t[name].upstream_task_ids
+
+
+@pytest.mark.parametrize("runner", ["local", "docker", "kubernetes"])
+def test_final_student_asset_event_for_every_runner(monkeypatch, runner):
+    """The report task's asset event names the final student, whatever the runner (one hook)."""
+    pytest.importorskip("airflow.providers.docker")
+    pytest.importorskip("airflow.providers.cncf.kubernetes")
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    dag = load_dag(monkeypatch, runner)
+    import s2d_runners as r
+
+    report = dag.task_dict["report"]
+    assert report._post_execute_hook is r.final_student_event
+    assert [a.uri for a in report.outlets] == [r.FINAL_STUDENT_URI]
+    summary = {"final_student": "s3://b/r/student_rl/model", "teacher": "s3://b/r/teacher_rl/model", "headline": "x"}
+    for result in (summary, "log line\n" + json.dumps(summary) + "\n"):  # a dict (local, pod) or printed text (docker)
+        events = OutletEventAccessors()
+        r.final_student_event({"outlet_events": events}, result)
+        assert events[Asset(r.FINAL_STUDENT_URI)].extra == {"uri": summary["final_student"], "teacher": summary["teacher"]}

@@ -199,3 +199,111 @@ def test_avg_at_k_is_mean_pass_at_1():
     s = summarize([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], 4)
     assert s["avg@4"] == pytest.approx((0.25 + 1 + 0) / 3)
     assert s["pass@4"] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------ top-k losses (served / stored teacher)
+from stages.losses import sampled_reverse_kl, topk_forward_kl, topk_logprobs  # noqa: E402
+
+
+def _ref_topk_kl(s_logits: list[float], t_logits: list[float], k: int, tail: bool) -> float:
+    """Plain-Python float64 reference: softmax both, take the teacher's k most likely ids, KL over them
+    (+ one bucket with the rest of each distribution)."""
+    def softmax(z):
+        m = max(z)
+        e = [math.exp(v - m) for v in z]
+        return [v / sum(e) for v in e]
+
+    p, q = softmax(t_logits), softmax(s_logits)
+    top = sorted(range(len(p)), key=lambda i: -p[i])[:k]
+    kl = sum(p[i] * (math.log(p[i]) - math.log(q[i])) for i in top)
+    if tail:
+        pr, qr = 1 - sum(p[i] for i in top), 1 - sum(q[i] for i in top)
+        if pr > 1e-12:
+            kl += pr * (math.log(pr) - math.log(qr))
+    return kl
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_topk_forward_kl_matches_float64_reference(k, tail):
+    g = torch.Generator().manual_seed(k)
+    s = torch.randn(2, 3, 11, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(2, 3, 11, generator=g, dtype=torch.float64) * 2
+    ids, lp = topk_logprobs(t, k)
+    got = topk_forward_kl(s, ids, lp, tail=tail)
+    assert got.dtype == torch.float64 and got.shape == (2, 3)
+    for b in range(2):
+        for j in range(3):
+            ref = _ref_topk_kl(s[b, j].tolist(), t[b, j].tolist(), k, tail)
+            assert got[b, j].item() == pytest.approx(ref, abs=1e-12)
+
+
+def test_topk_forward_kl_equals_full_vocab_at_k_equals_v_and_is_a_lower_bound():
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    s = torch.randn(4, 6, V, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 6, V, generator=g, dtype=torch.float64) * 3
+    full = forward_kl(s, t).double()  # forward_kl works in float32
+    ids, lp = topk_logprobs(t, V)
+    assert torch.allclose(topk_forward_kl(s, ids, lp), full, atol=1e-5)
+    assert torch.allclose(topk_forward_kl(s, ids, lp, tail=False), full, atol=1e-5)
+    # float32 student logits (the trainer's case): still equal at k = V, no inf from a rounded-away tail
+    ids32, lp32 = topk_logprobs(t.float(), V)
+    assert torch.allclose(topk_forward_kl(s.float(), ids32, lp32).double(), full, atol=1e-4)
+    # the tail bucket coarsens the distribution: KL can only go down (data processing inequality)
+    for k in (1, 5, 20):
+        ids, lp = topk_logprobs(t, k)
+        assert (topk_forward_kl(s, ids, lp) <= full + 1e-9).all()
+
+
+def test_topk_forward_kl_close_to_full_for_large_k_on_peaked_teacher():
+    """A peaked teacher (what an RL'd teacher is) over a 1000-entry vocabulary: k = 64 is within 1% of
+    the full-vocabulary KL."""
+    g = torch.Generator().manual_seed(1)
+    V = 1000
+    t = torch.randn(8, 16, V, generator=g, dtype=torch.float64) * 6  # peaked: most mass in a few tokens
+    s = t + torch.randn(8, 16, V, generator=g, dtype=torch.float64) * 0.5  # a student near the teacher
+    lt, ls = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    full = (lt.exp() * (lt - ls)).sum(-1).mean()  # float64 full-vocabulary reference
+    ids, lp = topk_logprobs(t, 64)
+    assert (1 - lp.exp().sum(-1)).mean() > 1e-4  # the tail is not empty: the test is not k = V in disguise
+    assert topk_forward_kl(s, ids, lp).mean().item() == pytest.approx(full.item(), rel=0.01)
+    assert topk_forward_kl(s, ids, lp, tail=False).mean().item() == pytest.approx(full.item(), rel=0.05)
+
+
+def test_topk_forward_kl_gradient_matches_full_vocab_at_k_equals_v_and_ignores_padding():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(3, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    ids, lp = topk_logprobs(t, 9)
+    (gk,) = torch.autograd.grad(topk_forward_kl(s, ids, lp).sum(), s)
+    (gf,) = torch.autograd.grad(forward_kl(s, t).sum(), s)
+    assert torch.allclose(gk, gf.double(), atol=1e-5)
+    # a payload with fewer than k entries is padded with id -1 / log-prob -inf: same value as unpadded
+    ids4, lp4 = topk_logprobs(t, 4)
+    pad_ids = torch.cat([ids4, torch.full((3, 2), -1)], -1)
+    pad_lp = torch.cat([lp4, torch.full((3, 2), -math.inf, dtype=torch.float64)], -1)
+    assert torch.allclose(topk_forward_kl(s, pad_ids, pad_lp), topk_forward_kl(s, ids4, lp4), atol=1e-12)
+    assert torch.isfinite(torch.autograd.grad(topk_forward_kl(s, pad_ids, pad_lp).sum(), s)[0]).all()
+
+
+def test_sampled_reverse_kl_expectation_is_full_reverse_kl():
+    """E_{x ~ p_S}[log p_S(x) - log p_T(x)], enumerated exactly in float64, is the full reverse KL."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    expectation = (ls.exp() * sampled_reverse_kl(ls, lt)).sum(-1)
+    assert torch.allclose(expectation, reverse_kl(s, t).double(), atol=1e-6)
+    # and it is minus the advantage of the sampled-token on-policy loss (kl_coef = 1)
+    m = torch.ones(5, 7)
+    assert torch.allclose(sampled_reverse_kl(ls, lt), -reverse_kl_advantages(lt, ls, m))
+
+
+def test_topk_logprobs_ranks_and_temperature():
+    z = torch.tensor([[0.0, 2.0, 1.0, -1.0]], dtype=torch.float64)
+    ids, lp = topk_logprobs(z, 2, temperature=2.0)
+    assert ids.tolist() == [[1, 2]]
+    ref = [v / 2 for v in z[0].tolist()]
+    lse = math.log(sum(math.exp(v) for v in ref))
+    assert lp[0].tolist() == pytest.approx([ref[1] - lse, ref[2] - lse], abs=1e-12)

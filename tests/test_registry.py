@@ -12,11 +12,11 @@ def test_every_stage_has_a_module_command_and_config_section():
     for name, st in registry.STAGES.items():
         assert callable(st.fn()), name
         assert name in COMMANDS
-        assert st.kind in ("setup", "workflow", "baseline", "tool")
+        assert st.kind in ("setup", "data", "workflow", "baseline", "tool")
         if st.kind in ("workflow", "baseline"):
             assert hasattr(cfg, name), f"config has no section for {name}"
             assert st.label and st.trains
-        assert set(st.inputs.values()) <= {"teacher", "student", "base_student", "final_student"}
+        assert set(st.inputs.values()) <= {"teacher", "student", "base_student", "final_student", "teacher_data"}
     assert Workflow().stages == list(registry.WORKFLOW)
 
 
@@ -24,7 +24,7 @@ def test_plan_follows_the_table(tmp_path):
     cfg = load_config("tiny")
     root = str(tmp_path)
     steps = workflow.plan(cfg, root)
-    assert [s["stage"] for s in steps] == list(registry.RUNNABLE)
+    assert [s["stage"] for s in steps] == [n for n in registry.RUNNABLE if registry.STAGES[n].kind != "data"]
     # each workflow stage's output becomes the next stage's input of that role
     by = {s["stage"]: s["inputs"] for s in steps}
     assert by["kl_warmup"] == {"teacher": f"{root}/teacher_rl/model", "student": f"{root}/bootstrap/student"}
@@ -34,6 +34,10 @@ def test_plan_follows_the_table(tmp_path):
     # an ablation passes the input through: no stage 1 means the raw teacher
     raw = load_config("tiny", ["workflow.stages=[kl_warmup,onpolicy_distill,student_rl]"])
     assert workflow.plan(raw, root)[1]["inputs"]["teacher"] == f"{root}/bootstrap/teacher"
+    # a data stage is planned for the consumer that reads it: kl_warmup.form topk trains from teacher_data
+    topk = {s["stage"]: s["inputs"] for s in workflow.plan(load_config("tiny", ["kl_warmup.form=topk"]), root)}
+    assert list(topk)[2:4] == ["teacher_data", "kl_warmup"]
+    assert topk["kl_warmup"]["teacher_data"] == f"{root}/teacher_data/data"
 
 
 def test_direct_grpo_budget_is_resolved_once():

@@ -12,7 +12,7 @@ from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
 from stages.rollout import token_logprobs
 from stages.runtime import teacher_forced
-from stages.tasks import ArithmeticTask, MathJsonlTask, Problem, make_task
+from stages.tasks import ArithmeticTask, Problem, TaskError, make_task
 
 ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
 
@@ -79,8 +79,8 @@ def test_math_jsonl_task_with_math_verify(tmp_path):
 
 def test_math_jsonl_missing_file_is_a_clear_error(tmp_path):
     cfg = TaskConfig(kind="math_jsonl", files={"teacher_rl": str(tmp_path / "x.jsonl"), "prompts": "a", "eval": "b"})
-    with pytest.raises(FileNotFoundError, match="task.files.teacher_rl"):
-        MathJsonlTask(cfg)
+    with pytest.raises(TaskError, match="task.files.teacher_rl: .*x.jsonl does not exist"):
+        make_task(cfg).problems("teacher_rl")
 
 
 def test_checkpoint_round_trip_is_a_real_hf_folder(tmp_path):
@@ -148,3 +148,96 @@ def test_teacher_forced_batch_masks_only_completion():
     tf = teacher_forced(tok, _prompts(tok, ["1+1=", "10+10="]), ["2", "20"])
     assert tf.completion.sum(1).tolist() == [2, 3]  # answer + EOS
     assert tok.decode(tf.input_ids[0][tf.completion[0].bool()]) == "2</s>"
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(tmp_path):
+    from stages.prompting import encode
+
+    p = Problem("x", "What is 1+1?\nPut the final answer in \\boxed{}.\n", "2")
+    plain = char_tokenizer()
+    assert plain.decode(encode(plain, [p])[0]) == "<s>" + p.prompt  # no template: BOS + the raw prompt
+    with pytest.raises(TaskError, match="task.chat_template"):
+        encode(plain, [p], "always")
+    tok = char_tokenizer()
+    tok.chat_template = CHAT
+    save(tiny_qwen3(ARCH, tok, 0), tok, tmp_path / "m")  # the template travels with the checkpoint
+    _, tok = load(tmp_path / "m")
+    ids = encode(tok, [p])[0]
+    assert tok.decode(ids) == f"<s><|user|>{p.prompt}</s><|assistant|>"
+    assert ids.count(tok.bos_token_id) == 1  # the template's BOS, none added
+    assert tok.decode(encode(tok, [p], "never")[0]) == "<s>" + p.prompt
+
+
+def test_sampling_training_and_evaluation_share_the_chat_encoding(small_cfg, tmp_path, monkeypatch):
+    """A stage on a checkpoint with a chat template: rollouts, recorded prompts and evaluation all
+    start from the templated prompt (one encoder)."""
+    from stages import artifacts, workflow
+    from stages.runtime import RolloutMaker
+
+    tok = char_tokenizer()
+    tok.chat_template = CHAT
+    save(tiny_qwen3(ARCH, tok, 0), tok, tmp_path / "m")
+    cfg = small_cfg(f"models.teacher.source={tmp_path / 'm'}", f"models.student.source={tmp_path / 'm'}",
+                    "teacher_rl.steps=1", "sampling.max_new_tokens=4")
+    seen = []
+    real = RolloutMaker.sample
+
+    def spy(self, model, tok, problems, *a, **k):
+        ro = real(self, model, tok, problems, *a, **k)
+        seen.append(tok.decode(ro.input_ids[0][ro.attention[0].bool()][: ro.prompt_len]))
+        return ro
+
+    monkeypatch.setattr(RolloutMaker, "sample", spy)
+    workflow.run_stage(cfg, str(tmp_path / "root"), "teacher_rl", {"policy": str(tmp_path / "m")})
+    # eval before, one training step, eval after (sampled + greedy)
+    assert len(seen) >= 3 and all(s.startswith("<s><|user|>") and s.endswith("<|assistant|>") for s in seen), seen
+    assert artifacts.read_manifest(str(tmp_path / "root" / "teacher_rl")) is not None
+
+
+def test_example_plugin_runs_the_whole_tiny_workflow(tmp_path, capsys):
+    """examples/reverse.yaml: a task plugin with its own options bootstraps the tiny models and runs every
+    stage (test-sized settings); the plugin's source is part of every stage's identity."""
+    from conftest import TEST_OVERRIDES
+
+    from stages.__main__ import main
+
+    root = str(tmp_path / "rev")
+    sets = [a for o in TEST_OVERRIDES for a in ("--set", o)] + ["--set", "task.options={alphabet: abcd, max_len: 6}"]
+    assert main(["validate", "--config", "examples/reverse.yaml", *sets]) == 0
+    assert main(["workflow", "--config", "examples/reverse.yaml", "--root", root, *sets]) == 0
+    out = capsys.readouterr().out
+    assert "direct GRPO baseline" in out
+    m = json.loads((tmp_path / "rev" / "bootstrap" / "manifest.json").read_text())
+    assert m["metrics"]["teacher.params"] > 0
+    rollouts = (tmp_path / "rev" / "teacher_rl" / "rollouts.jsonl").read_text().splitlines()
+    assert json.loads(rollouts[0])["prompt"].startswith("rev ")
+    assert main(["validate", "--config", "examples/reverse.yaml", "--set", "task.options={colour: red}"]) == 2
+    assert "task.options: unknown key(s) ['colour']" in capsys.readouterr().err
+    assert main(["validate", "--config", "examples/reverse.yaml", *sets, "--set", "task.options={alphabet: ab}"]) == 2
+    assert "allow too few distinct words" in capsys.readouterr().err
+
+
+def test_data_digest_covers_the_problems_and_the_plugin_source(tmp_path, monkeypatch):
+    from stages.tasks import data_digest
+
+    t = ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5}))
+    base = data_digest(t, ("teacher_rl", "eval"))
+    assert base == data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5})), ("teacher_rl", "eval"))
+    assert base != data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 11, "eval": 5})), ("teacher_rl", "eval"))
+    assert base == data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5, "prompts": 9})), ("teacher_rl", "eval"))
+    plugin = tmp_path / "myplug.py"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = "from stages.tasks import ArithmeticTask\nclass T(ArithmeticTask):\n    pass\ndef make_task(cfg): return T(cfg)\n"
+    plugin.write_text(src)
+    cfg = TaskConfig(kind="myplug:make_task", sizes={"eval": 5})
+    a = data_digest(make_task(cfg), ("eval",))
+    plugin.write_text(src.replace("pass", "def reward(self, c, p): return 1.0"))
+    import importlib
+    import sys
+
+    importlib.reload(sys.modules["myplug"])
+    assert data_digest(make_task(cfg), ("eval",)) != a  # edited plugin code: a new identity

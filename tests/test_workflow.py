@@ -40,24 +40,49 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     # MLflow: one parent, one child per stage, each child pointing to what it consumed and produced
     client = MlflowClient()
     exp = client.get_experiment_by_name("wf-test")
-    parents = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'workflow'")
-    assert len(parents) == 1
+    parents = client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny · run" and parents[0].info.status == "FINISHED"
     parent = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_name = {c.info.run_name: c for c in children}
     assert sorted(by_name) == sorted(stages)
-    assert by_name["onpolicy_distill"].data.tags["s2d.input.student"] == f"{root}/kl_warmup/model"
-    assert by_name["onpolicy_distill"].data.tags["s2d.output.model"] == f"{root}/onpolicy_distill/model"
-    assert "kl" in by_name["onpolicy_distill"].data.metrics
+    # short, uniform keys: the role (not the stage's argument name), the checkpoint relative to the root,
+    # the producing run and its logged model; full URIs in params
+    od, trl = by_name["onpolicy_distill"].data, by_name["teacher_rl"].data
+    assert od.tags["s2d.input.student"] == "kl_warmup/model" and od.params["input.student"] == f"{root}/kl_warmup/model"
+    assert od.tags["s2d.input.student.run"] == by_name["kl_warmup"].info.run_id
+    assert od.tags["s2d.output.model"] == "onpolicy_distill/model" and od.params["output.model"] == f"{root}/onpolicy_distill/model"
+    assert trl.tags["s2d.input.teacher"] == "bootstrap/teacher" and "s2d.input.policy" not in trl.tags
+    assert by_name["student_rl"].data.tags["s2d.input.student"] == "onpolicy_distill/model"
+    assert "kl" in od.metrics and "final.c2_after" in od.metrics
     assert len(client.get_metric_history(by_name["teacher_rl"].info.run_id, "reward")) == 4
     assert all(c.info.status == "FINISHED" for c in children)
+    # every checkpoint is a logged model pointing at its URI, output of its run, input of its consumers
+    lm = client.get_logged_model(od.tags["s2d.output.model.model"])
+    assert lm.tags["s2d.uri"] == f"{root}/onpolicy_distill/model" and lm.source_run_id == by_name["onpolicy_distill"].info.run_id
+    consumer = client.get_run(by_name["student_rl"].info.run_id)
+    assert [m.model_id for m in consumer.inputs.model_inputs] == [lm.model_id]
+    assert lm.model_id in [m.model_id for m in client.get_run(lm.source_run_id).outputs.model_outputs]
+    # the RL teacher and the final student are registered versions, the student's naming the teacher's
+    student = client.search_model_versions("name = 's2d-student'")
+    teacher = client.search_model_versions("name = 's2d-teacher'")
+    assert len(student) == len(teacher) == 1
+    assert student[0].tags["s2d.uri"] == f"{root}/student_rl/model" and student[0].run_id == by_name["student_rl"].info.run_id
+    assert student[0].tags["s2d.teacher_version"] == "s2d-teacher/1" and "arithmetic/teacher_rl@" in student[0].tags["s2d.datasets"]
+    assert teacher[0].tags["s2d.uri"] == f"{root}/teacher_rl/model"
 
-    # a second run skips every finished stage: no training, no new child runs
+    # a second run skips every finished stage: no training, no new child runs, no new versions
     capsys.readouterr()
     assert main(["workflow", "--config", "tiny", "--root", root, *[a for o in _cli_overrides() for a in ("--set", o)]]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == len(stages)
-    assert len(client.search_runs([exp.experiment_id], "tags.mlflow.runName != 'workflow'")) == len(stages)
+    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(stages)
+    assert len(client.search_model_versions("name = 's2d-student'")) == 1
+
+    # a registered version is an input like any URI: resolved through the registry
+    from stages.tracking import resolve_model_uri
+
+    assert resolve_model_uri("models:/s2d-student/1") == f"{root}/student_rl/model"
 
 
 def _cli_overrides():

@@ -114,14 +114,16 @@ class VLLMSampler(Sampler):
         return self._llms[key]
 
     def _push_weights(self, llm, model) -> None:
-        """Load the trainer's current weights into the engine (TRL colocate mode's path; see module docstring)."""
-        state = model.state_dict()
+        """Load the trainer's current weights into the engine (see module docstring)."""
+        state = list(model.state_dict().items())
         try:
+            # vLLM's in-place reload: runs the model's own post-load processing (the CPU build repacks
+            # linear weights after loading; a raw ``model.load_weights`` into a processed model fails with
+            # "'Parameter' object has no attribute 'weight_loader'")
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
+        except AttributeError:  # a vLLM without Worker.reload_weights: TRL colocate mode's path
             runner_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-        except AttributeError:
-            llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(state.items()))
-        else:
-            runner_model.load_weights(state.items())
+            runner_model.load_weights(state)
         if hasattr(llm, "reset_prefix_cache"):
             llm.reset_prefix_cache()  # cached KV of the old weights must not be reused
 

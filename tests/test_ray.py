@@ -1,0 +1,227 @@
+"""A stage as a Ray Train job (stages/ray_train.py) on a real local Ray cluster: a head and a second raylet
+on this machine (``ray start``, random ports, one CPU each, so the two workers land on two "nodes"), gloo.
+
+Checks, in one run: killing the worker on the second node mid-stage makes Ray restart the group and the
+stage resume from its resume state and publish; the result is the single-process one for the same global
+batch (float tolerance); one MLflow child run; the published checkpoint loads with from_pretrained.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEST_OVERRIDES, free_port
+from safetensors.torch import load_file
+
+from stages import bootstrap, ray_train
+from stages.runtime import StageRun
+
+pytest.importorskip("ray")
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+# token authentication, as Ray's own default for a new cluster, with this module's token (never ~/.ray's)
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+SETS = ["torch_threads=1", "teacher_rl.steps=4", "tracking.enabled=true", "tracking.experiment=ray-test"]
+
+
+# ------------------------------------------------------------------ settings (no cluster)
+def test_engine_setting_selects_ray_for_stage_commands_only():
+    assert ray_train.wanted(["teacher_rl"], {"S2D_ENGINE": "ray"})
+    assert not ray_train.wanted(["teacher_rl"], {})
+    assert not ray_train.wanted(["plan"], {"S2D_ENGINE": "ray"}) and not ray_train.wanted(["workflow"], {"S2D_ENGINE": "ray"})
+    assert not ray_train.wanted(["teacher_rl"], {"S2D_ENGINE": "ray", ray_train.INSIDE: "1"})  # inside a worker
+    with pytest.raises(SystemExit, match="S2D_ENGINE"):
+        ray_train.wanted(["teacher_rl"], {"S2D_ENGINE": "rey"})
+    assert ray_train.scaling({"S2D_RAY_WORKERS": "4"}, "cuda") == {
+        "num_workers": 4, "use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}
+    assert ray_train.scaling({}, "cpu") == {"num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1}}
+    with pytest.raises(SystemExit, match="S2D_RAY_WORKERS"):
+        ray_train.scaling({"S2D_RAY_WORKERS": "0"}, "cpu")
+    env = {"S2D_RAY_WORKERS": "2", "MLFLOW_TRACKING_URI": "http://m", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "a",
+           "MLFLOW_TRACKING_PASSWORD": "p", "HF_TOKEN": "t", "AWS_ENDPOINT_URL": "http://s3", "HOME": "/root"}
+    assert ray_train.forwarded_env(env) == {"S2D_RAY_WORKERS": "2", "MLFLOW_TRACKING_URI": "http://m", "AWS_ENDPOINT_URL": "http://s3"}
+
+
+def test_bad_config_is_a_one_line_error_before_ray_starts(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "S2D_ENGINE": "ray", "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens there
+    out = subprocess.run([sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", str(tmp_path),
+                          "--set", "teacher_rl.stepz=3"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "teacher_rl.stepz" in out.stderr
+    assert "Ray Train" not in out.stderr
+
+
+# ------------------------------------------------------------------ a local two-node cluster
+def _ray_ports() -> list[str]:
+    lo = free_port() // 100 * 100  # a worker port range next to a free port (checked by Ray at start)
+    lo = min(max(lo, 20000), 60000)
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--min-worker-port", str(lo), "--max-worker-port", str(lo + 99)]
+
+
+def _wait_port(ip: str, port: int, proc, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex((ip, port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray head not listening on {port}")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head + second raylet, one CPU each; both stopped (their whole process groups) at teardown. Both on
+    this machine's address: Ray rewrites 127.0.0.1 in a cluster address to it anyway."""
+    from ray.util import get_node_ip_address
+
+    ip = get_node_ip_address()
+    temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short path: Ray's unix sockets live below it
+    port = free_port()
+    env = {**os.environ, **AUTH, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    common = ["--block", "--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 << 20),
+              "--node-ip-address", ip, "--disable-usage-stats"]
+    procs, logs = [], [Path(temp) / "head.log", Path(temp) / "node2.log"]
+    try:
+        with open(logs[0], "w") as log:
+            procs.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+                                           "--ray-client-server-port", str(free_port()), "--temp-dir", temp, *common, *_ray_ports()],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_port(ip, port, procs[0], logs[0])
+        with open(logs[1], "w") as log:
+            procs.append(subprocess.Popen([RAY, "start", "--address", f"{ip}:{port}", *common, *_ray_ports()],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        yield {"address": f"{ip}:{port}", "second": procs[1], "logs": logs}
+    finally:
+        import psutil
+
+        # every process of both nodes (ray start, raylet, GCS, agents, workers), found before any is stopped
+        ours = [psutil.Process(p.pid) for p in procs if p.poll() is None]
+        ours += [c for p in ours for c in p.children(recursive=True)]
+        for p in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
+            p.terminate()
+        gone, alive = psutil.wait_procs(ours, timeout=5)
+        for p in alive:  # Ray's drain timed out: stop what is left, by process id
+            p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def boot(tmp_path_factory):
+    """Bootstrapped models, and the single-process teacher_rl on them: the reference."""
+    from stages.config import load_config
+
+    base = tmp_path_factory.mktemp("ray")
+    root = str(base / "boot")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    bootstrap.run(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES + ["tracking.enabled=false"]), root))
+    ref = str(base / "ref")
+    shutil.copytree(root, ref)
+    out = subprocess.run(_cmd(ref), env=_env(base / "ref-mlflow.db"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"base": base, "boot": root, "ref": ref}
+
+
+def _cmd(root: str) -> list[str]:
+    return [sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", root,
+            *[a for o in TEST_OVERRIDES + SETS for a in ("--set", o)]]
+
+
+def _env(db: Path, **extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_DEDUP_LOGS": "0", **AUTH, **extra}
+    for k in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "S2D_GPUS", ray_train.INSIDE):
+        env.pop(k, None)
+    return env
+
+
+def _ray_env(cluster, db: Path) -> dict:
+    return _env(db, S2D_ENGINE="ray", S2D_RAY_WORKERS="2", S2D_RAY_MAX_FAILURES="2", RAY_ADDRESS=cluster["address"],
+                S2D_RAY_STORAGE=str(db.parent / "ray_results"))
+
+
+def _weights(root: str) -> dict:
+    return load_file(str(Path(root) / "teacher_rl" / "model" / "model.safetensors"))
+
+
+def _same_as_reference(root: str, ref: str) -> None:
+    a, b = _weights(root), _weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert (Path(root) / "teacher_rl/rollouts.jsonl").read_text() == (Path(ref) / "teacher_rl/rollouts.jsonl").read_text()
+    hist = [json.loads(r) for r in (Path(root) / "teacher_rl/metrics.jsonl").read_text().splitlines()]
+    ref_hist = [json.loads(r) for r in (Path(ref) / "teacher_rl/metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == list(range(1, 5))
+    for h, r in zip(hist, ref_hist):
+        assert h["reward"] == r["reward"] and h["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-6)
+
+
+def _child_runs(db: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("ray-test")
+    return client.search_runs([exp.experiment_id], "tags.`s2d.stage` = 'teacher_rl'")
+
+
+def _node_workers(proc) -> list:
+    import psutil
+
+    return [c for c in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(c.cmdline())]
+
+
+def test_stage_on_two_ray_workers_survives_a_lost_worker_and_matches_one_process(cluster, boot):
+    """One run (to keep the suite short) checks both: the worker on the second node is SIGKILLed after the
+    first resume state; Ray restarts the group, the stage resumes and publishes, and the result is the
+    single-process one for the same global batch."""
+    root = str(boot["base"] / "two")
+    shutil.copytree(boot["boot"], root)
+    db = boot["base"] / "two-mlflow.db"
+    latest = Path(root) / "teacher_rl/_resume/policy/latest.json"
+    proc = subprocess.Popen(_cmd(root), env=_ray_env(cluster, db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not latest.exists():
+            time.sleep(0.05)
+        assert latest.exists(), "no resume state was written"
+        victims = _node_workers(cluster["second"])
+        assert len(victims) == 1  # one CPU per node, one CPU per worker: one worker on each node
+        victims[0].send_signal(signal.SIGKILL)  # a lost node's worker: no clean-up
+        killed_at = json.loads(latest.read_text())["step"]
+        stdout, stderr = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-4000:]
+    logs = stdout + stderr
+    assert "running teacher_rl on 2 Ray Train workers" in stderr
+    assert killed_at == 2  # checkpoint_every=2, 4 steps: the one state before the end
+    assert logs.count("rank 0/2") >= 2 and logs.count("rank 1/2") >= 2  # the group was started again
+    assert f"teacher_rl: resumed policy from step {killed_at}" in logs  # from the state, not from scratch
+    summary = json.loads(stdout.strip().splitlines()[-1])  # the contract: last stdout line, rank 0's
+    assert summary["skipped"] is False and summary["uri"] == f"{root}/teacher_rl"
+    _same_as_reference(root, boot["ref"])  # = one process on the same global batch; resuming changed nothing
+    assert not (Path(root) / "teacher_rl/_resume").exists()
+    # rank 0 alone publishes and tracks: one child run (the resumed stage reopened it), with the manifest's id
+    runs = _child_runs(db)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow_run_id"]
+    # the published checkpoint is a plain Hugging Face folder
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["outputs"]["model"])
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], _weights(root)["model.embed_tokens.weight"])
