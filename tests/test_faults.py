@@ -545,11 +545,13 @@ def test_unwritable_root_and_empty_split_are_found_before_any_model_or_mlflow_ru
     env = {**stage_env, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     ro = small_mount(tmp_path / "ro", "1m", ro=True)
     for root, extra, expected in [
-        (ro / "runs", [], f"artifact folder {ro / 'runs' / 'teacher_rl'} is not writable: Read-only file system"),
-        (tmp_path / "root", ["task.sizes.teacher_rl=0"], "teacher_rl: the task split teacher_rl is empty (task.sizes / task.files)"),
+        (ro / "runs", [], [f"artifact folder {ro / 'runs' / 'teacher_rl'} is not writable: Read-only file system"]),
+        # (the task loader's own check or the stage's, whichever meets it first)
+        (tmp_path / "root", ["task.sizes.teacher_rl=0"], ["teacher_rl", "is empty"]),
     ]:
         p = _stage(root, base_models, "tracking.enabled=true", *extra, env=env)
-        assert p.returncode == 2 and _error_line(p) == f"error: {expected}", p.stderr[-3000:]
+        line = _error_line(p)
+        assert p.returncode == 2 and all(x in line for x in expected), p.stderr[-3000:]
         assert "Loading" not in p.stderr and "load_model" not in p.stderr
     if db.exists():  # MLflow may have created its store; it must hold no run
         import sqlite3
