@@ -90,13 +90,13 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
     """Run one stage unless it is already published; returns (manifest, skipped)."""
     from .runtime import StageRun
 
-    # one writer per stage folder (only the main process of a multi-process launch takes the lock); taken
-    # before anything else, so it is also the up-front check that the artifact root is writable
-    main_rank = os.environ.get("RANK", "0") == "0"
-    with artifacts.StageLock(artifacts.join(root, stage)) if main_rank else nullcontext():
-        with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+    with StageRun(stage, cfg, root, inputs=inputs, parent_run_id=parent_run_id) as r:
+        # one writer per stage folder, taken by the main process of a launch (accelerate knows which one;
+        # launchers do not all set RANK) before any model loads or MLflow run starts, so it is also the
+        # up-front check that the artifact root is writable
+        with artifacts.StageLock(r.uri) if r.is_main else nullcontext():
             if r.finished:
-                if main_rank:  # a kill between manifest and cleanup leaves the training state behind
+                if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)
                     # a skip makes the stage's MLflow run say what the manifest says (repairs a run left RUNNING
                     # or unrecorded by a kill or a tracking outage); a no-op when it already does
@@ -107,7 +107,6 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
 
 def parent_name(cfg: Config, root: str) -> str:
     """A readable parent-run name: the preset and the Airflow DAG run, else the root's last part."""
-    import os
 
     return f"{cfg.name} · {os.environ.get('AIRFLOW_CTX_DAG_RUN_ID') or root.rstrip('/').rsplit('/', 1)[-1]}"
 
