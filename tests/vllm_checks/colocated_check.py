@@ -6,7 +6,7 @@
 2. The engine samples with the trainer's latest weights: change the weights, generate again, and the
    new log-probs are the changed model's (not the old one's).
 
-    .venv-vllm/bin/python tests/vllm/colocated_check.py OUT_DIR     -> OUT_DIR/result.json
+    .venv-vllm/bin/python tests/vllm_checks/colocated_check.py OUT_DIR     -> OUT_DIR/result.json
 """
 
 import copy
