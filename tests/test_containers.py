@@ -54,7 +54,7 @@ def image():
             pytest.fail(f"{missing} not installed: .ci/run installs podman, runc and debootstrap")
         pytest.skip(f"needs {missing} (apt-get install podman runc debootstrap)")
     t0 = time.time()
-    out = subprocess.run([str(REPO / "infra/build-images.sh")], cwd=REPO, capture_output=True, text=True, timeout=1800,
+    out = subprocess.run([str(REPO / "infra/build-images.sh")], cwd=REPO, capture_output=True, text=True, timeout=2400,
                          env={**os.environ, "S2D_IMAGE": IMAGE, "PIP": f"{sys.executable} -m pip"})
     assert out.returncode == 0, out.stderr[-6000:]
     assert out.stdout.strip().splitlines()[-1] == IMAGE
@@ -149,7 +149,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     killer = threading.Thread(target=_kill_mid_stage, args=("teacher_rl", f"{root}/teacher_rl/_resume/", killed, stop), daemon=True)
     killer.start()
     t0 = time.time()
-    first = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=1500)
+    first = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=2400)
     stop.set()
     killer.join(timeout=30)
     log = first.stdout + first.stderr
@@ -219,7 +219,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     assert steps.count(1) == 1 and steps.count(2) == 1, steps
 
     # the same trigger again: every published stage is skipped (in containers), nothing retrains
-    second = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=900)
+    second = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=1200)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert (second.stdout + second.stderr).count('"skipped": true') == len(STAGES)
     assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(STAGES)
