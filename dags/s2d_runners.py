@@ -411,12 +411,15 @@ def stage_container_operator() -> type:
             token = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
             self._private_environment, base_env, base_mounts = token, dict(self.environment), list(self.mounts)
             with tempfile.TemporaryDirectory(prefix="s2d-secrets-") as d:  # 0700: other users of the host cannot read
+                mounts = []
                 for i, (target, content) in enumerate(files.items()):
                     src = Path(d) / str(i)
                     src.write_text(content)
                     src.chmod(0o644)  # the container's user (uid 10001) reads it through the bind mount
-                    self.mounts.append(Mount(target=target, source=str(src), type="bind", read_only=True))
-                self.environment.update(env)
+                    mounts.append(Mount(target=target, source=str(src), type="bind", read_only=True))
+                # new objects, never in place: a task instance runs a shallow copy of the DAG's operator,
+                # whose lists it shares (an appended mount would come back in the retry: "duplicate mount")
+                self.mounts, self.environment = [*self.mounts, *mounts], {**self.environment, **env}
                 try:
                     return super().execute(context)
                 finally:
