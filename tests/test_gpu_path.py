@@ -315,3 +315,43 @@ def test_gradient_checkpointing_and_root_forward_give_the_same_gradients():
     for ckpt in (False, True):
         got = grads(ckpt, False)
         assert all(torch.allclose(a.double(), b.double(), atol=1e-5) for a, b in zip(got, ref))
+
+
+SAMPLER_IS_TRAINER = """
+import torch
+from stages.config import TinyArch
+from stages.engines.hf import HFSampler
+from stages.engines.static import StaticSampler
+from stages.models import char_tokenizer, tiny_qwen3
+from stages.rollout import token_logprobs
+tok = char_tokenizer()
+model = tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, 3).eval()
+prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in ["7+5=", "0123+0489=", "99+1="]]
+for engine in (HFSampler, StaticSampler):
+    ro = engine(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=12, seed=11)
+    m = ro.completion.bool()
+    print(engine.__name__, float((token_logprobs(model, ro, chunk=5) - ro.logprobs)[m].abs().max()))
+"""
+
+
+def test_stage_code_runs_on_the_gpu_machines_transformers(tmp_path):
+    """The GPU machine has transformers 5.17 (../shared/ENV-FACTS.md); so has the vLLM venv. There, the GPU
+    check's path (bench/gpu_run.sh, smoke shapes) runs, and both native engines' log-probs are the trainer's
+    (transformers renamed the forward's KV-cache argument after 5.17: passed under the wrong name it is
+    silently dropped)."""
+    py = REPO / ".venv-vllm/bin/python"
+    if not py.exists():
+        if os.environ.get("CI"):
+            pytest.fail(".venv-vllm is missing: `make test` builds it (make vllm-venv)")
+        pytest.skip("needs the vLLM venv (make vllm-venv), which has the GPU machine's transformers 5.17")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHON": str(py),
+           "CARRIED": "0", "GPU_CHECK_ARGS": "--smoke", "OUT": str(tmp_path)}
+    run = subprocess.run(["bash", str(REPO / "bench/gpu_run.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "transformers 5.17" in (tmp_path / "versions.txt").read_text()
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all(s["ok"] for k, s in report["stages"].items() if not k.startswith("_"))
+    out = subprocess.run([str(py), "-c", SAMPLER_IS_TRAINER], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = dict(line.split() for line in out.stdout.split("\n") if line.endswith(tuple("0123456789")))
+    assert set(diffs) == {"HFSampler", "StaticSampler"} and all(float(d) < 1e-4 for d in diffs.values()), out.stdout
