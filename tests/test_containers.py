@@ -128,7 +128,8 @@ def _kill_mid_stage(stage: str, state_prefix: str, killed: list, stop: threading
 # held for the lease (S2D_LOCK_LEASE_S, 120 s), and in the two full runs of this stop Airflow's retry was
 # refused while the lease lasted, so the DAG run failed. The retry delay below outlasts the lease; until a run
 # of this test confirms it, a failure here is reported as xfail, not hidden: the test still runs every time.
-@pytest.mark.xfail(reason="retry after a killed container vs the S3 stage lock's lease: unconfirmed fix (issue 11)",
+@pytest.mark.xfail(reason="retry after a killed container vs the S3 stage lock's lease: passed in the helper's runs "
+                          "(2 passed, 559 s), not yet in CI; non-strict so it still runs and reports (issue 11)",
                    strict=False)
 def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bucket, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
     import boto3
