@@ -3,6 +3,9 @@
 #
 #   infra/build-images.sh                 # the CPU stage image: $S2D_IMAGE (default below)
 #   infra/build-images.sh stages-cpu mlflow
+#   infra/build-images.sh airflow          # docker/airflow.Dockerfile; its base made locally when
+#                                          # apache/airflow cannot be pulled (infra/local/)
+#   infra/build-images.sh postgres s3      # stand-ins for images compose.yaml pulls (infra/compose.local.yaml)
 #
 # Works on a machine that cannot reach an image registry: when the Dockerfile's base image
 # (python:3.11.14-slim-bookworm) can be neither found locally nor pulled, it makes an equivalent one
@@ -14,6 +17,7 @@
 #   ENGINE          podman | docker (default: podman when installed)
 #   S2D_IMAGE       tag of the stage image      (default ghcr.io/sparse-to-dense/stages:0.1.0-cpu)
 #   S2D_MLFLOW_IMAGE tag of the MLflow image    (default ghcr.io/sparse-to-dense/mlflow:3.17.2)
+#   S2D_AIRFLOW_IMAGE tag of the Airflow image  (default ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0)
 #   PYTHON_IMAGE    base image to use as is     (default: the Dockerfile's, else the local one)
 #   TORCH_INDEX     pip index for torch         (default: a one-wheel local index when pip's
 #                   find-links hold torch-$TORCH_VERSION+cpu, else the Dockerfile's default)
@@ -29,6 +33,9 @@ MLFLOW_IMAGE=${S2D_MLFLOW_IMAGE:-ghcr.io/sparse-to-dense/mlflow:3.17.2}
 UPSTREAM_PYTHON=python:3.11.14-slim-bookworm
 LOCAL_DEBIAN=localhost/s2d-debian:bookworm
 LOCAL_PYTHON=localhost/s2d-python:3.11-bookworm
+AIRFLOW_IMAGE=${S2D_AIRFLOW_IMAGE:-ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0}
+UPSTREAM_AIRFLOW=apache/airflow:3.3.2-python3.11
+LOCAL_AIRFLOW=localhost/s2d-airflow-base:3.3.2-python3.11
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 CACHE=${S2D_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse-to-dense}
 mkdir -p "$CACHE"
@@ -44,6 +51,22 @@ fi
 engine() { "$ENGINE" "${ENGINE_ARGS[@]}" "$@"; }
 exists() { engine image inspect "$1" >/dev/null 2>&1; }
 
+# Debian 12 from Debian's packages (debootstrap), imported as $LOCAL_DEBIAN
+debian_image() {
+  if ! exists "$LOCAL_DEBIAN"; then
+    local tar=$CACHE/debian-bookworm-minbase.tar
+    if [[ ! -s $tar ]]; then
+      command -v debootstrap >/dev/null || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 2; }
+      local dir; dir=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+      debootstrap --variant=minbase bookworm "$dir" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >&2
+      tar -C "$dir" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
+      rm -rf "$dir"
+    fi
+    engine import "$tar" "$LOCAL_DEBIAN" >/dev/null
+  fi
+  echo "$LOCAL_DEBIAN"
+}
+
 base_image() {
   if [[ -n ${PYTHON_IMAGE:-} ]]; then echo "$PYTHON_IMAGE"; return; fi
   if exists "$UPSTREAM_PYTHON" || timeout 60 "$ENGINE" pull -q "$UPSTREAM_PYTHON" >/dev/null 2>&1; then
@@ -51,17 +74,7 @@ base_image() {
   fi
   if ! exists "$LOCAL_PYTHON"; then
     log "$UPSTREAM_PYTHON cannot be pulled: making $LOCAL_PYTHON from Debian packages"
-    if ! exists "$LOCAL_DEBIAN"; then
-      local tar=$CACHE/debian-bookworm-minbase.tar
-      if [[ ! -s $tar ]]; then
-        command -v debootstrap >/dev/null || { echo "error: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 2; }
-        local dir; dir=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-        debootstrap --variant=minbase bookworm "$dir" "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >&2
-        tar -C "$dir" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
-        rm -rf "$dir"
-      fi
-      engine import "$tar" "$LOCAL_DEBIAN" >/dev/null
-    fi
+    debian_image >/dev/null
     engine build "${BUILD_ARGS[@]}" --build-arg DEBIAN_IMAGE="$LOCAL_DEBIAN" -t "$LOCAL_PYTHON" \
       -f infra/python-base.Containerfile infra >&2
   fi
@@ -135,13 +148,44 @@ build_mlflow() {
   engine image inspect --format '{{.Id}}' "$MLFLOW_IMAGE"
 }
 
+# The Airflow image on the official base when it can be had, else on infra/local/airflow-base.Containerfile
+# (Airflow's versions from constraints.txt, mounted into the build).
+build_airflow() {
+  local base=$UPSTREAM_AIRFLOW
+  pip_config
+  if ! exists "$base" && ! timeout 60 "$ENGINE" pull -q "$base" >/dev/null 2>&1; then
+    base=$LOCAL_AIRFLOW
+    if ! exists "$base"; then
+      log "$UPSTREAM_AIRFLOW cannot be pulled: making $base"
+      engine build "${BUILD_ARGS[@]}" "${MOUNTS[@]}" -v "$PWD/constraints.txt:/s2d/constraints.txt:ro" \
+        --build-arg PYTHON_IMAGE="$(base_image)" -t "$base" -f infra/local/airflow-base.Containerfile infra/local >&2
+    fi
+  fi
+  log "building $AIRFLOW_IMAGE on $base"
+  engine build "${BUILD_ARGS[@]}" "${MOUNTS[@]}" --build-arg AIRFLOW_IMAGE="$base" -t "$AIRFLOW_IMAGE" \
+    -f docker/airflow.Dockerfile . >&2
+  engine image inspect --format '{{.Id}}' "$AIRFLOW_IMAGE"
+}
+
+# Stand-ins for the images infra/compose.yaml pulls (postgres, minio): infra/compose.local.yaml uses them.
+build_local() {  # name Containerfile build-arg [pip: the build runs pip]
+  local mounts=()  # no pip: no mounts (apt's ssl-cert writes into /etc/ssl/certs, mounted read-only for pip)
+  if [[ ${4:-} == pip ]]; then pip_config; mounts=("${MOUNTS[@]}"); fi
+  log "building localhost/s2d-$1:local"
+  engine build "${BUILD_ARGS[@]}" ${mounts[@]+"${mounts[@]}"} --build-arg "$3" -t "localhost/s2d-$1:local" -f "infra/local/$2" infra/local >&2
+  engine image inspect --format '{{.Id}}' "localhost/s2d-$1:local"
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=(stages-cpu)
 for t in "${targets[@]}"; do
   case $t in
     stages-cpu) build_stages ;;
     mlflow) build_mlflow ;;
-    *) echo "error: unknown image '$t' (stages-cpu, mlflow)" >&2; exit 2 ;;
+    airflow) build_airflow ;;
+    postgres) build_local postgres postgres.Containerfile DEBIAN_IMAGE="$(debian_image)" ;;
+    s3) build_local s3 s3.Containerfile PYTHON_IMAGE="$(base_image)" pip ;;
+    *) echo "error: unknown image '$t' (stages-cpu, mlflow, airflow, postgres, s3)" >&2; exit 2 ;;
   esac
 done
 echo "$IMAGE"

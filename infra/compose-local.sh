@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# infra/compose.yaml, for real, on a machine that cannot pull images: podman-compose with the stand-ins
+# of infra/compose.local.yaml, a throwaway .env with random secrets, and checks of what each service
+# is for.
+#
+#   infra/compose-local.sh up       # build missing images, start the stack in dependency order, wait for health
+#   infra/compose-local.sh check    # Postgres + mlflow DB, bucket, MLflow run -> artifact in S3, Airflow API,
+#                                   # pool gpu, DAG sparse_to_dense parsed without import errors
+#   infra/compose-local.sh down     # remove containers, volumes, network, the .env, the socket service
+#
+# podman 4.3 (Debian 12) cannot wait for `service_healthy` (podman-compose ignores it before podman 4.6)
+# and, without systemd, never runs healthchecks on its own: this script starts the services in the
+# order compose.yaml's depends_on gives and runs each service's own healthcheck (`podman healthcheck
+# run`) until it passes. Settings (environment): PODMAN_COMPOSE (default: podman-compose on PATH, else
+# .venv/bin/podman-compose), S2D_COMPOSE_PROJECT (s2d-local), S2D_COMPOSE_STATE (the .env and the
+# socket's folder), HEALTH_TIMEOUT (seconds per service, 300).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROJECT=${S2D_COMPOSE_PROJECT:-s2d-local}
+STATE=${S2D_COMPOSE_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse-to-dense/$PROJECT}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
+PC=${PODMAN_COMPOSE:-$(command -v podman-compose || echo .venv/bin/podman-compose)}
+ENV_FILE=$STATE/.env
+AIRFLOW_IMAGE=ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0
+log() { echo "compose-local: $*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+podman() { command podman --runtime runc "$@"; }  # crun fails in some sandboxes (ENV-FACTS)
+compose() {
+  "$PC" -p "$PROJECT" --in-pod false --podman-args "--runtime runc" \
+    -f infra/compose.yaml -f infra/compose.local.yaml --env-file "$ENV_FILE" "$@"
+}
+ctr() {  # the container of a service
+  podman ps -a --filter "label=com.docker.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1
+}
+env_get() { sed -n "s/^$1=//p" "$ENV_FILE"; }
+
+wait_healthy() {  # service...: its compose healthcheck passes
+  local s c t
+  for s in "$@"; do
+    c=$(ctr "$s"); [[ -n $c ]] || die "service $s has no container"
+    t=$SECONDS
+    until podman healthcheck run "$c" >/dev/null 2>&1; do
+      if (( SECONDS - t > HEALTH_TIMEOUT )) || [[ $(podman inspect -f '{{.State.Status}}' "$c") == exited ]]; then
+        podman logs --tail 40 "$c" >&2 || true
+        die "service $s is not healthy after $((SECONDS - t)) s (logs above)"
+      fi
+      sleep 3
+    done
+    log "$s healthy ($((SECONDS - t)) s)"
+  done
+}
+
+wait_done() {  # one-shot service...: it exited with status 0
+  local s c t state
+  for s in "$@"; do
+    c=$(ctr "$s"); t=$SECONDS
+    while state=$(podman inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$c"); [[ $state != exited* ]]; do
+      (( SECONDS - t > HEALTH_TIMEOUT )) && die "one-shot $s still running after $HEALTH_TIMEOUT s"
+      sleep 3
+    done
+    if [[ $state != "exited 0" ]]; then podman logs --tail 40 "$c" >&2; die "one-shot $s failed: $state"; fi
+    log "$s done ($((SECONDS - t)) s)"
+  done
+}
+
+write_env() {  # random secrets, free ports; the network name is the project's so stacks do not collide
+  mkdir -p "$STATE"; chmod 700 "$STATE"
+  python3 - "$ENV_FILE" "$STATE/podman.sock" "$PROJECT" <<'PY'
+import base64, os, secrets, socket, sys
+path, sock, project = sys.argv[1:]
+def port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+tok = lambda: secrets.token_urlsafe(24)
+env = {
+    "S2D_IMAGE": "ghcr.io/sparse-to-dense/stages:0.1.0-cpu", "S2D_GPUS_PER_TASK": "0", "GPU_POOL_SLOTS": "1",
+    "S2D_DOCKER_SOCKET": sock, "DOCKER_GID": "0", "S2D_DOCKER_NETWORK": f"{project}-net",
+    "AIRFLOW_ADMIN_USER": "admin", "AIRFLOW_ADMIN_PASSWORD": tok(), "AIRFLOW_DB_PASSWORD": tok(),
+    "AIRFLOW_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+    "AIRFLOW_API_SECRET_KEY": tok(), "AIRFLOW_JWT_SECRET": tok(), "AIRFLOW_PORT": port(),
+    "MINIO_ROOT_USER": "s2d-root", "MINIO_ROOT_PASSWORD": tok(), "MINIO_CONSOLE_PORT": port(), "S2D_BUCKET": "s2d",
+    "S2D_STAGE_ACCESS_KEY": "s2d-stage", "S2D_STAGE_SECRET_KEY": tok(),
+    "MLFLOW_S3_ACCESS_KEY": "s2d-mlflow", "MLFLOW_S3_SECRET_KEY": tok(),
+    "MLFLOW_DB_PASSWORD": tok(), "MLFLOW_PORT": port(),
+}
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+with os.fdopen(fd, "w") as f:
+    f.writelines(f"{k}={v}\n" for k, v in env.items())
+PY
+}
+
+up() {
+  command -v "$PC" >/dev/null || die "podman-compose not found (pip install podman-compose==1.6.0, or PODMAN_COMPOSE=...)"
+  local missing=() i
+  for i in mlflow:ghcr.io/sparse-to-dense/mlflow:3.17.2 postgres:localhost/s2d-postgres:local \
+           s3:localhost/s2d-s3:local airflow:$AIRFLOW_IMAGE; do
+    podman image exists "${i#*:}" || missing+=("${i%%:*}")
+  done
+  if (( ${#missing[@]} )); then log "building ${missing[*]}"; infra/build-images.sh "${missing[@]}" >/dev/null; fi
+  [[ -s $ENV_FILE ]] || write_env
+  # the Docker API the scheduler's DockerOperator talks to (compose.yaml mounts the host's docker.sock)
+  if ! [[ -S $STATE/podman.sock ]] || ! kill -0 "$(cat "$STATE/podman.pid" 2>/dev/null)" 2>/dev/null; then
+    rm -f "$STATE/podman.sock"
+    setsid podman --runtime runc system service --time=0 "unix://$STATE/podman.sock" >"$STATE/podman-service.log" 2>&1 &
+    echo $! > "$STATE/podman.pid"
+    for _ in $(seq 50); do [[ -S $STATE/podman.sock ]] && break; sleep 0.2; done
+  fi
+  local t=$SECONDS
+  compose up -d --no-build postgres minio
+  wait_healthy postgres minio
+  compose up -d --no-build --no-deps minio-init airflow-init
+  wait_done minio-init airflow-init
+  compose up -d --no-build --no-deps mlflow airflow-apiserver airflow-dag-processor airflow-triggerer
+  wait_healthy mlflow airflow-apiserver
+  compose up -d --no-build --no-deps airflow-scheduler
+  wait_healthy airflow-scheduler airflow-dag-processor airflow-triggerer
+  log "up in $((SECONDS - t)) s: MLflow http://127.0.0.1:$(env_get MLFLOW_PORT), Airflow http://127.0.0.1:$(env_get AIRFLOW_PORT) (admin / see $ENV_FILE)"
+}
+
+check() {
+  [[ -s $ENV_FILE ]] || die "no stack: run '$0 up' first"
+  local pg mlflow sched dagp n=0 out
+  pg=$(ctr postgres); mlflow=$(ctr mlflow); sched=$(ctr airflow-scheduler); dagp=$(ctr airflow-dag-processor)
+  ok() { n=$((n + 1)); echo "ok $n - $*"; }
+
+  # the init script ran: the mlflow user logs in to its database over the network with its password
+  podman exec -e PGPASSWORD="$(env_get MLFLOW_DB_PASSWORD)" "$pg" \
+    psql -h 127.0.0.1 -U mlflow -d mlflow -tAc 'select current_user, current_database()' | grep -qx 'mlflow|mlflow' \
+    || die "postgres: user mlflow cannot reach database mlflow"
+  ok "postgres: user mlflow logs in to database mlflow (infra/postgres/10-mlflow-db.sh ran)"
+
+  curl -fsS "http://127.0.0.1:$(env_get MLFLOW_PORT)/health" | grep -q OK || die "mlflow: /health"
+  ok "mlflow: /health answers on the published port"
+
+  # a run through the tracking server; its artifact must land in the S3 service (proxied, --serve-artifacts)
+  out=$(podman exec "$mlflow" python -c '
+import os, boto3, mlflow
+mlflow.set_tracking_uri("http://localhost:5000")
+mlflow.set_experiment("compose-local-check")
+with mlflow.start_run() as run:
+    mlflow.log_param("check", "compose-local")
+    mlflow.log_text("hello from compose-local", "check/hello.txt")
+s3 = boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"])
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="'"$(env_get S2D_BUCKET)"'", Prefix="mlflow/").get("Contents", [])]
+hit = [k for k in keys if run.info.run_id in k and k.endswith("check/hello.txt")]
+assert hit, f"artifact of run {run.info.run_id} not in the bucket: {keys}"
+body = s3.get_object(Bucket="'"$(env_get S2D_BUCKET)"'", Key=hit[0])["Body"].read().decode()
+assert body == "hello from compose-local", body
+print(hit[0])') || die "mlflow: artifact not stored in S3"
+  ok "mlflow: run's artifact stored in the bucket: s3://$(env_get S2D_BUCKET)/$out"
+
+  [[ -n $sched ]] || { echo "# no Airflow containers: Airflow checks skipped"; return; }
+  out=$(curl -fsS "http://127.0.0.1:$(env_get AIRFLOW_PORT)/api/v2/version") || die "airflow: /api/v2/version"
+  ok "airflow: api-server answers /api/v2/version: $out"
+
+  podman exec "$sched" airflow pools list --output plain | grep -qw gpu || die "airflow: no pool gpu"
+  ok "airflow: pool gpu exists (airflow-init ran)"
+
+  # the dag-processor parses dags/ on its own schedule: wait for the DAG to reach the database
+  local t=$SECONDS
+  until podman exec "$dagp" airflow dags list --output plain 2>/dev/null | grep -qw sparse_to_dense; do
+    (( SECONDS - t > HEALTH_TIMEOUT )) && die "airflow: DAG sparse_to_dense not parsed after $HEALTH_TIMEOUT s"
+    sleep 5
+  done
+  out=$(podman exec "$dagp" airflow dags list-import-errors --output plain 2>/dev/null)
+  [[ -z $(grep -v -e '^No data found' -e '^\s*$' <<<"$out") ]] || die "airflow: import errors: $out"
+  ok "airflow: DAG sparse_to_dense parsed, no import errors"
+
+  # the REST API with the admin user airflow-init created (FAB auth manager: token, then a call)
+  out=$(python3 - "$(env_get AIRFLOW_PORT)" "$(env_get AIRFLOW_ADMIN_USER)" "$(env_get AIRFLOW_ADMIN_PASSWORD)" <<'PY'
+import json, sys, urllib.request
+port, user, pw = sys.argv[1:]
+base = f"http://127.0.0.1:{port}"
+req = urllib.request.Request(f"{base}/auth/token", json.dumps({"username": user, "password": pw}).encode(),
+                             {"Content-Type": "application/json"})
+token = json.load(urllib.request.urlopen(req, timeout=30))["access_token"]
+req = urllib.request.Request(f"{base}/api/v2/dags/sparse_to_dense", headers={"Authorization": f"Bearer {token}"})
+dag = json.load(urllib.request.urlopen(req, timeout=30))
+print(dag["dag_id"], "paused" if dag["is_paused"] else "active")
+PY
+) || die "airflow: REST API with the admin user"
+  ok "airflow: admin logs in through the REST API, GET /api/v2/dags/sparse_to_dense: $out"
+}
+
+down() {
+  if [[ -s $ENV_FILE ]]; then compose down -v || true; fi
+  if [[ -s $STATE/podman.pid ]]; then kill "$(cat "$STATE/podman.pid")" 2>/dev/null || true; fi
+  rm -rf "$STATE"
+  log "down: containers, volumes, network and $STATE removed"
+}
+
+case ${1:-} in
+  up) up ;;
+  check) check ;;
+  down) down ;;
+  *) echo "error: usage: $0 up|check|down" >&2; exit 2 ;;
+esac
