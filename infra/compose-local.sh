@@ -21,12 +21,16 @@ STATE=${S2D_COMPOSE_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/sparse-to-dense/$PROJ
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
 PC=${PODMAN_COMPOSE:-$(command -v podman-compose || echo .venv/bin/podman-compose)}
 ENV_FILE=$STATE/.env
-AIRFLOW_IMAGE=ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0
+AIRFLOW_IMAGE=${S2D_AIRFLOW_IMAGE:-ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0}  # tags as in build-images.sh
+MLFLOW_IMAGE=${S2D_MLFLOW_IMAGE:-ghcr.io/sparse-to-dense/mlflow:3.17.2}
 log() { echo "compose-local: $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
-podman() { command podman --runtime runc "$@"; }  # crun fails in some sandboxes (ENV-FACTS)
+# runc (crun fails in some sandboxes), behind a wrapper that fits podman's default rlimits to this
+# host's (infra/runc-host-limits); S2D_OCI_RUNTIME=runc where podman's defaults apply
+RUNTIME=${S2D_OCI_RUNTIME:-$PWD/infra/runc-host-limits}
+podman() { command podman --runtime "$RUNTIME" "$@"; }
 compose() {
-  "$PC" -p "$PROJECT" --in-pod false --podman-args "--runtime runc" \
+  "$PC" -p "$PROJECT" --in-pod false --podman-args "--runtime $RUNTIME" \
     -f infra/compose.yaml -f infra/compose.local.yaml --env-file "$ENV_FILE" "$@"
 }
 ctr() {  # the container of a service
@@ -66,15 +70,16 @@ wait_done() {  # one-shot service...: it exited with status 0
 
 write_env() {  # random secrets, free ports; the network name is the project's so stacks do not collide
   mkdir -p "$STATE"; chmod 700 "$STATE"
-  python3 - "$ENV_FILE" "$STATE/podman.sock" "$PROJECT" <<'PY'
+  python3 - "$ENV_FILE" "$STATE/podman.sock" "$PROJECT" "$AIRFLOW_IMAGE" "$MLFLOW_IMAGE" <<'PY'
 import base64, os, secrets, socket, sys
-path, sock, project = sys.argv[1:]
+path, sock, project, airflow_image, mlflow_image = sys.argv[1:]
 def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 tok = lambda: secrets.token_urlsafe(24)
 env = {
+    "AIRFLOW_IMAGE": airflow_image, "MLFLOW_IMAGE": mlflow_image,
     "S2D_IMAGE": "ghcr.io/sparse-to-dense/stages:0.1.0-cpu", "S2D_GPUS_PER_TASK": "0", "GPU_POOL_SLOTS": "1",
     "S2D_DOCKER_SOCKET": sock, "DOCKER_GID": "0", "S2D_DOCKER_NETWORK": f"{project}-net",
     "AIRFLOW_ADMIN_USER": "admin", "AIRFLOW_ADMIN_PASSWORD": tok(), "AIRFLOW_DB_PASSWORD": tok(),
@@ -94,16 +99,19 @@ PY
 up() {
   command -v "$PC" >/dev/null || die "podman-compose not found (pip install podman-compose==1.6.0, or PODMAN_COMPOSE=...)"
   local missing=() i
-  for i in mlflow:ghcr.io/sparse-to-dense/mlflow:3.17.2 postgres:localhost/s2d-postgres:local \
+  for i in mlflow:$MLFLOW_IMAGE postgres:localhost/s2d-postgres:local \
            s3:localhost/s2d-s3:local airflow:$AIRFLOW_IMAGE; do
     podman image exists "${i#*:}" || missing+=("${i%%:*}")
   done
-  if (( ${#missing[@]} )); then log "building ${missing[*]}"; infra/build-images.sh "${missing[@]}" >/dev/null; fi
+  if (( ${#missing[@]} )); then
+    log "building ${missing[*]}"
+    S2D_AIRFLOW_IMAGE=$AIRFLOW_IMAGE S2D_MLFLOW_IMAGE=$MLFLOW_IMAGE infra/build-images.sh "${missing[@]}" >/dev/null
+  fi
   [[ -s $ENV_FILE ]] || write_env
   # the Docker API the scheduler's DockerOperator talks to (compose.yaml mounts the host's docker.sock)
   if ! [[ -S $STATE/podman.sock ]] || ! kill -0 "$(cat "$STATE/podman.pid" 2>/dev/null)" 2>/dev/null; then
     rm -f "$STATE/podman.sock"
-    setsid podman --runtime runc system service --time=0 "unix://$STATE/podman.sock" >"$STATE/podman-service.log" 2>&1 &
+    setsid podman --runtime "$RUNTIME" system service --time=0 "unix://$STATE/podman.sock" >"$STATE/podman-service.log" 2>&1 &
     echo $! > "$STATE/podman.pid"
     for _ in $(seq 50); do [[ -S $STATE/podman.sock ]] && break; sleep 0.2; done
   fi
@@ -135,7 +143,7 @@ check() {
   ok "mlflow: /health answers on the published port"
 
   # a run through the tracking server; its artifact must land in the S3 service (proxied, --serve-artifacts)
-  out=$(podman exec "$mlflow" python -c '
+  out=$(podman exec -e GIT_PYTHON_REFRESH=quiet "$mlflow" python -c '
 import os, boto3, mlflow
 mlflow.set_tracking_uri("http://localhost:5000")
 mlflow.set_experiment("compose-local-check")
@@ -148,7 +156,7 @@ hit = [k for k in keys if run.info.run_id in k and k.endswith("check/hello.txt")
 assert hit, f"artifact of run {run.info.run_id} not in the bucket: {keys}"
 body = s3.get_object(Bucket="'"$(env_get S2D_BUCKET)"'", Key=hit[0])["Body"].read().decode()
 assert body == "hello from compose-local", body
-print(hit[0])') || die "mlflow: artifact not stored in S3"
+print("stored:", hit[0])' | sed -n 's/^stored: //p') || die "mlflow: artifact not stored in S3"
   ok "mlflow: run's artifact stored in the bucket: s3://$(env_get S2D_BUCKET)/$out"
 
   [[ -n $sched ]] || { echo "# no Airflow containers: Airflow checks skipped"; return; }
@@ -165,7 +173,7 @@ print(hit[0])') || die "mlflow: artifact not stored in S3"
     sleep 5
   done
   out=$(podman exec "$dagp" airflow dags list-import-errors --output plain 2>/dev/null)
-  [[ -z $(grep -v -e '^No data found' -e '^\s*$' <<<"$out") ]] || die "airflow: import errors: $out"
+  grep -qx 'No data found' <<<"$out" || die "airflow: import errors: $out"
   ok "airflow: DAG sparse_to_dense parsed, no import errors"
 
   # the REST API with the admin user airflow-init created (FAB auth manager: token, then a call)

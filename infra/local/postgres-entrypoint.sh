@@ -12,7 +12,7 @@ if [[ ${1:-} == postgres && ! -s $PGDATA/PG_VERSION ]]; then
   : "${POSTGRES_PASSWORD:?error: POSTGRES_PASSWORD is not set}"
   export POSTGRES_USER=${POSTGRES_USER:-postgres}
   export POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
-  initdb --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") \
+  initdb --encoding=UTF8 --username="$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") \
     --auth-local=trust --auth-host=scram-sha-256
   echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
   pg_ctl -D "$PGDATA" -w -o "-c listen_addresses='' -c unix_socket_directories=/var/run/postgresql" start
