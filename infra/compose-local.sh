@@ -114,6 +114,8 @@ up() {
     setsid podman --runtime "$RUNTIME" system service --time=0 "unix://$STATE/podman.sock" >"$STATE/podman-service.log" 2>&1 &
     echo $! > "$STATE/podman.pid"
     for _ in $(seq 50); do [[ -S $STATE/podman.sock ]] && break; sleep 0.2; done
+    # as Docker's socket (root:docker 0660): group DOCKER_GID (0 here, the airflow user's group) may use it
+    chmod 660 "$STATE/podman.sock"
   fi
   local t=$SECONDS
   compose up -d --no-build postgres minio
