@@ -302,20 +302,26 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         def val(job):
             return job.result()["val"]
 
-        d_jobs = {dl: submit(s0, "full", full, lr_set(dl, rl_default), f"sweep/full-d{dl:g}-rl{rl_default:g}", True)
-                  for dl in sweep["distill"]}
-        g_jobs = {lr: submit(s0, "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True) for lr in sweep["rl"]}
-        d_val = {dl: val(j) for dl, j in d_jobs.items()}
-        best_d = max(d_val, key=d_val.get)
-        r_jobs = {rl: (d_jobs[best_d] if rl == rl_default else
-                       submit(s0, "full", full, lr_set(best_d, rl), f"sweep/full-d{best_d:g}-rl{rl:g}", True)) for rl in sweep["rl"]}
-        r_val = {rl: val(j) for rl, j in r_jobs.items()}
-        best_r = max(r_val, key=r_val.get)
-        g_val = {lr: val(j) for lr, j in g_jobs.items()}
-        best_g = max(g_val, key=g_val.get)
-        selection = [{"what": "2a/2b lr (full arm)", "values": d_val, "chosen": best_d},
-                     {"what": "stage 3 lr (full arm)", "values": r_val, "chosen": best_r},
-                     {"what": "direct GRPO lr", "values": g_val, "chosen": best_g}]
+        def d_job(dl):
+            return submit(s0, "full", full, lr_set(dl, rl_default), f"sweep/full-d{dl:g}-rl{rl_default:g}", True)
+
+        def g_job(lr):
+            return submit(s0, "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True)
+
+        d_jobs = {dl: d_job(dl) for dl in sweep["distill"]}
+        g_jobs = {lr: g_job(lr) for lr in sweep["rl"]}
+        d_val, best_d, d_ext = choose(d_jobs, d_job, val)
+
+        def r_job(rl):
+            return d_jobs[best_d] if rl == rl_default else submit(s0, "full", full, lr_set(best_d, rl),
+                                                                  f"sweep/full-d{best_d:g}-rl{rl:g}", True)
+
+        r_jobs = {rl: r_job(rl) for rl in sweep["rl"]}
+        r_val, best_r, r_ext = choose(r_jobs, r_job, val)
+        g_val, best_g, g_ext = choose(g_jobs, g_job, val)
+        selection = [{"what": "2a/2b lr (full arm)", "values": d_val, "chosen": best_d, "extended": d_ext},
+                     {"what": "stage 3 lr (full arm)", "values": r_val, "chosen": best_r, "extended": r_ext},
+                     {"what": "direct GRPO lr", "values": g_val, "chosen": best_g, "extended": g_ext}]
         for sel in selection:
             print(f"[select] {sel['what']}: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
                   + f" -> {sel['chosen']:g}", flush=True)
@@ -340,6 +346,30 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
             "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows,
             "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
             "params": {"teacher": boot["metrics"].get("teacher.params"), "student": boot["metrics"].get("student.params")}}
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The next value of the 1-3-10 grid above or below ``lr`` (1e-3 -> 3e-3 -> 1e-2; 1e-4 -> 3e-5)."""
+    one = round(lr / 10 ** math.floor(math.log10(lr))) == 1
+    return float(f"{lr * (3 if one else 10 / 3) if up else lr / (10 / 3 if one else 3):.3g}")
+
+
+def choose(jobs: dict, make, val, max_extend: int = 2) -> tuple[dict, float, list]:
+    """Best value of a sweep by validation score; a best value at an edge of the grid is no optimum, so
+    the grid is extended beyond that edge (``make(value)`` runs one more point), at most ``max_extend``
+    times. Returns (values -> score, chosen value, the values added). ``jobs`` gains the added points."""
+    scores = {v: val(j) for v, j in jobs.items()}
+    added = []
+    for _ in range(max_extend):
+        best = max(scores, key=scores.get)
+        if len(scores) < 3 or min(scores) < best < max(scores):
+            break
+        nxt = next_lr(best, up=best == max(scores))
+        jobs[nxt] = make(nxt)
+        scores[nxt] = val(jobs[nxt])
+        added.append(nxt)
+    scores = dict(sorted(scores.items()))
+    return scores, max(scores, key=scores.get), added
 
 
 def _slug(name: str) -> str:
@@ -416,7 +446,8 @@ def render(result: dict) -> str:
         "| what | avg@%d on validation per value | chosen |" % k, "|---|---|---|",
     ]
     for sel in result.get("selection", []):
-        lines.append(f"| {sel['what']} | " + ", ".join(f"{v}: {x:.3f}" for v, x in sel["values"].items()) + f" | {sel['chosen']} |")
+        ext = f" (grid extended past its edge: {', '.join(f'{v:g}' for v in sel['extended'])})" if sel.get("extended") else ""
+        lines.append(f"| {sel['what']} | " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items()) + f"{ext} | {sel['chosen']:g} |")
     lines += ["", "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".", ""]
 
     def table(title: str, names) -> list[str]:

@@ -318,6 +318,13 @@ def gpu_node_selector() -> dict[str, str]:
     return dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
 
 
+def airflow_ctx_env(ti) -> dict[str, str]:
+    """Which Airflow task try the stage command runs as, for every runner: MLflow tags
+    (``airflow.*``) and the stage lock (a retry waits out the lease of its own killed previous try)."""
+    return {"AIRFLOW_CTX_DAG_ID": ti.dag_id, "AIRFLOW_CTX_DAG_RUN_ID": ti.run_id, "AIRFLOW_CTX_TASK_ID": ti.task_id,
+            "AIRFLOW_CTX_TRY_NUMBER": str(ti.try_number)}
+
+
 def plain_env() -> dict[str, str]:
     """Non-secret settings forwarded from the Airflow worker to a stage container (may be rendered)."""
     return {k: os.environ[k] for k in PLAIN_VARS if k in os.environ}
@@ -404,12 +411,17 @@ def stage_container_operator() -> type:
             ti = context["ti"]
             self.labels = {**(self.labels or {}), "s2d.dag_id": ti.dag_id, "s2d.run_id": ti.run_id,
                            "s2d.try_number": str(ti.try_number)}
+            base_env, base_mounts = dict(self.environment), list(self.mounts)
+            self.environment = {**base_env, **airflow_ctx_env(ti)}  # a new dict: see below
             if setting("docker_secrets", "file") == "env":
                 self._private_environment = secrets
-                return super().execute(context)
+                try:
+                    return super().execute(context)
+                finally:
+                    self.environment = base_env
             files, env = secret_files(secrets)
             token = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
-            self._private_environment, base_env, base_mounts = token, dict(self.environment), list(self.mounts)
+            self._private_environment = token
             with tempfile.TemporaryDirectory(prefix="s2d-secrets-") as d:  # 0700: other users of the host cannot read
                 mounts = []
                 for i, (target, content) in enumerate(files.items()):
@@ -431,7 +443,6 @@ def stage_container_operator() -> type:
 def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
     """KubernetesPodOperator: GPU limits, tolerations and node selector for GPU nodes, credentials
     from the Kubernetes Secret ``s2d-credentials`` (envFrom), XCom through the sidecar."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     n = gpu_count(stage)
@@ -445,7 +456,7 @@ def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
         requests={"cpu": setting("k8s_cpu", "8"), "memory": setting("k8s_memory", "64Gi"), **limits},
         limits={"memory": setting("k8s_memory", "64Gi"), **limits},
     )
-    return untemplated(KubernetesPodOperator, "env_vars")(
+    return stage_pod_operator()(
         task_id=task_id,
         name=f"s2d-{stage.replace('_', '-')}",
         namespace=setting("k8s_namespace", "s2d"),
@@ -472,6 +483,24 @@ def kubernetes_operator(task_id: str, stage: str, arguments: str, **kw):
         startup_timeout_seconds=1800,
         **kw,
     )
+
+
+@functools.cache
+def stage_pod_operator() -> type:
+    """KubernetesPodOperator whose pod also gets the task try's ``AIRFLOW_CTX_*`` (:func:`airflow_ctx_env`)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    class StagePodOperator(untemplated(KubernetesPodOperator, "env_vars")):
+        def execute(self, context):
+            base = list(self.env_vars or [])  # a new list, never in place (the DAG's operator shares it)
+            self.env_vars = [*base, *(k8s.V1EnvVar(name=k, value=v) for k, v in airflow_ctx_env(context["ti"]).items())]
+            try:
+                return super().execute(context)
+            finally:
+                self.env_vars = base
+
+    return StagePodOperator
 
 
 # retry_delay_s: a setting so that tests (and impatient operators) need not wait a minute per retry

@@ -102,9 +102,7 @@ def stage_task(command: str, **kw):
             ctx = get_current_context()
             dag_run = ctx["dag_run"]
             args = r.task_args(command, ctx["params"], FORM, dag_run.dag_id, dag_run.run_id, plan)
-            airflow_env = {"AIRFLOW_CTX_DAG_ID": dag_run.dag_id, "AIRFLOW_CTX_DAG_RUN_ID": dag_run.run_id,
-                           "AIRFLOW_CTX_TRY_NUMBER": str(ctx["ti"].try_number)}
-            out = r.run_local(args, airflow_env)
+            out = r.run_local(args, r.airflow_ctx_env(ctx["ti"]))
             if command == "plan":
                 return {"root": out.get("root"), "parent_run_id": out.get("parent_run_id"), "stages": out.get("stages")}
             # small values only: URIs and ids, never checkpoints or metrics tables

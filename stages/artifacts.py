@@ -632,6 +632,13 @@ class StageLock:
     (``S2D_LOCK_LEASE_S``, default 120 s); a lock whose heartbeat is older than its lease belongs to a
     dead run and is taken over (again a compare-and-swap, so two takers cannot both win). The heartbeat's
     age is read from the server's clock (``Date`` minus ``LastModified``), so client clocks need not agree.
+
+    A retry of the same Airflow task (same DAG, run and task id, from ``AIRFLOW_CTX_*``, which every
+    runner sets) finding the lock of its own previous try waits for that try's lease to lapse instead of
+    failing: a try killed with SIGKILL (a container killed, a node lost) cannot release it, and only one
+    try of a task runs at a time. A previous try that still renews its lease (a zombie) is never taken
+    over: after ``1.25 x lease`` the retry fails like any second writer. ``S2D_LOCK_WAIT_S`` sets how long
+    any writer waits for a held lock (default 0 for other runs, the above for the same task).
     """
 
     def __init__(self, stage_uri: str, lease_s: float | None = None):
@@ -640,6 +647,10 @@ class StageLock:
         self.lease_s = lease_s or float(os.environ.get("S2D_LOCK_LEASE_S", "120"))
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": uuid.uuid4().hex,
                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        task = [os.environ.get(f"AIRFLOW_CTX_{k}") for k in ("DAG_ID", "DAG_RUN_ID", "TASK_ID")]
+        if all(task):  # the Airflow task this process is a try of
+            self.info["task"] = "/".join(task)
+            self.info["try"] = os.environ.get("AIRFLOW_CTX_TRY_NUMBER")
         self._fd: int | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -683,6 +694,13 @@ class StageLock:
     def _body(self) -> bytes:
         return dumps({**self.info, "heartbeat": time.time(), "lease_s": self.lease_s}).encode()
 
+    def _patience(self, holder: dict, lease: float) -> float:
+        """How long to wait for a held lock to be released or to lapse."""
+        if os.environ.get("S2D_LOCK_WAIT_S"):
+            return float(os.environ["S2D_LOCK_WAIT_S"])
+        same_task = self.info.get("task") and holder.get("task") == self.info["task"]
+        return 1.25 * lease + 5 if same_task else 0.0
+
     def _acquire_s3(self, store: "S3Store") -> None:
         try:
             etag = store.create_if_absent(self.uri, self._body())
@@ -692,24 +710,37 @@ class StageLock:
             # an S3-compatible server without conditional writes: run unlocked rather than not at all
             log.warning("%s: the endpoint does not support conditional writes; no stage lock", self.stage_uri)
             return
-        if etag is None:
+        deadline = None
+        while etag is None:
             found = store.read_with_etag(self.uri)
-            if found is not None:
-                try:
-                    holder = json.loads(found[0])
-                    age = found[2]  # since its last heartbeat, by the server's clock
-                    lease = float(holder.get("lease_s", self.lease_s))
-                except (ValueError, KeyError, TypeError):
-                    holder, age, lease = {}, float("inf"), 0.0  # unreadable: nobody can renew it
-                if age <= lease:
-                    raise self._held_error(holder)
+            if found is None:  # released in between
+                etag = store.create_if_absent(self.uri, self._body())
+                if etag is None:
+                    raise self._held_error({"pid": "?", "host": "another host", "since": "just now"})
+                break
+            try:
+                holder = json.loads(found[0])
+                age = found[2]  # since its last heartbeat, by the server's clock
+                lease = float(holder.get("lease_s", self.lease_s))
+            except (ValueError, KeyError, TypeError):
+                holder, age, lease = {}, float("inf"), 0.0  # unreadable: nobody can renew it
+            if age > lease:
                 log.warning("%s: taking over the lock of pid %s on %s (no heartbeat for %.0f s > lease %.0f s)",
                             self.stage_uri, holder.get("pid"), holder.get("host"), age, lease)
                 etag = store.replace_if(self.uri, self._body(), found[1])
-            else:
-                etag = store.create_if_absent(self.uri, self._body())
-            if etag is None:
-                raise self._held_error({"pid": "?", "host": "another host", "since": "just now"})
+                if etag is None:
+                    raise self._held_error({"pid": "?", "host": "another host", "since": "just now"})
+                break
+            if deadline is None:
+                deadline = time.monotonic() + self._patience(holder, lease)
+                if time.monotonic() < deadline:
+                    log.warning("%s: held by %s (pid %s on %s, heartbeat %.0f s ago); waiting up to %.0f s for it to "
+                                "end or its lease to lapse", self.stage_uri,
+                                f"try {holder.get('try')} of this task" if holder.get("task") == self.info.get("task")
+                                else "another run", holder.get("pid"), holder.get("host"), age, deadline - time.monotonic())
+            if time.monotonic() >= deadline:
+                raise self._held_error(holder)
+            time.sleep(max(0.5, min(5.0, lease - age + 1, deadline - time.monotonic())))
         self._etag = etag
         self._thread = threading.Thread(target=self._heartbeat, args=(store,), daemon=True, name="s2d-lock-heartbeat")
         self._thread.start()

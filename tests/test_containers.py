@@ -124,13 +124,6 @@ def _kill_mid_stage(stage: str, state_prefix: str, killed: list, stop: threading
         time.sleep(0.5)
 
 
-# Known open problem (issue 11 stays open): the container killed mid-stage leaves its S3 stage lock (issue 12)
-# held for the lease (S2D_LOCK_LEASE_S, 120 s), and in the two full runs of this stop Airflow's retry was
-# refused while the lease lasted, so the DAG run failed. The retry delay below outlasts the lease; until a run
-# of this test confirms it, a failure here is reported as xfail, not hidden: the test still runs every time.
-@pytest.mark.xfail(reason="retry after a killed container vs the S3 stage lock's lease: passed in the helper's runs "
-                          "(2 passed, 559 s), not yet in CI; non-strict so it still runs and reports (issue 11)",
-                   strict=False)
 def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bucket, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
     import boto3
     from mlflow import MlflowClient
@@ -144,7 +137,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "MLFLOW_TRACKING_URI": mlflow_server,
            "S2D_ARTIFACT_ROOT": f"s3://{s3_bucket}/runs",  # the base: the form's root must be under it
            "S2D_RUNNER": "docker", "S2D_IMAGE": image, "S2D_DOCKER_URL": docker_url, "S2D_DOCKER_NETWORK": "host",
-           "S2D_DOCKER_AUTO_REMOVE": "never", "S2D_GPUS_PER_TASK": "0", "S2D_RETRY_DELAY_S": "130",
+           "S2D_DOCKER_AUTO_REMOVE": "never", "S2D_GPUS_PER_TASK": "0", "S2D_RETRY_DELAY_S": "5",
            "PYTHONPATH": str(REPO)}
     assert airflow(["db", "migrate"], env, timeout=300).returncode == 0
     assert airflow(["pools", "set", "gpu", "1", "GPU slots"], env, timeout=120).returncode == 0
@@ -154,8 +147,8 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
                                                                                "teacher_rl.steps=6"]
     conf = json.dumps({"preset": "tiny", "artifact_root": root, "overrides": overrides})
 
-    # the retry waits out the killed container's stage lock (S2D_LOCK_LEASE_S, 120 s): a retry inside
-    # the lease is refused ("being written by another run") and would spend the retries
+    # the killed container cannot release its S3 stage lock: the retry (5 s later) finds its own previous
+    # try's lock and waits for the lease (S2D_LOCK_LEASE_S, 120 s) to lapse instead of failing
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_mid_stage, args=("teacher_rl", f"{root}/teacher_rl/_resume/", killed, stop), daemon=True)
     killer.start()
@@ -196,6 +189,10 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     for where, text in {"inspect": specs, "xcom": repr(xcoms), "logs": logs}.items():
         assert ACCESS_KEY not in text and SECRET_KEY not in text, where
     assert "AWS_SHARED_CREDENTIALS_FILE" in specs  # the file's path is in the spec, its content is not
+    # the retry knew its killed try's lock as its own (the task's identity reaches the container)
+    assert "held by try 1 of this task" in logs
+    env2 = json.loads(podman("inspect", tries["2"]["Id"]).stdout)[0]["Config"]["Env"]
+    assert {"AIRFLOW_CTX_TASK_ID=teacher_rl", "AIRFLOW_CTX_TRY_NUMBER=2", f"AIRFLOW_CTX_DAG_RUN_ID={run_id}"} <= set(env2)
 
     # artifacts: every manifest's files are in the bucket, with the checksums the manifest lists
     s3 = boto3.client("s3")
@@ -219,6 +216,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     assert [c.info.run_name for c in children].count("teacher_rl") == 1
     children = {c.info.run_name: c for c in children if c.info.status == "FINISHED"}
     assert sorted(children) == sorted(STAGES)
+    assert {c.data.tags.get("airflow.dag_run_id") for c in children.values()} == {run_id}
     chain = [("teacher_rl", "teacher", "bootstrap/teacher"), ("kl_warmup", "teacher", "teacher_rl/model"),
              ("kl_warmup", "student", "bootstrap/student"), ("onpolicy_distill", "student", "kl_warmup/model"),
              ("student_rl", "student", "onpolicy_distill/model")]

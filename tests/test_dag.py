@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -262,9 +263,10 @@ def test_kubernetes_runner_spec(monkeypatch):
     pytest.importorskip("airflow.providers.cncf.kubernetes")
     dag = load_dag(monkeypatch, "kubernetes", S2D_IMAGE="registry.example/s2d:1.2", AWS_SECRET_ACCESS_KEY="s3cr3t")
     import s2d_runners as r
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
     op = dag.task_dict["onpolicy_distill"]
-    assert type(op).__name__ == "KubernetesPodOperator"
+    assert isinstance(op, KubernetesPodOperator)
     op.arguments = _render(op, dag, PARAMS, PLAN)["arguments"]
     pod = op.build_pod_request_obj(context=None, dry_run=True)  # rendered offline, no cluster
     c = pod.spec.containers[0]
@@ -274,6 +276,18 @@ def test_kubernetes_runner_spec(monkeypatch):
     assert pod.spec.tolerations[0].key == "nvidia.com/gpu" and pod.spec.node_selector
     assert c.env_from[0].secret_ref.name == "s2d-credentials"
     assert "s3cr3t" not in json.dumps(pod.to_dict(), default=str)  # credentials come from the Secret only
+
+    # at execute time the pod also gets the task try's identity (MLflow tags; the stage lock knows its
+    # own killed previous try): the pod the operator would create, captured where the cluster call starts
+    seen = []
+    monkeypatch.setattr(KubernetesPodOperator, "execute",
+                        lambda self, context: seen.append(self.build_pod_request_obj(context=None, dry_run=True)))
+    before = list(op.env_vars)
+    ti = types.SimpleNamespace(dag_id="sparse_to_dense", run_id="manual__7", task_id="onpolicy_distill", try_number=2)
+    op.execute({"ti": ti})
+    env = {e.name: e.value for e in seen[0].spec.containers[0].env}
+    assert env["AIRFLOW_CTX_DAG_RUN_ID"] == "manual__7" and env["AIRFLOW_CTX_TASK_ID"] == "onpolicy_distill"
+    assert env["AIRFLOW_CTX_TRY_NUMBER"] == "2" and op.env_vars == before  # the DAG's operator is unchanged
 
 
 def test_stage_command_contract_is_the_cli(monkeypatch):
@@ -334,11 +348,11 @@ def _local_task_argv(monkeypatch, dag, command, plan_json):
         def wait(self):
             return 0
 
-    class TI:
-        try_number = 1
-
     class DR:
         dag_id, run_id = "sparse_to_dense", "manual__2026-11-26T00:00:00+00:00"
+
+    class TI:
+        dag_id, run_id, task_id, try_number = DR.dag_id, DR.run_id, "task", 1
 
     task = dag.task_dict[command]
     ctx = {"params": PARAMS, "dag_run": DR(), "ti": TI(), "outlet_events": {}}

@@ -125,6 +125,39 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
         pass
 
 
+def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(s3_bucket, monkeypatch):
+    """S3 lock + Airflow retries: a try killed with SIGKILL (a container killed) leaves its lock for the
+    lease; the next try of the SAME task waits for the lease to lapse and takes over instead of failing.
+    Another run is refused at once, and a previous try that still heartbeats (a zombie) is never taken over."""
+    stage = f"s3://{s3_bucket}/runs/retry/teacher_rl"
+    task = {"AIRFLOW_CTX_DAG_ID": "sparse_to_dense", "AIRFLOW_CTX_DAG_RUN_ID": "manual__1", "AIRFLOW_CTX_TASK_ID": "teacher_rl"}
+    monkeypatch.setenv("S2D_LOCK_LEASE_S", "6")
+    for k, v in task.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AIRFLOW_CTX_TRY_NUMBER", "2")
+    live = _holder(stage, lease_s=6, env={**task, "AIRFLOW_CTX_TRY_NUMBER": "1"})
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(artifacts.LockHeld):  # alive and renewing: waited for, never taken over
+            artifacts.StageLock(stage).acquire()
+        assert time.monotonic() - t0 >= 1.25 * 6 + 5 - 1
+    finally:
+        live.kill()
+        live.wait()
+    dead = _holder(stage, lease_s=6, env={**task, "AIRFLOW_CTX_TRY_NUMBER": "1"})
+    dead.kill()  # kill -9 right after acquiring: the lock stays with a fresh heartbeat
+    dead.wait()
+    monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "kl_warmup")  # another task (any other run): refused at once
+    t0 = time.monotonic()
+    with pytest.raises(artifacts.LockHeld, match=rf"pid {dead.pid} "):
+        artifacts.StageLock(stage).acquire()
+    assert time.monotonic() - t0 < 3
+    monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "teacher_rl")  # the retry of the killed try: waits, then takes over
+    with artifacts.StageLock(stage) as lock:
+        assert lock.info["try"] == "2" and lock.info["task"] == "sparse_to_dense/manual__1/teacher_rl"
+        assert 2 < time.monotonic() - t0 < 1.25 * 6 + 5 + 3
+
+
 # ------------------------------------------------------------------ kill -9 leftovers are swept
 
 
