@@ -3,9 +3,12 @@
 # of infra/compose.local.yaml, a throwaway .env with random secrets, and checks of what each service
 # is for.
 #
-#   infra/compose-local.sh up       # build missing images, start the stack in dependency order, wait for health
+#   infra/compose-local.sh up       # build the images, start the stack in dependency order, wait for health
 #   infra/compose-local.sh check    # Postgres + mlflow DB, bucket, MLflow run -> artifact in S3, Airflow API,
 #                                   # pool gpu, DAG sparse_to_dense parsed without import errors
+#   infra/compose-local.sh dag-run  # trigger sparse_to_dense (tiny preset, the tests' small sizes) through the
+#                                   # REST API; the scheduler starts each stage as a container of S2D_IMAGE
+#                                   # through the socket service; waits, checks manifests and MLflow runs
 #   infra/compose-local.sh down     # remove containers, volumes, network, the .env, the socket service
 #
 # podman 4.3 (Debian 12) cannot wait for `service_healthy` (podman-compose ignores it before podman 4.6)
@@ -23,6 +26,7 @@ PC=${PODMAN_COMPOSE:-$(command -v podman-compose || echo .venv/bin/podman-compos
 ENV_FILE=$STATE/.env
 AIRFLOW_IMAGE=${S2D_AIRFLOW_IMAGE:-ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0}  # tags as in build-images.sh
 MLFLOW_IMAGE=${S2D_MLFLOW_IMAGE:-ghcr.io/sparse-to-dense/mlflow:3.17.2}
+STAGE_IMAGE=${S2D_IMAGE:-ghcr.io/sparse-to-dense/stages:0.1.0-cpu}  # what the DAG's tasks run
 log() { echo "compose-local: $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 # runc (crun fails in some sandboxes), behind a wrapper that fits podman's default rlimits to this
@@ -70,9 +74,9 @@ wait_done() {  # one-shot service...: it exited with status 0
 
 write_env() {  # random secrets, free ports; the network name is the project's so stacks do not collide
   mkdir -p "$STATE"; chmod 700 "$STATE"
-  python3 - "$ENV_FILE" "$STATE/podman.sock" "$PROJECT" "$AIRFLOW_IMAGE" "$MLFLOW_IMAGE" <<'PY'
+  python3 - "$ENV_FILE" "$STATE/podman.sock" "$PROJECT" "$AIRFLOW_IMAGE" "$MLFLOW_IMAGE" "$STAGE_IMAGE" <<'PY'
 import base64, os, secrets, socket, sys
-path, sock, project, airflow_image, mlflow_image = sys.argv[1:]
+path, sock, project, airflow_image, mlflow_image, stage_image = sys.argv[1:]
 def port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +84,7 @@ def port():
 tok = lambda: secrets.token_urlsafe(24)
 env = {
     "AIRFLOW_IMAGE": airflow_image, "MLFLOW_IMAGE": mlflow_image,
-    "S2D_IMAGE": "ghcr.io/sparse-to-dense/stages:0.1.0-cpu", "S2D_GPUS_PER_TASK": "0", "GPU_POOL_SLOTS": "1",
+    "S2D_IMAGE": stage_image, "S2D_GPUS_PER_TASK": "0", "GPU_POOL_SLOTS": "1",
     "S2D_DOCKER_SOCKET": sock, "DOCKER_GID": "0", "S2D_DOCKER_NETWORK": f"{project}-net",
     "AIRFLOW_ADMIN_USER": "admin", "AIRFLOW_ADMIN_PASSWORD": tok(), "AIRFLOW_DB_PASSWORD": tok(),
     "AIRFLOW_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
@@ -98,15 +102,11 @@ PY
 
 up() {
   command -v "$PC" >/dev/null || die "podman-compose not found (pip install podman-compose==1.6.0, or PODMAN_COMPOSE=...)"
-  local missing=() i
-  for i in mlflow:$MLFLOW_IMAGE postgres:localhost/s2d-postgres:local \
-           s3:localhost/s2d-s3:local airflow:$AIRFLOW_IMAGE; do
-    podman image exists "${i#*:}" || missing+=("${i%%:*}")
-  done
-  if (( ${#missing[@]} )); then
-    log "building ${missing[*]}"
-    S2D_AIRFLOW_IMAGE=$AIRFLOW_IMAGE S2D_MLFLOW_IMAGE=$MLFLOW_IMAGE infra/build-images.sh "${missing[@]}" >/dev/null
-  fi
+  # every image from its Dockerfile, each time: unchanged inputs are a layer-cache hit (seconds), and
+  # the stage image and the DAG baked into the Airflow image never fall behind the checkout
+  log "building images (layer cache: fast when nothing changed)"
+  S2D_IMAGE=$STAGE_IMAGE S2D_AIRFLOW_IMAGE=$AIRFLOW_IMAGE S2D_MLFLOW_IMAGE=$MLFLOW_IMAGE \
+    infra/build-images.sh stages-cpu mlflow airflow postgres s3 >/dev/null
   [[ -s $ENV_FILE ]] || write_env
   # the Docker API the scheduler's DockerOperator talks to (compose.yaml mounts the host's docker.sock)
   if ! [[ -S $STATE/podman.sock ]] || ! kill -0 "$(cat "$STATE/podman.pid" 2>/dev/null)" 2>/dev/null; then
@@ -194,6 +194,62 @@ PY
   ok "airflow: admin logs in through the REST API, GET /api/v2/dags/sparse_to_dense: $out"
 }
 
+dag_run() {
+  [[ -s $ENV_FILE ]] || die "no stack: run '$0 up' first"
+  local root out
+  root="s3://$(env_get S2D_BUCKET)/runs/compose-local-$(date -u +%Y%m%dT%H%M%S)"
+  out=$(python3 - "$(env_get AIRFLOW_PORT)" "$(env_get AIRFLOW_ADMIN_USER)" "$(env_get AIRFLOW_ADMIN_PASSWORD)" "$root" \
+        "${DAG_TIMEOUT:-1800}" <<'PY'
+import json, sys, time, urllib.request
+port, user, pw, root, timeout = sys.argv[1:]
+base = f"http://127.0.0.1:{port}"
+def call(method, path, body=None, token=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    return json.load(urllib.request.urlopen(urllib.request.Request(base + path, data, headers, method=method), timeout=60))
+token = call("POST", "/auth/token", {"username": user, "password": pw})["access_token"]
+# the test suite's small sizes (tests/conftest.py TEST_OVERRIDES), tracking on: lineage goes to the mlflow service
+sizes = ["task.sizes={bootstrap: 2000, teacher_rl: 200, prompts: 400, student_rl: 200, eval: 40}",
+         "models.teacher.arch={hidden_size: 64, layers: 2, heads: 4, kv_heads: 2, intermediate_size: 128}",
+         "models.student.arch={hidden_size: 32, layers: 2, heads: 4, kv_heads: 2, intermediate_size: 64}",
+         "bootstrap.teacher_steps=4", "bootstrap.student_steps=4", "bootstrap.batch_size=16",
+         "teacher_rl.steps=4", "teacher_rl.prompts_per_step=4", "teacher_rl.group_size=4",
+         "kl_warmup.steps=3", "kl_warmup.prompts_per_step=8", "kl_warmup.c2_every=2",
+         "onpolicy_distill.steps=3", "onpolicy_distill.prompts_per_step=8",
+         "student_rl.steps=2", "student_rl.prompts_per_step=4", "student_rl.group_size=4",
+         "direct_grpo.prompts_per_step=4", "direct_grpo.group_size=4",
+         "eval.problems=8", "eval.samples=2", "eval.c2_prompts=8", "checkpoint_every=2",
+         f"tracking.experiment={root.rsplit('/', 1)[1]}"]
+conf = {"preset": "tiny", "artifact_root": root, "overrides": sizes}
+run = call("POST", "/api/v2/dags/sparse_to_dense/dagRuns", {"logical_date": None, "conf": conf}, token)
+path, t = f"/api/v2/dags/sparse_to_dense/dagRuns/{run['dag_run_id']}", time.time()
+while (run := call("GET", path, token=token))["state"] not in ("success", "failed"):
+    if time.time() - t > float(timeout):
+        break
+    time.sleep(10)
+    token = call("POST", "/auth/token", {"username": user, "password": pw})["access_token"]  # tokens expire
+for ti in call("GET", f"{path}/taskInstances", token=token)["task_instances"]:
+    print(f"#   {ti['task_id']}: {ti['state']} (try {ti['try_number']})", file=sys.stderr)
+print(run["dag_run_id"], run["state"], run.get("duration") or round(time.time() - t))
+PY
+) || die "dag-run: REST API"
+  log "dag run: $out"
+  [[ $out == *" success "* ]] || die "dag-run: not successful (task states above; logs: podman exec $(ctr airflow-scheduler) ls /opt/airflow/logs)"
+  # what the stages published: one manifest per stage in the bucket, one MLflow run per stage + the parent
+  podman exec -e GIT_PYTHON_REFRESH=quiet "$(ctr mlflow)" python -c '
+import os, sys, boto3
+from mlflow import MlflowClient
+root = sys.argv[1].removeprefix("s3://")
+bucket, prefix = root.split("/", 1)
+s3 = boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"])
+keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/") for o in p.get("Contents", [])]
+manifests = sorted(k[len(prefix) + 1:] for k in keys if k.endswith("/manifest.json"))
+exp = MlflowClient("http://localhost:5000").get_experiment_by_name(prefix.rsplit("/", 1)[1])
+runs = MlflowClient("http://localhost:5000").search_runs([exp.experiment_id]) if exp else []
+print(f"{len(keys)} objects under {sys.argv[1]}, manifests: {manifests}; MLflow experiment {exp.name if exp else None}: {len(runs)} runs")
+assert manifests and runs, "nothing published"' "$root"
+}
+
 down() {
   if [[ -s $ENV_FILE ]]; then compose down -v || true; fi
   if [[ -s $STATE/podman.pid ]]; then kill "$(cat "$STATE/podman.pid")" 2>/dev/null || true; fi
@@ -204,6 +260,7 @@ down() {
 case ${1:-} in
   up) up ;;
   check) check ;;
+  dag-run) dag_run ;;
   down) down ;;
-  *) echo "error: usage: $0 up|check|down" >&2; exit 2 ;;
+  *) echo "error: usage: $0 up|check|dag-run|down" >&2; exit 2 ;;
 esac
