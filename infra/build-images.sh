@@ -85,6 +85,7 @@ base_image() {
 # at /etc/pip.conf, with every local folder it names mounted read-only at the same path.
 MOUNTS=()
 pip_config() {
+  MOUNTS=()  # anew for each image built (several targets in one call)
   local pip=${PIP:-python3 -m pip} conf=$CACHE/pip.conf key value
   declare -A cfg=()
   while IFS= read -r line; do
@@ -102,9 +103,9 @@ pip_config() {
       printf '<!DOCTYPE html><html><body><a href="file://%s">%s</a></body></html>\n' "$wheel" "$(basename "$wheel")" \
         > "$CACHE/torch-index/simple/torch/index.html"
       TORCH_INDEX=file://$CACHE/torch-index/simple
-      MOUNTS+=(-v "$CACHE/torch-index:$CACHE/torch-index:ro")
     fi
   fi
+  [[ ${TORCH_INDEX:-} == "file://$CACHE/torch-index/simple" ]] && MOUNTS+=(-v "$CACHE/torch-index:$CACHE/torch-index:ro")
   : > "$conf"
   [[ ${#cfg[@]} -gt 0 ]] && echo "[global]" >> "$conf"
   for key in "${!cfg[@]}"; do
