@@ -73,8 +73,10 @@ bench-paper: $(VENV)/.installed
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results
 
+# at the learning rates `make bench-paper` chose on validation (bench/results/paper_table_paper-cpu.md)
+MECHANISM_LRS = --set kl_warmup.optim.lr=0.003 --set onpolicy_distill.optim.lr=0.003 --set student_rl.optim.lr=0.0001
 bench-mechanism: $(VENV)/.installed
-	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2 --out bench/results
+	$(VENV)/bin/python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2 $(MECHANISM_LRS) --out bench/results
 
 bench-determinism: $(VENV)/.installed
 	$(VENV)/bin/python bench/determinism.py --out bench/results

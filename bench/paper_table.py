@@ -1,14 +1,16 @@
 """The paper's table in miniature: every arm of the sparse-to-dense ablation, 5 seeds, tuned fairly.
 
-    python bench/paper_table.py --preset cpu                 # 5 seeds; ~30-35 min on 2 quiet CPU cores (estimated)
-    python bench/paper_table.py --preset cpu --digits 3 4 5 --seeds 0 1 2     # the mechanism: 2b gain vs trace length
+    python bench/paper_table.py --preset cpu                 # 5 seeds; 28.8 min on 2 CPU cores (make bench-paper)
+    make bench-mechanism     # --digits 3 4 5 --seeds 0 1 2 at the chosen rates: the 2b gain vs trace length
     python bench/paper_table.py --preset stages/configs/tiny.yaml --select-only  # learning rates for a preset
     python bench/paper_table.py --preset gpu --workers 1     # one GPU (bigger models and batches)
 
 Selection (never on eval): on the first seed, the 2a/2b learning rate (one value for both) is swept on the
 full arm, then stage 3's learning rate on the full arm at the chosen 2a/2b rate, and direct GRPO sweeps its
-own (``--lrs``, ``--distill-lrs``); each is chosen by avg@k on the task's ``validation`` split. Every arm of
-every seed then runs at the chosen values (the arms share the stages, so they share the stages' rates).
+own (``--lrs``, ``--distill-lrs``); each is chosen by avg@k on the task's ``validation`` split. A best value
+at an edge of its grid is no optimum: the grid is extended past that edge (1-3-10 steps, at most twice; a tie
+keeps the grid's value). Every arm of every seed then runs at the chosen values (the arms share the stages,
+so they share the stages' rates).
 
 Arms, equal student update steps (the labeled examples and teacher tokens each consumed are in the table):
 
@@ -88,23 +90,26 @@ def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: s
     cfg = load_config(base, overrides + arm["set"] + [
         f"models.teacher.source={teacher}", f"models.student.source={student}",
         f"workflow.stages=[{','.join(arm['stages'])}]", f"workflow.baseline={'true' if arm.get('direct') else 'false'}"])
-    results = {}
+    results, reused = {}, 0
     for step in workflow.plan(cfg, root):
-        manifest, _ = workflow.run_stage(cfg, root, step["stage"], step["inputs"])
+        manifest, skipped = workflow.run_stage(cfg, root, step["stage"], step["inputs"])
         results[step["stage"]] = manifest
-    return {"cfg": cfg, "results": results}
+        reused += skipped
+    return {"cfg": cfg, "results": results, "reused": reused}
 
 
 def run_arm_summary(*a) -> dict:
-    """run_arm for a worker process: only the (picklable) manifests come back."""
-    return run_arm(*a)["results"]
+    """run_arm for a worker process: only the (picklable) manifests come back, and how many were reused."""
+    out = run_arm(*a)
+    return {"results": out["results"], "reused": out["reused"]}
 
 
 def arm_job(base, overrides, arm_root, teacher, student, arm, name, seed, k, rl_teacher, validate=False) -> dict:
     """One arm of one seed, in a worker: its stages, its table row, its final C2 against the RL teacher and,
     for the learning-rate sweep, its avg@k on the validation split."""
     out = run_arm(base, overrides, arm_root, teacher, student, arm)
-    row = arm_row(name, out, arm_root, k) | {"seed": seed, "overrides": [o for o in overrides if "lr=" in o]}
+    row = arm_row(name, out, arm_root, k) | {"seed": seed, "overrides": [o for o in overrides if "lr=" in o],
+                                             "stages": len(out["results"]), "stages_reused": out["reused"]}
     row["c2_final"], val = c2_of(base, overrides, arm_root, rl_teacher, row["final_model"], validate)
     if validate:
         row["val"] = val
@@ -265,7 +270,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     cfg0 = load_config(base, overrides)
     k = cfg0.eval.samples
     boot_root = artifacts.join(root, "base")
-    boot, _ = workflow.run_stage(load_config(base, overrides + ["seed=0"]), boot_root, "bootstrap", {})
+    boot, boot_reused = workflow.run_stage(load_config(base, overrides + ["seed=0"]), boot_root, "bootstrap", {})
     base_t, base_s = boot["outputs"]["teacher"], boot["outputs"]["student"]
     print(f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}",
           flush=True)
@@ -274,8 +279,12 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], artifacts.join(root, f"seed{s}", "teacher"),
                           base_t, base_s, t_arm) for s in seeds]
     teacher_rows, rl_teacher = [], {}
+    stages = {"run": 1 - boot_reused, "reused": int(boot_reused)}
     for s, job in zip(seeds, t_jobs):
-        tm = job.result()["teacher_rl"]
+        t_out = job.result()
+        stages["reused"] += t_out["reused"]
+        stages["run"] += 1 - t_out["reused"]
+        tm = t_out["results"]["teacher_rl"]
         rl_teacher[s] = tm["outputs"]["model"]
         teacher_rows.append({"seed": s, "before": tm["metrics"][f"eval_before.avg@{k}"], "after": tm["metrics"][f"eval.avg@{k}"],
                              "wall_s": tm["wall_time_s"], "labeled": tm["labeled_examples"]})
@@ -288,7 +297,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
 
     budget = cfg0.student_step_budget()
     table = arms(cfg0)
-    chosen, selection, reuse = [], [], {}
+    chosen, selection, reuse, sweep_jobs = [], [], {}, []
     if sweep:
         # Selection on the validation split of the first seed, never on eval. The 2a/2b learning rate is
         # swept on the full arm (stage 3 at the preset's rate), then stage 3's on the full arm at the chosen
@@ -327,6 +336,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
                   + f" -> {sel['chosen']:g}", flush=True)
         chosen = lr_set(best_d, best_r) + [f"direct_grpo.optim.lr={best_g}"]
         reuse = {"full": r_jobs[best_r], "direct GRPO": g_jobs[best_g]}  # the first seed's rows, already run
+        sweep_jobs = [*d_jobs.values(), *r_jobs.values(), *g_jobs.values()]
         table["direct GRPO"] = direct(best_g, budget)
     else:
         table["direct GRPO"] = direct(cfg0.direct_grpo.optim.lr, budget)
@@ -334,6 +344,9 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], chosen, _slug(n))
             for s in seeds for n in names]
     rows = [j.result() for j in jobs]
+    for j in {id(j): j for j in [*jobs, *sweep_jobs]}.values():  # every arm run once, sweep points included
+        stages["reused"] += j.result()["stages_reused"]
+        stages["run"] += j.result()["stages"] - j.result()["stages_reused"]
     for seed in seeds:
         # the base student, for reference (no training; C2 against the same RL teacher)
         rows.append({"arm": "base student (no training)", "seed": seed, f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],
@@ -343,7 +356,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
                                        rl_teacher[seed], base_s)[0]})
     return {"k": k, "eval_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("eval", 0)),
             "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
-            "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows,
+            "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows, "stages": stages,
             "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
             "params": {"teacher": boot["metrics"].get("teacher.params"), "student": boot["metrics"].get("student.params")}}
 
@@ -360,16 +373,16 @@ def choose(jobs: dict, make, val, max_extend: int = 2) -> tuple[dict, float, lis
     times. Returns (values -> score, chosen value, the values added). ``jobs`` gains the added points."""
     scores = {v: val(j) for v, j in jobs.items()}
     added = []
+    best = max(scores, key=scores.get)  # a tie keeps the value listed first: the grid's, before any extension
     for _ in range(max_extend):
-        best = max(scores, key=scores.get)
         if len(scores) < 3 or min(scores) < best < max(scores):
             break
         nxt = next_lr(best, up=best == max(scores))
         jobs[nxt] = make(nxt)
         scores[nxt] = val(jobs[nxt])
         added.append(nxt)
-    scores = dict(sorted(scores.items()))
-    return scores, max(scores, key=scores.get), added
+        best = max(scores, key=scores.get)
+    return dict(sorted(scores.items())), best, added
 
 
 def _slug(name: str) -> str:
@@ -423,6 +436,14 @@ def _delta(r) -> tuple[str, str]:
     return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", ("**resolved**" if d["resolved"] else "within noise")
 
 
+def _reused(result: dict) -> str:
+    st = result.get("stages") or {}
+    if not st.get("reused"):
+        return ""
+    return (f" ({st['reused']} of {st['reused'] + st['run']} stage runs were already published under the root and reused: "
+            "the wall time is not a from-scratch time)")
+
+
 def render(result: dict) -> str:
     k = result["k"]
     rows = summary(result)
@@ -434,7 +455,7 @@ def render(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores, torch kernels {m.get('cpu_capability')}), "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. Git: {m['git']}. "
-        f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall.  ",
+        f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall{_reused(result)}.  ",
         f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out eval problems (k = {k} samples each); "
         f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
         f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.", "",
@@ -539,8 +560,9 @@ def render_mechanism(result: dict) -> str:
     lines = ["# The mechanism: does on-policy distillation (2b) gain more as traces get longer?", "",
              f"Command: `{result['command']}`  ",
              f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Git: {m['git']}. "
-             f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: the preset's (the values the "
-             "table's validation sweep chose).", "",
+             f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: "
+             + (", ".join(f"`{o}`" for o in result["overrides"] if ".lr=" in o) or "the preset's")
+             + " (set them to what the table's validation sweep chose; no selection here).", "",
              "A task of d digits has a d-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
              "95% t-interval over seeds.", "",
              f"| digits | teacher after stage 1 | full avg@{k} | no 2b | warmup only, = teacher tokens | 2b gain vs no 2b | 2b gain vs warmup only (= tokens) |",

@@ -87,6 +87,30 @@ def test_the_same_command_twice_gives_identical_results(table, tmp_path):
     assert first["selection"] == again["selection"]
 
 
+def test_a_best_value_at_the_grid_edge_extends_the_grid():
+    """A sweep whose best value is an edge of its grid found no optimum: the grid grows past that edge
+    (1-3-10 steps, at most twice) and the choice is made again; an interior best stops it."""
+    bench = load("paper_table")
+    assert [bench.next_lr(x, True) for x in (1e-4, 3e-4, 3e-3)] == [3e-4, 1e-3, 1e-2]
+    assert [bench.next_lr(x, False) for x in (1e-4, 3e-4)] == [3e-5, 1e-4]
+    score = {1e-4: 0.05, 3e-4: 0.04, 1e-3: 0.01, 3e-5: 0.06, 1e-5: 0.02}
+    ran = []
+
+    def make(v):
+        ran.append(v)
+        return v
+
+    jobs = {v: v for v in (1e-4, 3e-4, 1e-3)}
+    values, best, added = bench.choose(jobs, make, score.get)
+    assert (best, added, ran) == (3e-5, [3e-5, 1e-5], [3e-5, 1e-5]) and list(values) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    values, best, added = bench.choose({v: v for v in (1e-5, 3e-5, 1e-4)}, make, score.get)
+    assert (best, added) == (3e-5, [])  # interior: no extension
+    flat = {1e-4: 0.009, 3e-4: 0.005, 1e-3: 0.003, 3e-5: 0.009}  # a tie with the extension keeps the grid's value
+    assert bench.choose({v: v for v in (1e-4, 3e-4, 1e-3)}, lambda v: v, flat.get)[1:] == (1e-4, [3e-5])
+    up = {3e-4: 0.1, 1e-3: 0.2, 3e-3: 0.3, 1e-2: 0.25}
+    assert bench.choose({v: v for v in (3e-4, 1e-3, 3e-3)}, lambda v: v, up.get)[1:] == (3e-3, [1e-2])
+
+
 def test_determinism_probe_repeats_a_bootstrap_bit_for_bit(tmp_path):
     """bench/determinism.py, test-sized: the same bootstrap twice in fresh processes gives the same weights."""
     sets = [a for o in TEST_OVERRIDES for a in ("--set", o)]
