@@ -396,8 +396,10 @@ def secret_files(secrets: dict[str, str]) -> tuple[dict[str, str], dict[str, str
 def stage_container_operator() -> type:
     """DockerOperator that hands the worker's credentials (environment :data:`CREDENTIAL_VARS`, else
     the ``s2d_s3`` connection) to the container: as read-only bind-mounted files written for the
-    task's duration (setting ``docker_secrets=file``, the default: the engine must see the worker's
-    temp folder, true for a local engine), or as its private environment (``env``: remote engines)."""
+    task's duration (setting ``docker_secrets=file``, the default), or as its private environment
+    (``env``: remote engines). The files go to a fresh 0700 folder under ``docker_secrets_dir`` (default:
+    the worker's temp folder); the engine resolves bind mounts on ITS host, so when the worker itself
+    runs in a container (compose) that folder must be mounted at the same path on both sides."""
     import tempfile
     from pathlib import Path
 
@@ -422,7 +424,8 @@ def stage_container_operator() -> type:
             files, env = secret_files(secrets)
             token = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
             self._private_environment = token
-            with tempfile.TemporaryDirectory(prefix="s2d-secrets-") as d:  # 0700: other users of the host cannot read
+            # 0700: other users of the host cannot read
+            with tempfile.TemporaryDirectory(prefix="s2d-secrets-", dir=setting("docker_secrets_dir") or None) as d:
                 mounts = []
                 for i, (target, content) in enumerate(files.items()):
                     src = Path(d) / str(i)

@@ -93,6 +93,8 @@ env = {
     "S2D_STAGE_ACCESS_KEY": "s2d-stage", "S2D_STAGE_SECRET_KEY": tok(),
     "MLFLOW_S3_ACCESS_KEY": "s2d-mlflow", "MLFLOW_S3_SECRET_KEY": tok(),
     "MLFLOW_DB_PASSWORD": tok(), "MLFLOW_PORT": port(),
+    # where the docker runner writes credential files (same path on the host and in the scheduler)
+    "S2D_SECRETS_HOST_DIR": f"/tmp/{project}-secrets",
 }
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 with os.fdopen(fd, "w") as f:
@@ -117,6 +119,8 @@ up() {
     # as Docker's socket (root:docker 0660): group DOCKER_GID (0 here, the airflow user's group) may use it
     chmod 660 "$STATE/podman.sock"
   fi
+  # the credential-file folder: the scheduler (uid 50000, gid 0) writes, the engine bind-mounts from it
+  install -d -m 0770 -g 0 "$(env_get S2D_SECRETS_HOST_DIR)"
   local t=$SECONDS
   compose up -d --no-build postgres minio
   wait_healthy postgres minio
@@ -251,7 +255,10 @@ assert manifests and runs, "nothing published"' "$root"
 }
 
 down() {
-  if [[ -s $ENV_FILE ]]; then compose down -v || true; fi
+  if [[ -s $ENV_FILE ]]; then
+    compose down -v || true
+    [[ -n $(env_get S2D_SECRETS_HOST_DIR) ]] && rm -rf "$(env_get S2D_SECRETS_HOST_DIR)"
+  fi
   if [[ -s $STATE/podman.pid ]]; then kill "$(cat "$STATE/podman.pid")" 2>/dev/null || true; fi
   rm -rf "$STATE"
   log "down: containers, volumes, network and $STATE removed"
