@@ -101,7 +101,7 @@ def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: s
 def run_arm_summary(*a) -> dict:
     """run_arm for a worker process: only the (picklable) manifests come back, and how many were reused."""
     out = run_arm(*a)
-    return {"results": out["results"], "reused": out["reused"]}
+    return {"results": out["results"], "stages": len(out["results"]), "stages_reused": out["reused"]}
 
 
 def arm_job(base, overrides, arm_root, teacher, student, arm, name, seed, k, rl_teacher, validate=False) -> dict:
@@ -279,12 +279,8 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], artifacts.join(root, f"seed{s}", "teacher"),
                           base_t, base_s, t_arm) for s in seeds]
     teacher_rows, rl_teacher = [], {}
-    stages = {"run": 1 - boot_reused, "reused": int(boot_reused)}
     for s, job in zip(seeds, t_jobs):
-        t_out = job.result()
-        stages["reused"] += t_out["reused"]
-        stages["run"] += 1 - t_out["reused"]
-        tm = t_out["results"]["teacher_rl"]
+        tm = job.result()["results"]["teacher_rl"]
         rl_teacher[s] = tm["outputs"]["model"]
         teacher_rows.append({"seed": s, "before": tm["metrics"][f"eval_before.avg@{k}"], "after": tm["metrics"][f"eval.avg@{k}"],
                              "wall_s": tm["wall_time_s"], "labeled": tm["labeled_examples"]})
@@ -344,9 +340,10 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], chosen, _slug(n))
             for s in seeds for n in names]
     rows = [j.result() for j in jobs]
-    for j in {id(j): j for j in [*jobs, *sweep_jobs]}.values():  # every arm run once, sweep points included
-        stages["reused"] += j.result()["stages_reused"]
-        stages["run"] += j.result()["stages"] - j.result()["stages_reused"]
+    # stage runs this command made or found published: bootstrap, stage 1, every arm once (sweep points included)
+    outs = [j.result() for j in {id(j): j for j in [*t_jobs, *jobs, *sweep_jobs]}.values()]
+    reused = int(boot_reused) + sum(o["stages_reused"] for o in outs)
+    stages = {"reused": reused, "run": 1 + sum(o["stages"] for o in outs) - reused}
     for seed in seeds:
         # the base student, for reference (no training; C2 against the same RL teacher)
         rows.append({"arm": "base student (no training)", "seed": seed, f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],

@@ -413,32 +413,28 @@ def stage_container_operator() -> type:
             ti = context["ti"]
             self.labels = {**(self.labels or {}), "s2d.dag_id": ti.dag_id, "s2d.run_id": ti.run_id,
                            "s2d.try_number": str(ti.try_number)}
+            # new objects, never in place: a task instance runs a shallow copy of the DAG's operator, whose
+            # lists it shares (an appended mount would come back in the retry: "duplicate mount")
             base_env, base_mounts = dict(self.environment), list(self.mounts)
-            self.environment = {**base_env, **airflow_ctx_env(ti)}  # a new dict: see below
-            if setting("docker_secrets", "file") == "env":
-                self._private_environment = secrets
-                try:
+            try:
+                self.environment = {**base_env, **airflow_ctx_env(ti)}
+                if setting("docker_secrets", "file") == "env":
+                    self._private_environment = secrets
                     return super().execute(context)
-                finally:
-                    self.environment = base_env
-            files, env = secret_files(secrets)
-            token = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
-            self._private_environment = token
-            # 0700: other users of the host cannot read
-            with tempfile.TemporaryDirectory(prefix="s2d-secrets-", dir=setting("docker_secrets_dir") or None) as d:
-                mounts = []
-                for i, (target, content) in enumerate(files.items()):
-                    src = Path(d) / str(i)
-                    src.write_text(content)
-                    src.chmod(0o644)  # the container's user (uid 10001) reads it through the bind mount
-                    mounts.append(Mount(target=target, source=str(src), type="bind", read_only=True))
-                # new objects, never in place: a task instance runs a shallow copy of the DAG's operator,
-                # whose lists it shares (an appended mount would come back in the retry: "duplicate mount")
-                self.mounts, self.environment = [*self.mounts, *mounts], {**self.environment, **env}
-                try:
+                files, env = secret_files(secrets)
+                self._private_environment = {k: secrets[k] for k in ("MLFLOW_TRACKING_TOKEN",) if k in secrets}
+                # 0700: other users of the host cannot read
+                with tempfile.TemporaryDirectory(prefix="s2d-secrets-", dir=setting("docker_secrets_dir") or None) as d:
+                    mounts = []
+                    for i, (target, content) in enumerate(files.items()):
+                        src = Path(d) / str(i)
+                        src.write_text(content)
+                        src.chmod(0o644)  # the container's user (uid 10001) reads it through the bind mount
+                        mounts.append(Mount(target=target, source=str(src), type="bind", read_only=True))
+                    self.mounts, self.environment = [*base_mounts, *mounts], {**self.environment, **env}
                     return super().execute(context)
-                finally:
-                    self.environment, self.mounts = base_env, base_mounts
+            finally:
+                self.environment, self.mounts = base_env, base_mounts
 
     return StageContainerOperator
 

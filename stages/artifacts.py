@@ -623,6 +623,18 @@ def clear_state(stage_uri: str) -> None:
 # ---------------------------------------------------------------- one writer per stage folder
 
 
+def _seconds(var: str, default: float) -> float:
+    """A duration setting from the environment; a bad value is an error naming the variable."""
+    raw = os.environ.get(var) or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{var}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
 class StageLock:
     """Exclusive right to write ``<stage_uri>/``: a second run of the same stage into the same root refuses.
 
@@ -644,7 +656,7 @@ class StageLock:
     def __init__(self, stage_uri: str, lease_s: float | None = None):
         self.uri = join(stage_uri, LOCK)
         self.stage_uri = stage_uri
-        self.lease_s = lease_s or float(os.environ.get("S2D_LOCK_LEASE_S", "120"))
+        self.lease_s = lease_s or _seconds("S2D_LOCK_LEASE_S", 120.0)
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "owner": uuid.uuid4().hex,
                      "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         task = [os.environ.get(f"AIRFLOW_CTX_{k}") for k in ("DAG_ID", "DAG_RUN_ID", "TASK_ID")]
@@ -697,7 +709,7 @@ class StageLock:
     def _patience(self, holder: dict, lease: float) -> float:
         """How long to wait for a held lock to be released or to lapse."""
         if os.environ.get("S2D_LOCK_WAIT_S"):
-            return float(os.environ["S2D_LOCK_WAIT_S"])
+            return _seconds("S2D_LOCK_WAIT_S", 0.0)
         same_task = self.info.get("task") and holder.get("task") == self.info["task"]
         return 1.25 * lease + 5 if same_task else 0.0
 

@@ -125,6 +125,13 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
         pass
 
 
+@pytest.mark.parametrize("var,value", [("S2D_LOCK_LEASE_S", "2m"), ("S2D_LOCK_WAIT_S", "-1"), ("S2D_LOCK_WAIT_S", "nan")])
+def test_a_bad_lock_setting_is_an_error_naming_it(tmp_path, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=rf"^{var}='{value}': expected a number of seconds >= 0$"):
+        artifacts.StageLock(str(tmp_path / "teacher_rl"))._patience({}, 6.0)
+
+
 def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(s3_bucket, monkeypatch):
     """S3 lock + Airflow retries: a try killed with SIGKILL (a container killed) leaves its lock for the
     lease; the next try of the SAME task waits for the lease to lapse and takes over instead of failing.
