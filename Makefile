@@ -88,7 +88,7 @@ bench-mechanism: $(VENV)/.installed
 bench-determinism: $(VENV)/.installed
 	$(VENV)/bin/python bench/determinism.py --out bench/results
 
-# The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (README "GPU path")
+# The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (docs/gpu.md)
 GPU_WHEELS = pydantic==2.13.5 pydantic_core==2.46.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 hjson==3.1.0
 gpu-wheels: $(VENV)/.installed
