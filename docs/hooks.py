@@ -6,7 +6,7 @@
   pydantic models' ``model_fields`` from ``Config`` down, with its type, default and description; then the
   values of every shipped preset (``stages/configs/*.yaml``) that differ from the defaults.
 - ``reference/cli.md``: ``python -m stages --help`` (a parser builder's help, and each subcommand's, when
-  ``stages/__main__.py`` has one), the commands and the exit codes.
+  ``stages/cli.py`` has one), the commands and the exit codes.
 
 Nothing is written to ``docs/``: the pages exist only in the build. ``tests/test_docs.py`` checks that every
 field has a description and builds the site.
@@ -273,7 +273,7 @@ def _parser(mod) -> argparse.ArgumentParser | None:
 
 
 def cli_reference() -> str:
-    import stages.__main__ as cli
+    import stages.cli as cli
     from stages.registry import STAGES
 
     parser = _parser(cli)
@@ -293,7 +293,7 @@ def cli_reference() -> str:
     lines = [
         "# CLI reference",
         "",
-        "Generated from `stages/__main__.py` at every build of this site (`docs/hooks.py`). Every stage is one "
+        "Generated from `stages/cli.py` at every build of this site (`docs/hooks.py`). Every stage is one "
         "command; the same command runs as a subprocess, in a container, in a pod or on Ray workers "
         "([Running stages](../running-stages.md)).",
         "",

@@ -53,7 +53,7 @@ def test_site_builds_strict_with_generated_reference(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
-    from stages.__main__ import COMMANDS
+    from stages.cli import COMMANDS
     from stages.config import PRESETS, Config
 
     config = (site / "reference" / "config.html").read_text()
