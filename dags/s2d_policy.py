@@ -37,16 +37,17 @@ import s2d_table as table
 SHOWN = 80  # characters of a value an error message may quote
 
 # Override keys a trigger may set unless the deployment says otherwise (setting ``allowed_overrides``:
-# comma-separated key prefixes): training and sampling settings, every stage's own section.
+# comma-separated key prefixes; the word ``default`` stands for this list, e.g.
+# ``default,tracking.experiment``): training and sampling settings, every stage's own section.
 DEFAULT_ALLOWED_OVERRIDES = (
     "seed", "dtype", "torch_threads", "logprob_chunk", "train", "checkpoint_every",
     "task.seed", "task.min_digits", "task.max_digits", "task.ops", "task.sizes", "task.prompt_template",
     "models.teacher.source", "models.student.source", "models.teacher.arch", "models.student.arch",
-    "sampling", *table.TASKS, "eval", "workflow", "tracking.enabled", "tracking.experiment")
+    "sampling", *table.TASKS, "eval", "workflow")
 # Keys that load code, read files of the worker, send requests to a place of the trigger's choosing, or
 # redirect lineage: a trigger may set one only where an allow-list entry names it (or a key under it);
 # allowing a section (``task``) does not allow these keys inside it.
-CODE_KEYS = ("task.kind", "task.files", "task.data", "task.options", "teacher.url")
+CODE_KEYS = ("task.kind", "task.files", "task.data", "task.options", "teacher.url", "tracking")
 CODE_SEGMENTS = ("trust_remote_code",)  # at any depth (models.teacher.trust_remote_code, ...)
 # model sources a trigger may name (setting ``allowed_model_prefixes``), besides checkpoints under the
 # artifact base: the built-in tiny models, registered models, the presets' hub owners
@@ -360,12 +361,21 @@ def refusal(params: dict, form: set[str]) -> str | None:
         return "overrides: a list of key.path=value lines"
     if len(items) > MAX_OVERRIDES:
         return f"overrides: {len(items)} lines; at most {MAX_OVERRIDES}"
-    allowed = s.listed("allowed_overrides", DEFAULT_ALLOWED_OVERRIDES)
+    allowed = allowed_overrides()
     for item in items:
         problem = override_refusal(item, allowed)
         if problem:
             return problem
     return None
+
+
+def allowed_overrides() -> tuple[str, ...]:
+    """The deployment's allow-list of override keys (setting ``allowed_overrides``; ``default`` expands to
+    :data:`DEFAULT_ALLOWED_OVERRIDES`)."""
+    out: list[str] = []
+    for entry in s.listed("allowed_overrides", ("default",)):
+        out += DEFAULT_ALLOWED_OVERRIDES if entry == "default" else [entry]
+    return tuple(out)
 
 
 def caps_text() -> str:
