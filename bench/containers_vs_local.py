@@ -109,7 +109,8 @@ def main() -> None:
             base_env = {**os.environ, **creds, "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
                         "MLFLOW_TRACKING_URI": mlflow, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
                         "S2D_STAGE_PYTHON": sys.executable, "S2D_WORKDIR": str(tmp), "S2D_IMAGE": IMAGE, "S2D_DOCKER_URL": sock,
-                        "S2D_DOCKER_NETWORK": "host", "S2D_GPUS_PER_TASK": "0", "S2D_ARTIFACT_ROOT": f"s3://{bucket}"}
+                        "S2D_DOCKER_NETWORK": "host", "S2D_GPUS_PER_TASK": "0", "S2D_ARTIFACT_ROOT": f"s3://{bucket}",
+                        "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment"}
             time.sleep(2)
             results = {r: dag_run(r, tmp, base_env, f"s3://{bucket}/{r}", args.small) for r in ("local", "docker")}
             podman = ["podman", "--runtime", RUNTIME, "run", "--rm", "--network", "host"]
