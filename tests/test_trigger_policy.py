@@ -191,6 +191,38 @@ def test_sizes_above_the_deployment_caps_are_refused(policy, item, cap):
     assert one_line(problem) and f"s2d_{cap}" in problem, problem
 
 
+@pytest.mark.parametrize("item", ['teacher_rl.steps="99999999"', "teacher_rl.steps='1000000'", "sampling={max_new_tokens: '10000000'}",
+                                  "eval.samples=[1000000]", "task.sizes={eval: '100000000'}"])
+def test_capped_keys_take_numbers_only(policy, item):
+    """The schema would read "99999999" as a number: a capped key's value must be a number to be compared."""
+    problem = refused(policy, overrides=[item])
+    assert one_line(problem) and "must be a number" in problem, problem
+    assert refused(policy, overrides=["direct_grpo.steps=null", "eval.max_new_tokens=~"]) is None
+
+
+@pytest.mark.parametrize("source", ["runs/a/model #/../../../etc", "runs/a/b: {trust_remote_code: true}", "runs/a/model\t#x",
+                                    "{base}/a/model #c"])
+def test_form_model_values_are_what_the_stage_reads(policy, tmp_path, source):
+    """The form's teacher/student become `models.<role>.source=<value>`, read as YAML by the stage: a value YAML
+    would change (a comment, a mapping, a list) is refused, so the checked value is the loaded one."""
+    source = _place(source, tmp_path)
+    problem = refused(policy, teacher=source)
+    assert one_line(problem), problem
+    assert refused(policy, teacher=_place("{base}/a/model", tmp_path)) is None
+
+
+@pytest.mark.parametrize("conf, said", [
+    ({"preset": "/etc/evil.yaml"}, "is not a preset name"), ({"preset": "../x"}, "is not a preset name"),
+    ({"preset": "mine.yaml"}, "is not a preset name"), ({"stages": ["teacher_rl]\ntask.kind: x"]}, "choose from"),
+    ({"seed": "1; id"}, "not a whole number"), ({"teacher_rl_steps": True}, "not a whole number"),
+])
+def test_form_fields_written_into_the_command_are_checked_again(policy, conf, said):
+    """Values the form's schema checks when a run is created are checked again where they enter the stage's
+    arguments (a conf that skipped the schema, e.g. an old serialized run)."""
+    problem = refused(policy, **conf)
+    assert one_line(problem) and said in problem, problem
+
+
 def test_caps_are_deployment_settings(policy, monkeypatch):
     assert "s2d_max_steps" in refused(policy, teacher_rl_steps=10_001)
     assert refused(policy, teacher_rl_steps=10_000) is None
