@@ -252,8 +252,9 @@ def sampled_c2(rollouts, student, tok, teacher: Teacher, prompts, label: str = "
     student rollouts, mean of log p_S(x) - log p_T(x) (what a served teacher allows: no full vocabulary).
     Same rollouts as :func:`stages.scoring.student_teacher_kl`; an unbiased estimate of its value.
     ``rollouts``: the stage's :class:`stages.runtime.RolloutMaker`."""
-    from .losses import sampled_reverse_kl
+    from .losses import floor_teacher_logp, sampled_reverse_kl
 
     ro = rollouts.sample(student, tok, prompts[: rollouts.cfg.eval.c2_prompts], step=0, salt=label)
     m = ro.completion.float()
-    return float((sampled_reverse_kl(ro.logprobs, teacher.logprobs(ro)) * m).sum() / m.sum().clamp(min=1))
+    t_lp = floor_teacher_logp(teacher.logprobs(ro), ro.logprobs)[0]  # -inf / -9999: floored as in the loss
+    return float(torch.where(m > 0, sampled_reverse_kl(ro.logprobs, t_lp), 0.0).sum() / m.sum().clamp(min=1))
