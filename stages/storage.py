@@ -49,6 +49,11 @@ class LockHeld(ArtifactError):
     """Another live run holds the stage folder's lock."""
 
 
+class LockLost(ArtifactError):
+    """This run's stage lock is no longer its own (its lease lapsed and another run took it over, or it cannot be
+    confirmed): the run must not write anything more into the stage folder."""
+
+
 def finite(obj):
     """``obj`` with every NaN/inf float replaced by None (JSON has no such numbers)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -173,6 +178,14 @@ class Store(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def delete_many(self, uris: list[str]) -> None:
+        """Delete these objects (missing ones are fine)."""
+
+    @abstractmethod
+    def write_new(self, uri: str, data: bytes) -> bool:
+        """Create ``uri`` atomically only if it does not exist; False (nothing written) when it does."""
+
     def local_path(self, uri: str) -> Path | None:
         """A path readable in place, for backends that have one (no copy needed)."""
         return None
@@ -229,6 +242,27 @@ class LocalStore(Store):
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
+
+    def delete_many(self, uris: list[str]) -> None:
+        for uri in uris:
+            self._p(uri).unlink(missing_ok=True)
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        dst = self._p(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(tmp_name(dst.name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, dst)  # atomic, and fails when dst exists (a rename would replace it)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def local_path(self, uri: str) -> Path | None:
         return self._p(uri)
@@ -352,6 +386,34 @@ class S3Store(Store):
                 pass
             for i in range(0, len(keys), 1000):
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+    def delete_many(self, uris: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for u in uris:
+            b, k = self._split(u)
+            by_bucket.setdefault(b, []).append(k)
+        for bucket, keys in by_bucket.items():
+            with self._errors(f"s3://{bucket}/{keys[0]}", "delete"):
+                for i in range(0, len(keys), 1000):
+                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``); after a 412 the object is re-read: our own bytes there mean an
+        earlier attempt of this call landed (its answer was lost) and count as written. An endpoint without
+        conditional writes gets a plain PUT, with a warning."""
+        bucket, key = self._split(uri)
+        try:
+            with self._errors(uri, "conditional write"):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ArtifactError as e:
+            if precondition_failed(e):
+                return self.read_bytes(uri) == data
+            if "NotImplemented" not in str(e):
+                raise
+        log.warning("%s: the endpoint does not support conditional writes; written unconditionally", uri)
+        self.write_bytes(uri, data)
+        return True
 
     # ---- lock objects: conditional PUTs (If-None-Match / If-Match) make acquire and renew compare-and-swap
     def create_if_absent(self, uri: str, data: bytes) -> str | None:

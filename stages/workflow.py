@@ -96,6 +96,10 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
         # launchers do not all set RANK) before any model loads or MLflow run starts, so it is also the
         # up-front check that the artifact root is writable
         with lock.StageLock(r.uri) if r.is_main else nullcontext():
+            # decided again under the lock (every rank, after the main one holds it): a run that waited for the
+            # lock skips what the holder just published instead of training and republishing it
+            r.accelerator.wait_for_everyone()
+            r.recheck()
             if r.finished:
                 if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)

@@ -167,6 +167,224 @@ def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(
         assert 2 < time.monotonic() - t0 < 1.25 * 6 + 5 + 3
 
 
+# ------------------------------------------------------------------ issue 23 item 5: a lost lock is acted on (fencing)
+
+_STALLED = """
+import sys, time
+from pathlib import Path
+from stages import artifacts
+from stages.lock import StageLock
+stage, work, lease = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+with StageLock(stage, lease_s=lease):
+    print("held", flush=True)
+    sys.stdin.readline()  # the test stops this process here (SIGSTOP), takes the lock over, then lets it go on
+    try:
+        artifacts.save_state(stage, "policy", 2, work / "state", {"config_hash": "stalled"})
+        artifacts.publish(work / "out", stage, {"stage": "stalled"})
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+        sys.exit(3)
+print("published", flush=True)
+"""
+
+
+def _work(folder: Path, tag: str) -> Path:
+    """An output folder (same file names for every tag, different bytes) and a resume state."""
+    for sub in ("out/model", "state"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "out" / "model" / "model.safetensors").write_bytes(tag.encode() * 5000)
+    (folder / "out" / "model" / "config.json").write_text(json_dumps({"tag": tag}))
+    (folder / "state" / "optimizer.pt").write_bytes(tag.encode() * 100)
+    return folder
+
+
+def json_dumps(obj) -> str:
+    return json.dumps(obj)
+
+
+def test_a_holder_stalled_past_its_lease_fails_after_a_takeover_and_publishes_nothing(s3_bucket, tmp_path):
+    """Real S3 server, real processes: the holder is SIGSTOPped past its lease, another run takes the lock
+    over and publishes, the holder is SIGCONTed with a save_state and a publish to do: both are refused
+    (LockLost) before any byte is written, and the new holder's manifest and files are intact."""
+    stage = f"s3://{s3_bucket}/runs/fence/teacher_rl"
+    lease = 6.0
+    old = subprocess.Popen([sys.executable, "-c", _STALLED, stage, str(_work(tmp_path / "old", "old")), str(lease)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert old.stdout.readline().strip() == "held"
+        os.kill(old.pid, signal.SIGSTOP)
+        time.sleep(lease + 3)  # past the lease on the server's clock (1 s resolution)
+        with StageLock(stage, lease_s=lease) as new:  # the stalled holder's lock is taken over
+            artifacts.publish(_work(tmp_path / "new", "new") / "out", stage, {"stage": "new"})
+            old.stdin.write("go\n")  # its next instruction is queued before it runs again: the race is real
+            old.stdin.flush()
+            os.kill(old.pid, signal.SIGCONT)
+            out, _ = old.communicate(timeout=60)
+            assert old.returncode == 3 and out.startswith("LockLost: ") and "lost its stage lock" in out, out
+            assert not new.lost
+            new.check()  # still ours
+        m = _check_published(stage)  # the new holder's files, checksums verified
+        assert m["stage"] == "new"
+        assert json.loads(storage.store_for(stage).read_bytes(f"{stage}/model/config.json")) == {"tag": "new"}
+        assert storage.store_for(stage).list(f"{stage}/_resume") == []  # the stalled one saved no state either
+    finally:
+        if old.poll() is None:
+            os.kill(old.pid, signal.SIGCONT)
+            old.kill()
+            old.wait()
+
+
+def test_a_real_stage_stalled_past_its_lease_fails_and_the_new_run_publishes(base_models, s3_bucket, tmp_path, stage_env):
+    """The same through two real stage commands on one S3 root: the first is SIGSTOPped mid-training past its
+    lease, a second run takes over, trains and publishes; the first, continued, exits 1 with one line and the
+    published stage is the second's, complete and verified."""
+    root = f"s3://{s3_bucket}/runs/stall"
+    env = {**stage_env, "S2D_LOCK_LEASE_S": "12"}
+    first = _stage(root, base_models, "teacher_rl.steps=12", "checkpoint_every=1", env=env, wait=False)
+    store = storage.store_for(root)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(12 + 3)
+        second = _stage(root, base_models, "teacher_rl.steps=12", "checkpoint_every=1", env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "taking over the lock of pid" in second.stderr
+        published = _check_published(f"{root}/teacher_rl")
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.communicate()
+    line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert first.returncode == 1 and len(line) == 1 and "lost its stage lock" in line[0], err[-3000:]
+    assert _check_published(f"{root}/teacher_rl") == published  # untouched by the stalled run
+    assert store.list(f"{root}/teacher_rl/_resume") == []
+
+
+def test_the_heartbeat_marks_the_lock_lost_on_any_error_and_every_write_is_then_refused(s3_bucket, tmp_path):
+    stage = f"s3://{s3_bucket}/runs/hb/teacher_rl"
+    lock = StageLock(stage, lease_s=3).acquire()
+    try:
+        def broken(*a, **kw):
+            raise RuntimeError("not a storage error")
+
+        lock._store.replace_if = broken
+        deadline = time.time() + 10
+        while time.time() < deadline and not lock.lost:
+            time.sleep(0.1)
+        assert lock.lost and "RuntimeError: not a storage error" in lock.lost_why
+        time.sleep(0.5)
+        assert not lock._thread.is_alive()  # ended, loudly (the lock is marked lost), never silently
+        work = _work(tmp_path / "w", "x")
+        for write in (lambda: artifacts.publish(work / "out", stage, {"stage": "x"}),
+                      lambda: artifacts.save_state(stage, "policy", 1, work / "state", {}),
+                      lambda: artifacts.clear_state(stage)):
+            with pytest.raises(storage.LockLost, match="lost its stage lock"):
+                write()
+        assert storage.store_for(stage).list(stage) == [f"{stage}/.lock"]  # nothing written
+    finally:
+        lock.release()
+
+
+def test_a_renewal_whose_answer_was_lost_is_recognised_as_our_own(s3_bucket):
+    """A conditional PUT that landed but whose answer never came back (a timeout): the next renewal gets 412;
+    the lock is re-read and our own owner id there keeps it (before: "lost"). The same at acquisition. A lock
+    object with another owner is a loss."""
+    import boto3
+    from botocore.exceptions import ReadTimeoutError
+
+    stage = f"s3://{s3_bucket}/runs/own/teacher_rl"
+    lock = StageLock(stage, lease_s=3).acquire()
+    try:
+        dropped = {"n": 0}
+
+        def drop_answer(http_response, parsed, model, **kw):  # after the server applied the PUT
+            if model.name == "PutObject" and not dropped["n"]:
+                dropped["n"] += 1
+                raise ReadTimeoutError(endpoint_url="lost answer")
+
+        lock._store.client.meta.events.register("after-call.s3.PutObject", drop_answer)
+        time.sleep(3)  # two heartbeats: the one whose answer is lost, the one answered 412
+        assert dropped["n"] == 1 and not lock.lost
+        etag = boto3.client("s3").head_object(Bucket=s3_bucket, Key="runs/own/teacher_rl/.lock")["ETag"]
+        assert lock._etag == etag
+        lock.check()
+    finally:
+        lock.release()
+    # acquisition: our create landed, its answer was lost (simulated: our own body is already there)
+    mine = StageLock(stage, lease_s=3)
+    storage.store_for(stage).write_bytes(f"{stage}/.lock", mine._body())
+    with mine:
+        with pytest.raises(storage.LockHeld):
+            StageLock(stage, lease_s=3).acquire()
+        # another owner's body in place of ours: the next renewal is a loss
+        other = StageLock(stage, lease_s=3)
+        storage.store_for(stage).write_bytes(f"{stage}/.lock", other._body())
+        mine._renew()
+        assert mine.lost and "taken over" in mine.lost_why
+        with pytest.raises(storage.LockLost):
+            mine.check()
+
+
+def test_one_lock_call_is_bounded_well_inside_the_heartbeat_margin(stalled_endpoint, caplog):
+    """A renewal against an endpoint that never answers ends within a third of the lease (the next renewal
+    is due then), as one attempt: never the data store's retries and 60 s deadline."""
+    from stages.lock import lock_store
+
+    for lease in (6.0, 12.0, 120.0, 600.0):
+        st = lock_store(lease)
+        assert st.timeout_s * 2 <= lease / 3 and st.client.meta.config.retries["total_max_attempts"] == 1
+    lock = StageLock("s3://bucket/runs/x/teacher_rl", lease_s=12)
+    lock._store, lock._etag, lock._renewed, lock._thread = lock_store(12), '"x"', time.monotonic(), object()
+    t0 = time.monotonic()
+    lock._renew()
+    took = time.monotonic() - t0
+    assert took < 12 / 3 and not lock.lost and "lock heartbeat failed" in caplog.text, took
+    lock._renewed = time.monotonic() - 13  # no renewal confirmed for a whole lease: lost, and writes refused
+    lock._renew()
+    assert lock.lost and "no renewal confirmed" in lock.lost_why
+
+
+# ------------------------------------------------------------------ issue 23 item 10: decided again under the lock
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_run_that_waited_for_the_lock_skips_what_the_holder_just_published(backend, base_models, tmp_path, stage_env, request):
+    """Two real stage commands, one real lock: the second starts while the first trains and waits for the lock
+    (S2D_LOCK_WAIT_S); once it holds it, it re-reads the manifest and skips (no second training, the first
+    run's manifest untouched) instead of retraining and republishing."""
+    root = f"s3://{request.getfixturevalue('s3_bucket')}/runs/wait" if backend == "s3" else str(tmp_path / "root")
+    stage_env = {**stage_env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}  # s3_bucket's, set later
+    store = storage.store_for(root)
+    first = _stage(root, base_models, "teacher_rl.steps=8", env=stage_env, wait=False)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        second = _stage(root, base_models, "teacher_rl.steps=8", env={**stage_env, "S2D_LOCK_WAIT_S": "600"}, wait=False)
+        out1, err1 = first.communicate(timeout=600)
+        out2, err2 = second.communicate(timeout=600)
+    finally:
+        for p in (first, second) if "second" in locals() else (first,):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert first.returncode == 0 and second.returncode == 0, (err1[-2000:], err2[-2000:])
+    a, b = json.loads(out1.strip().splitlines()[-1]), json.loads(out2.strip().splitlines()[-1])
+    assert a["skipped"] is False and b["skipped"] is True, err2[-3000:]
+    m = _check_published(f"{root}/teacher_rl")
+    assert b["metrics"] == a["metrics"] == m["metrics"]
+    assert "resumed" not in err2 and "teacher_rl:policy" not in err2  # it never trained
+    assert store.list(f"{root}/teacher_rl/_resume") == []
+
+
 # ------------------------------------------------------------------ kill -9 leftovers are swept
 
 

@@ -155,8 +155,10 @@ def to_table(problems, ro: Rollouts, chosen: torch.Tensor, topk_ids: torch.Tenso
 def load(uri: str) -> list[dict]:
     """The rows of a published teacher_data stage (checksums verified by :func:`artifacts.fetch`)."""
     uri = uri.rstrip("/")
-    folder = artifacts.fetch(uri if uri.endswith("/" + DATA) else storage.join(uri, DATA))
-    files = sorted(folder.glob("*.parquet"))
+    uri = uri if uri.endswith("/" + DATA) else storage.join(uri, DATA)
+    folder = artifacts.fetch(uri)
+    # the shards the manifest lists, never a glob: a file an earlier publish left there is not this teacher's
+    files = [folder / rel for rel in artifacts.listed(uri) if rel.endswith(".parquet")]
     if not files:
         raise storage.ArtifactError(f"{uri}: no Parquet shards")
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pylist()
