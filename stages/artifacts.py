@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .lock import LOCK, fence
+from .redact import redact_obj
 from .storage import (
     ArtifactError,
     CorruptManifest,
@@ -88,7 +89,8 @@ def publish(work_dir: Path, stage_uri: str, manifest: dict) -> dict:
         fence(stage_uri)
         store.delete_many(stale)
         log.info("%s: removed %d file(s) of an earlier publish that the new manifest does not list", stage_uri, len(stale))
-    manifest = {**manifest, "files": files, "published_at": datetime.now(timezone.utc).isoformat()}
+    # inputs, outputs, extras: a URI's userinfo or secret query value is never written down
+    manifest = {**redact_obj(manifest), "files": files, "published_at": datetime.now(timezone.utc).isoformat()}
     fence(stage_uri)
     uri = join(stage_uri, MANIFEST)
     if not store.write_new(uri, dumps(manifest, indent=2, sort_keys=True).encode()):

@@ -89,9 +89,10 @@ def check_input(uri: str, what: str, spec=None) -> None:
 
 
 def emit(args, payload: dict) -> None:
+    from .redact import redact
     from .storage import dumps
 
-    line = dumps(payload)  # strict JSON: orchestrators parse this line
+    line = redact(dumps(payload))  # strict JSON: orchestrators parse this line (XCom: no URI password in it)
     if args.xcom_file:
         Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.xcom_file).write_text(line)
@@ -142,11 +143,13 @@ def main(argv=None) -> int:
     except (SystemExit, Exception) as e:  # noqa: BLE001 - the one place every error becomes one line
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise  # argparse's own exits (--help, usage errors) and plain exit codes
+        from .redact import redact
+
         if "--debug" in argv:
             import traceback
 
-            traceback.print_exc()
-        msg = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        msg = redact(str(e.code if isinstance(e, SystemExit) else e)).removeprefix("error: ")
         msg = " ".join(msg.split()) or type(e).__name__
         user = isinstance(e, (SystemExit, InputError, NotWritable)) and not isinstance(e, LockHeld)
         if not user and not isinstance(e, ArtifactError):
@@ -191,6 +194,9 @@ def _main(argv: list[str]) -> int:
         return subprocess.call(relaunch)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .redact import install_log_filter, redact
+
+    install_log_filter()  # no log line carries the password inside a URI (MLflow, S3 endpoint, teacher URL)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .config import ConfigError, check_runtime, load_config
@@ -204,14 +210,14 @@ def _main(argv: list[str]) -> int:
     except ConfigError as e:
         if args.command != "validate" or not str(e).startswith("device"):
             raise
-        print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
+        print(f"warning: {redact(str(e))}", file=sys.stderr)  # validating for another host is fine; running here is not
     warnings: list[str] = []
     if args.command not in ("report", "close-runs"):  # task data and plugin: before any model or MLflow run
         from .prompting import preflight
 
         warnings = preflight(cfg, allow_unavailable=args.command == "validate")
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"warning: {redact(w)}", file=sys.stderr)
     if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
         emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
@@ -225,18 +231,18 @@ def _main(argv: list[str]) -> int:
         try:
             closed = close_runs(cfg.tracking, root, args.status)
         except TrackingUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(str(e))}", file=sys.stderr)
             return 1
         emit(args, {"root": root, "status": args.status, "closed": closed})
         return 0
     try:
         return _run(args, cfg, root, workflow, resolve_model_uri)
     except TrackingUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except ValueError as e:
         if str(e).startswith("models:/"):  # a registry reference that does not resolve
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(str(e))}", file=sys.stderr)
             return 2
         raise
 
@@ -271,7 +277,9 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     try:
         manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
     except TeacherUnavailable as e:  # nothing published; the last saved state is kept for the rerun
-        print(f"error: {e} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
+        from .redact import redact
+
+        print(f"error: {redact(str(e))} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
         return 1
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
                 "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})

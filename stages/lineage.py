@@ -14,6 +14,7 @@ import os
 import time
 
 from . import artifacts, storage
+from .redact import redact
 
 log = logging.getLogger("stages.tracking")
 
@@ -106,8 +107,8 @@ def link_inputs(c, exp_id: str, rid: str, stage: str, root: str, inputs: dict) -
     tags, params, models = [], [], []
     for key, uri in inputs.items():
         role = role_of(stage, key)
-        tags.append(RunTag(f"s2d.input.{role}", short_uri(uri, root)))
-        params.append(Param(f"input.{role}", uri[:6000]))
+        tags.append(RunTag(f"s2d.input.{role}", redact(short_uri(uri, root))))
+        params.append(Param(f"input.{role}", redact(uri)[:6000]))
         prod_run, model_id = producer_of(c, exp_id, uri)
         if prod_run:
             tags.append(RunTag(f"s2d.input.{role}.run", prod_run))
@@ -137,12 +138,12 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
     if run is None:
         run = find_stage_run(c, exp_id, stage, manifest["config_hash"], root)
     if run is None:  # the server was away for the whole stage: make its run now
-        tags = {"mlflow.runName": stage, "s2d.stage": stage, "s2d.root": root, **airflow_tags()}
+        tags = {"mlflow.runName": stage, "s2d.stage": stage, "s2d.root": redact(root), **airflow_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = c.create_run(exp_id, run_name=stage, tags=tags)
         c.log_batch(run.info.run_id, params=[Param("stage", stage), Param("config_hash", manifest["config_hash"]),
-                                             Param("root", root)])
+                                             Param("root", redact(root))])
     rid = run.info.run_id
     if run.data.tags.get("s2d.published") == manifest.get("published_at") and run.info.status == "FINISHED":
         return rid  # already recorded
@@ -170,7 +171,7 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
     # outputs: short tags, full URIs as params, each checkpoint a logged model pointing at its URI
     outputs = manifest.get("outputs", {})
     tags |= {f"s2d.output.{k}": short_uri(v, root) for k, v in outputs.items()}
-    out_params = [Param(f"output.{k}", v[:6000]) for k, v in outputs.items() if f"output.{k}" not in run.data.params]
+    out_params = [Param(f"output.{k}", redact(v)[:6000]) for k, v in outputs.items() if f"output.{k}" not in run.data.params]
     for out, uri in outputs.items():
         lm = find_logged_model(c, exp_id, uri)
         if lm is None or lm.source_run_id != rid or lm.tags.get("s2d.published") != manifest.get("published_at"):
@@ -196,7 +197,7 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
             c.log_outputs(rid, [LoggedModelOutput(lm.model_id, 0)])
         tags[f"s2d.output.{out}.model"] = lm.model_id
     tags["s2d.manifest"] = short_uri(storage.join(stage_uri, artifacts.MANIFEST), root)
-    c.log_batch(rid, params=out_params, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.log_batch(rid, params=out_params, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     if run.info.status != "FINISHED":
         c.set_terminated(rid, status="FINISHED")
     c.set_tag(rid, "s2d.published", manifest.get("published_at", ""))  # last: marks the run complete
@@ -249,7 +250,8 @@ def resolve_model_uri(uri: str) -> str:
                 raise ValueError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
             mv = c.get_model_version(name, version)
     except MlflowException as e:
-        raise ValueError(f"{uri}: not found in the model registry at {c.tracking_uri} ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{uri}: not found in the model registry at {redact(c.tracking_uri)} "
+                         f"({redact(str(e)).splitlines()[0][:200]})") from None
     src = mv.tags.get("s2d.uri") or mv.source
     if src.startswith("models:/"):
         lm = c.get_logged_model(src.removeprefix("models:/"))

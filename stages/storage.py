@@ -298,6 +298,9 @@ class S3Store(Store):
                      connect_timeout=self.timeout_s, read_timeout=self.timeout_s)
         self.client = boto3.client("s3", endpoint_url=self.endpoint, config=cfg)
         self.endpoint = self.client.meta.endpoint_url
+        from .redact import redact
+
+        self.shown = redact(self.endpoint)  # what messages name: never the userinfo of an endpoint URL
         # botocore has no deadline over retries: before each attempt, give up once the call's time is spent
         self.client.meta.events.register("before-send.s3", self._check_deadline)
         self.transfer = TransferConfig(multipart_threshold=multipart_mb << 20, multipart_chunksize=multipart_mb << 20,
@@ -315,6 +318,8 @@ class S3Store(Store):
         from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from .redact import redact
+
         try:
             yield
         except ArtifactError:
@@ -322,12 +327,12 @@ class S3Store(Store):
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchBucket",):
-                raise ArtifactError(f"{uri}: bucket '{self._split(uri)[0]}' does not exist (endpoint {self.endpoint})") from None
+                raise ArtifactError(f"{uri}: bucket '{self._split(uri)[0]}' does not exist (endpoint {self.shown})") from None
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise ArtifactError(f"{uri}: missing (endpoint {self.endpoint})") from None
-            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {code or e}") from e
+                raise ArtifactError(f"{uri}: missing (endpoint {self.shown})") from None
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.shown}: {code or redact(str(e))}") from e
         except (BotoCoreError, RetriesExceededError, S3TransferFailedError, S3UploadFailedError, TimeoutError, OSError) as e:
-            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {e} "
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.shown}: {redact(str(e))} "
                                 f"(timeouts: S2D_S3_TIMEOUT_S={self.timeout_s:g}, S2D_S3_DEADLINE_S={self.deadline_s:g})") from e
 
     @staticmethod

@@ -188,7 +188,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
                 tracker.end("FINISHED")
         left = tracker.flush()
         if left:
-            print(f"warning: MLflow at {tracker.tracking_uri} did not record {', '.join(dict.fromkeys(left))} "
+            print(f"warning: MLflow at {tracker.shown_uri} did not record {', '.join(dict.fromkeys(left))} "
                   f"({tracker.error or 'no answer in time'})", file=sys.stderr, flush=True)
     return summary
 

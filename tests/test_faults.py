@@ -385,6 +385,87 @@ def test_a_run_that_waited_for_the_lock_skips_what_the_holder_just_published(bac
     assert store.list(f"{root}/teacher_rl/_resume") == []
 
 
+# ------------------------------------------------------------------ issue 23 item 11: credentials inside URIs
+
+
+def test_redact_masks_userinfo_and_secret_query_values_only():
+    from stages.redact import has_credentials, redact, redact_obj
+
+    cases = {
+        "http://user:pa55@mlflow:5000/api": "http://***@mlflow:5000/api",
+        "at https://TOKEN123@host/x, then s3://bucket/key@v2": "at https://***@host/x, then s3://bucket/key@v2",
+        "https://h/o?X-Amz-Signature=abc&part=1&access_token=zz": "https://h/o?X-Amz-Signature=***&part=1&access_token=***",
+        "s3://bucket/runs/x": "s3://bucket/runs/x",
+        "Qwen/Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+        "mail me: a@b.c": "mail me: a@b.c",
+    }
+    for raw, want in cases.items():
+        assert redact(raw) == want and has_credentials(raw) == (raw != want)
+    assert redact_obj({"inputs": ["http://u:p@h/x"], "n": 3}) == {"inputs": ["http://***@h/x"], "n": 3}
+
+
+def test_no_credential_inside_a_uri_reaches_output_logs_or_stored_files(base_models, tmp_path, stage_env, s3_server):
+    """The real stage command with a password inside MLFLOW_TRACKING_URI, inside the S3 endpoint URL and inside
+    a teacher URL: stdout, stderr (warnings, log lines, the error line, --debug's traceback) and every file the
+    stage writes name the URIs with ``***`` in place of the userinfo."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    port = dead.getsockname()[1]
+    env = {**stage_env, "MLFLOW_TRACKING_URI": f"http://mluser:SECRET-ML-1@127.0.0.1:{port}",
+           "S2D_TEACHER_URL": "http://tuser:SECRET-T-2@127.0.0.1:1"}
+    root = tmp_path / "root"
+    try:
+        p = _stage(root, base_models, "teacher_rl.steps=2", "tracking.enabled=true", "tracking.flush_timeout_s=1", env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"MLflow at http://***@127.0.0.1:{port} is unreachable" in p.stderr
+        required = _stage(root / "b", base_models, "tracking.enabled=true", "tracking.required=true", env=env)
+        assert required.returncode == 2 and f"http://***@127.0.0.1:{port}" in _error_line(required)
+        s3 = {**env, "AWS_ENDPOINT_URL": s3_server.replace("http://", "http://ak:SECRET-S3-3@"),
+              "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        bad = _stage("s3://bucket/runs/x", base_models, "teacher_rl.steps=2", env=s3)
+        assert bad.returncode == 1 and "http://***@127.0.0.1" in _error_line(bad), bad.stderr[-2000:]
+        debug = subprocess.run(
+            [sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", "s3://bucket/runs/x", "--teacher",
+             base_models, "--debug", "--set", "tracking.enabled=false"], env=s3, capture_output=True, text=True, timeout=300)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr
+    finally:
+        dead.close()
+    for out in (p, required, bad, debug):
+        for secret in ("SECRET-ML-1", "SECRET-T-2", "SECRET-S3-3"):
+            assert secret not in out.stdout + out.stderr, (secret, (out.stdout + out.stderr)[-2000:])
+    written = [f for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "manifest.json" for f in written)
+    for f in written:
+        assert b"SECRET" not in f.read_bytes(), f
+
+
+def test_manifests_and_mlflow_records_never_hold_a_uri_password(tmp_path):
+    """What the stage stores (a manifest's inputs and extras, MLflow params and tags through the Tracker)
+    carries URIs with the userinfo masked; the URI the client USES is unchanged."""
+    from mlflow import MlflowClient
+
+    from stages.config import Tracking
+    from stages.tracking import Tracker
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "f.txt").write_text("x")
+    m = artifacts.publish(work, str(tmp_path / "root" / "teacher_data"),
+                          {"stage": "teacher_data", "inputs": {"teacher": "http://u:SECRET-A@teacher:8000"},
+                           "teacher_url": "https://SECRET-B@vllm/v1?api_key=SECRET-C"})
+    raw = (tmp_path / "root" / "teacher_data" / "manifest.json").read_text()
+    assert "SECRET" not in raw and m["inputs"]["teacher"] == "http://***@teacher:8000"
+    t = Tracker(Tracking(experiment="redact"))
+    rid = t.start("teacher_data", tags={"s2d.source": "http://u:SECRET-D@h/x"},
+                  params={"teacher.url": "http://u:SECRET-E@h:1", "root": str(tmp_path)})
+    t.tags({"s2d.teacher": "https://tok:SECRET-F@h"})
+    t.end()
+    assert not t.flush(30)
+    run = MlflowClient().get_run(rid)
+    stored = json.dumps({**run.data.params, **run.data.tags})
+    assert "SECRET" not in stored and "http://***@h:1" in stored and "https://***@h" in stored
+
+
 # ------------------------------------------------------------------ kill -9 leftovers are swept
 
 

@@ -103,7 +103,7 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
                      for f in shards.glob("*.parquet"))
         metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
         extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
-                 **({"served_model": teacher.model, "teacher_url": teacher.url} if teacher.engine == "server" else {})}
+                 **({"served_model": teacher.model, "teacher_url": teacher.shown} if teacher.engine == "server" else {})}
         return run.publish({}, tok, metrics=metrics, extra=extra, outputs={"data": DATA})
 
 
