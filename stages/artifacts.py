@@ -63,6 +63,13 @@ def manifest_digest(stage_uri: str) -> str | None:
     return hashlib.sha256(raw).hexdigest()[:16] if raw is not None else None
 
 
+def manifest_sha256(stage_uri: str) -> str | None:
+    """The full sha256 of the stage's manifest bytes: it pins every published file (the manifest lists each
+    file's sha256, and readers verify them), so a registered version tagged with it pins its checkpoint."""
+    raw = store_for(stage_uri).read_bytes(join(stage_uri, MANIFEST))
+    return hashlib.sha256(raw).hexdigest() if raw is not None else None
+
+
 def publish(work_dir: Path, stage_uri: str, manifest: dict) -> dict:
     """Upload every file of ``work_dir`` to ``stage_uri``, then write the manifest last.
 

@@ -222,15 +222,43 @@ def register(c, exp_id: str, name: str, uri: str, tags: dict) -> object | None:
     for mv in c.search_model_versions(f"name = '{quote(name)}'", max_results=1000):
         if mv.model_id == lm.model_id or mv.tags.get("s2d.model") == lm.model_id:
             return mv
-    tags = {"s2d.uri": uri, "s2d.model": lm.model_id, **tags}
+    found = artifacts.find_manifest(uri)
+    if found is None:
+        log.warning("MLflow: %s has no manifest: not registered as %s", uri, name)
+        return None
+    # the version pins the manifest (and through it every file's sha256): resolve_model_uri refuses it once the
+    # files behind the URI change, and a run refuses to overwrite them (workflow.guard_registered)
+    tags = {"s2d.uri": uri, "s2d.model": lm.model_id, "s2d.stage_uri": found[0],
+            MANIFEST_TAG: artifacts.manifest_sha256(found[0]), **tags}
     source = uri if "://" in uri and not uri.startswith("file://") else f"models:/{lm.model_id}"
     return c.create_model_version(name, source, run_id=lm.source_run_id, tags=tags, model_id=lm.model_id,
                                   await_creation_for=0)
 
 
+MANIFEST_TAG = "s2d.manifest_sha256"
+
+
+def pinning_versions(c, root: str, stage_uri: str, digest: str) -> list:
+    """Registered versions (of any model) whose checkpoint lies in ``stage_uri`` and that pin the manifest with
+    sha256 ``digest`` (versions registered before pinning, without the tag, count too: they cannot be told apart)."""
+    stage_uri = stage_uri.rstrip("/")
+    out = []
+    for mv in c.search_model_versions(f"tags.`s2d.root` = '{quote(root)}'", max_results=1000):
+        src = mv.tags.get("s2d.uri") or ""
+        if (src == stage_uri or src.startswith(stage_uri + "/")) and mv.tags.get(MANIFEST_TAG, digest) == digest:
+            out.append(mv)
+    return out
+
+
 def resolve_model_uri(uri: str) -> str:
     """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's checkpoint URI
-    (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged."""
+    (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged.
+
+    A version registered with a pinned manifest (``s2d.manifest_sha256``) resolves only while the manifest
+    behind the URI is still that one: files republished, deleted or rewritten since the registration are an
+    error (a ``ValueError`` starting with the ``models:/`` URI: one line, exit 2), never another model
+    silently served under the old version number. Each file is then checked against the manifest's sha256
+    when the stage reads it."""
     if storage.uri_kind(uri) != "registry":
         return uri
     for k, v in HTTP_DEFAULTS.items():
@@ -258,4 +286,15 @@ def resolve_model_uri(uri: str) -> str:
         src = lm.tags.get("s2d.uri") or src
     if src.startswith("models:/"):
         raise ValueError(f"{uri}: version {mv.version} of {mv.name} points at no checkpoint URI (no s2d.uri tag)")
+    pinned = mv.tags.get(MANIFEST_TAG)
+    if pinned is None:
+        log.warning("%s: version %s of %s was registered without a pinned manifest; its files are not checked "
+                    "against the registration", uri, mv.version, mv.name)
+        return src
+    found = artifacts.find_manifest(src)
+    now = artifacts.manifest_sha256(found[0]) if found else None
+    if now != pinned:
+        what = "has no manifest any more" if now is None else f"was republished (manifest sha256 {now[:12]}, pinned {pinned[:12]})"
+        raise ValueError(f"{uri}: {src} {what} since version {mv.version} of {mv.name} was registered: refusing to "
+                         "resolve it to other files; register the new checkpoint or use its URI")
     return src

@@ -669,6 +669,49 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
         return stage + ["--teacher", str(tmp / "nope" / "model")], f"policy {tmp / 'nope' / 'model'} does not exist"
     if case == "unpublished_s3":
         return stage + ["--teacher", "s3://{bucket}/runs/x/teacher_rl/model"], "not a published artifact"
+    # issue 23, "bad inputs still not clean"
+    if case == "tokenizer_mismatch":  # decided from the tokenizer files: no model may load first
+        from stages import models
+        from stages.config import TinyArch
+
+        tok = models.char_tokenizer()
+        tok.add_tokens(["<think>"])
+        d = tmp / "other_student"
+        models.save(models.tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0),
+                    tok, d)
+
+        def no_load(*a, **kw):
+            raise AssertionError("a model was loaded before the tokenizer check")
+
+        monkeypatch.setattr(models, "load", no_load)
+        return (["kl_warmup", "--config", "tiny", "--root", str(tmp / "root"), "--set", "tracking.enabled=false",
+                 "--teacher", str(pub / "stage" / "model"), "--student", str(d)],
+                f"teacher and student must share one tokenizer ({pub / 'stage' / 'model'} vs {d}): vocabularies differ")
+    if case in ("data_not_objects", "data_not_objects_mixed"):
+        f = tmp / "rows.json"
+        f.write_text("[1, 2, 3]" if case == "data_not_objects" else '[{"problem": "1+1", "answer": "2"}, ["1+2", "3"]]')
+        n, got = (1, "int") if case == "data_not_objects" else (2, "list")
+        return (["validate", "--set", "task.kind=dataset", "--set",
+                 f"task.data={{teacher_rl: {{path: {f}}}, prompts: {{path: {f}}}, eval: {{path: {f}}}}}"],
+                f"{f}: row {n} of the JSON array must be an object, got {got}")
+    if case == "root_scheme":
+        return (["teacher_rl", "--config", "tiny", "--root", "gs://bucket/runs/x", "--set", "tracking.enabled=false"],
+                "--root gs://bucket/runs/x: unsupported URI scheme 'gs' for an artifact root")
+    if case == "root_userinfo":
+        return (["plan", "--root", "s3://key:secret@bucket/runs/x", "--set", "tracking.enabled=false"],
+                "--root s3://***@bucket/runs/x: a credential inside the URI")
+    if case == "stage_typo":
+        return ["teacher_lr", "--config", "tiny"], "unknown command 'teacher_lr': did you mean 'teacher_rl'? commands: bootstrap,"
+    if case == "unk_text":
+        f = tmp / "unicode.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in [{"problem": "What is 2+3?", "answer": "5"},
+                                                        {"problem": "What is 6 × 7?", "answer": "42"},
+                                                        {"problem": "Café bill: 3+4?", "answer": "7"}]) + "\n")
+        return (["validate", "--set", "task.kind=dataset", "--set",
+                 f"task.data={{bootstrap: {{path: {f}}}, teacher_rl: {{path: {f}}}, prompts: {{path: {f}, answer_field: null}}, "
+                 f"student_rl: {{path: {f}}}, eval: {{path: {f}}}}}"],
+                "task: split 'bootstrap' problem bootstrap-1: the tokenizer of bootstrap cannot represent '×' "
+                "(it would become <unk>; 2 of 3 problems in the split)")
     raise AssertionError(case)
 
 
@@ -694,6 +737,13 @@ BAD_INPUTS = [
     "published_file_missing",
     "input_missing",
     "unpublished_s3",
+    "tokenizer_mismatch",
+    "data_not_objects",
+    "data_not_objects_mixed",
+    "root_scheme",
+    "root_userinfo",
+    "stage_typo",
+    "unk_text",
 ]
 
 
@@ -722,6 +772,22 @@ def test_bad_input_through_the_real_command_and_debug_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and not p.stdout
     p = subprocess.run(cmd + ["--debug"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_mistyped_command_is_one_line_and_eval_problems_above_the_split_is_a_warning(tmp_path):
+    """The real command: a mistyped stage name prints ONE line (not argparse's usage block) and exits 2;
+    eval.problems larger than the eval split is accepted with a warning naming both numbers (a cap on every
+    evaluated set, so a small set under a large cap is normal; the number averaged over must be visible)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "stages", "kl_warmpu", "--config", "tiny"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and not p.stdout, p.stderr
+    assert p.stderr.startswith("error: argument command: unknown command 'kl_warmpu': did you mean 'kl_warmup'?")
+    p = subprocess.run([sys.executable, "-m", "stages", "validate", "--config", "tiny", "--set", "eval.problems=500",
+                        "--set", "task.sizes.eval=40"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "warning: eval.problems is 500 but split 'eval' has 40 problems: avg@8 and pass@8 there are over 40" in p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["valid"] is True
 
 
 # ------------------------------------------------------------------ whole stages: the real command, real faults
