@@ -910,20 +910,20 @@ from stages import artifacts, storage
 from stages.lock import StageLock
 moment, argv = sys.argv[1], sys.argv[2:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_put, real_write, real_clear = storage.LocalStore.put_file, storage.LocalStore.write_bytes, artifacts.clear_state
+real_put, real_write, real_clear = storage.LocalStore.put_file, storage.LocalStore.write_new, artifacts.clear_state
 def put(self, local, uri):
     if moment == "mid_file" and uri.endswith("model.safetensors") and "/_resume/" not in uri:
         os.replace = lambda *a: die()  # the temporary is written in full, the rename never happens
     real_put(self, local, uri)
-def write(self, uri, data):
+def write(self, uri, data):  # the manifest is created only if absent (write_new)
     if moment == "before_manifest" and uri.endswith("/manifest.json"):
         die()
-    real_write(self, uri, data)
+    return real_write(self, uri, data)
 def clear(uri):
     if moment == "after_manifest":
         die()
     real_clear(uri)
-storage.LocalStore.put_file, storage.LocalStore.write_bytes, artifacts.clear_state = put, write, clear
+storage.LocalStore.put_file, storage.LocalStore.write_new, artifacts.clear_state = put, write, clear
 from stages.cli import main
 sys.exit(main(argv))
 """

@@ -337,7 +337,10 @@ def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(
     logs = stdout + stderr
     assert proc.returncode == 0, logs[-4000:]
     assert "is being written by another run" not in logs
-    assert "try 1 of this task" in logs and "taking over the lock of pid" in logs  # waited its own lease out
+    # Ray may stop the torn-down rank 0 gracefully (its lock released on exit) or not (the lock lingers): either
+    # the new rank 0 finds the lock free, or it recognises try 1 of its own task and waits that lease out
+    if "held by" in logs:
+        assert "try 1 of this task" in logs and "taking over the lock of pid" in logs, logs[-6000:]
     assert "teacher_rl: resumed policy from step 2" in logs
     assert json.loads(stdout.strip().splitlines()[-1])["skipped"] is False
     assert artifacts.read_manifest(f"{root}/teacher_rl")["steps"] == 4
