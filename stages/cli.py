@@ -162,8 +162,8 @@ def check_tokenizers(cfg, command: str, inputs: dict[str, str]) -> None:
     from .models import check_compatible, read_tokenizer
     from .registry import get
 
-    spec = get(command)
-    roles = {spec.inputs[k]: uri for k, uri in inputs.items()}
+    spec = get(command) if command != "workflow" else None
+    roles = {spec.inputs[k]: uri for k, uri in inputs.items()} if spec else inputs
     # a served teacher is checked against the student through the server's /tokenize when the stage opens it
     if not ({"teacher", "student"} <= set(roles)) or cfg.teacher.engine == "server":
         return
@@ -346,6 +346,9 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
         emit(args, {"final_student": summary["final_student"], "teacher": summary["teacher"], "headline": summary["headline"]})
         return 0
     if args.command == "workflow":
+        pairs = [s for s in workflow.plan(cfg, root) if {"teacher", "student"} <= set(STAGES[s["stage"]].inputs.values())]
+        if pairs:  # the base models' tokenizers (a setup stage's output that does not exist yet is not read)
+            check_tokenizers(cfg, "workflow", {r: workflow.base_uri(cfg, root, r) for r in ("teacher", "student")})
         summary = workflow.run(cfg, root, args.parent_run_id)
         emit(args, {"final_student": summary["final_student"], "teacher": summary["teacher"], "headline": summary["headline"]})
         return 0

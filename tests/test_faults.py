@@ -670,7 +670,7 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     if case == "unpublished_s3":
         return stage + ["--teacher", "s3://{bucket}/runs/x/teacher_rl/model"], "not a published artifact"
     # issue 23, "bad inputs still not clean"
-    if case == "tokenizer_mismatch":  # decided from the tokenizer files: no model may load first
+    if case in ("tokenizer_mismatch", "tokenizer_mismatch_workflow"):  # from the tokenizer files: no model loads first
         from stages import models
         from stages.config import TinyArch
 
@@ -684,6 +684,10 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
             raise AssertionError("a model was loaded before the tokenizer check")
 
         monkeypatch.setattr(models, "load", no_load)
+        if case == "tokenizer_mismatch_workflow":  # the base models of a whole workflow
+            return (["workflow", "--config", "tiny", "--root", str(tmp / "root"), "--set", "tracking.enabled=false",
+                     "--set", f"models.teacher.source={pub / 'stage' / 'model'}", "--set", f"models.student.source={d}"],
+                    f"teacher and student must share one tokenizer ({pub / 'stage' / 'model'} vs {d}): vocabularies differ")
         return (["kl_warmup", "--config", "tiny", "--root", str(tmp / "root"), "--set", "tracking.enabled=false",
                  "--teacher", str(pub / "stage" / "model"), "--student", str(d)],
                 f"teacher and student must share one tokenizer ({pub / 'stage' / 'model'} vs {d}): vocabularies differ")
@@ -738,6 +742,7 @@ BAD_INPUTS = [
     "input_missing",
     "unpublished_s3",
     "tokenizer_mismatch",
+    "tokenizer_mismatch_workflow",
     "data_not_objects",
     "data_not_objects_mixed",
     "root_scheme",

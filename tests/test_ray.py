@@ -289,6 +289,33 @@ def test_workers_get_the_airflow_try_identity_but_no_credential_inside_a_uri():
     assert ray_train.withheld_env(env) == ["MLFLOW_TRACKING_URI"]
 
 
+def _job_workers(marker: str) -> list:
+    """The Ray Train worker processes of the job whose environment carries ``marker`` (S2D_TEST_JOB)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.environ().get("S2D_TEST_JOB") == marker:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _ray_workers_seen() -> list:
+    import psutil
+
+    seen = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                seen.append((p.pid, " ".join(p.info["cmdline"])[:60], sorted(k for k in p.environ() if k.startswith("S2D_"))))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return seen
+
+
 def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(cluster, tmp_path, s3_bucket):
     """An S3 root (a leased lock): a worker is SIGKILLed after the first resume state; Ray restarts the group
     and the new rank 0 finds the lock of the group Ray tore down, whose lease has not lapsed. With the Airflow
@@ -304,7 +331,8 @@ def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(
     aws.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\nregion = us-east-1\n")
     root = f"s3://{s3_bucket}/runs/ray"
     env = _ray_env(cluster, tmp_path / "mlflow.db")
-    env.update(AIRFLOW_TRY, S2D_LOCK_LEASE_S="10", AWS_CONFIG_FILE=str(aws), AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])
+    marker = secrets.token_hex(8)  # forwarded to this job's workers only: how the test finds them among other jobs'
+    env.update(AIRFLOW_TRY, S2D_TEST_JOB=marker, S2D_LOCK_LEASE_S="10", AWS_CONFIG_FILE=str(aws), AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(k, None)
     cmd = [*_cmd(root), "--teacher", f"{boot}/bootstrap/teacher", "--set", "tracking.enabled=false"]
@@ -312,24 +340,27 @@ def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(
     store = storage.store_for(root)
     import threading
 
-    import psutil
 
-    err_lines: list[str] = []  # read as they come: the workers announce their pids there
-    reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    err_lines: list[str] = []  # read as they come: the workers announce their pids (Ray forwards to either stream)
+    out_lines: list[str] = []
+    readers = [threading.Thread(target=lambda s=s, o=o: o.extend(iter(s.readline, "")), daemon=True)
+               for s, o in ((proc.stderr, err_lines), (proc.stdout, out_lines))]
+    for r in readers:
+        r.start()
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
             time.sleep(0.2)
         assert proc.poll() is None, "".join(err_lines)[-4000:]
-        pids = {int(p) for p in _worker_pids("".join(err_lines), 1)}
-        victims = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
-        assert len(victims) == 1 and "RayTrainWorker" in " ".join(victims[0].cmdline()), pids
-        victims[0].send_signal(signal.SIGKILL)  # rank 1 of this job (a lost node): Ray restarts the whole group
-        stdout = proc.stdout.read()
+        while time.time() < deadline and len(_job_workers(marker)) < 2:
+            time.sleep(0.5)
+        victims = _job_workers(marker)
+        assert len(victims) == 2, (_ray_workers_seen(), ("".join(err_lines + out_lines))[-3000:])
+        victims[-1].send_signal(signal.SIGKILL)  # one worker of this job (a lost node): Ray restarts the whole group
         proc.wait(timeout=600)
-        reader.join(timeout=30)
-        stderr = "".join(err_lines)
+        for r in readers:
+            r.join(timeout=30)
+        stdout, stderr = "".join(out_lines), "".join(err_lines)
     finally:
         if proc.poll() is None:
             proc.kill()
