@@ -1,5 +1,6 @@
 # make demo   -- set up, then run the whole workflow on the embedded default through the Airflow DAG
-# make test   -- set up, then run the test suite
+# make test   -- set up, then ruff, the docs site (strict build) and the test suite
+# make docs   -- the documentation site, mkdocs build --strict into site/ (docs/, mkdocs.yml)
 # make workflow  -- the same workflow without Airflow (python -m stages workflow)
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
@@ -20,7 +21,7 @@ export S2D_WORKDIR = $(CURDIR)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench]' -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[airflow,dev,bench,docs]' -c constraints.txt
 	$(VENV)/bin/pip install -q -e '.[ray]' -c constraints.txt
 	touch $@
 
@@ -44,7 +45,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install vllm-venv demo workflow test stack bench-paper bench-speed gpu-wheels image clean
+.PHONY: install vllm-venv demo workflow test docs stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -60,8 +61,14 @@ workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	$(VENV)/bin/ruff check stages dags tests bench
+	$(VENV)/bin/ruff check stages dags tests bench docs
+	$(MAKE) --no-print-directory docs
 	$(VENV)/bin/python -m pytest -q
+
+# the site, with the configuration and CLI reference generated from the code (docs/hooks.py); strict:
+# a broken link or anchor, or a page missing from the nav, fails the build
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 # one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve)
 stack: $(AIRFLOW_HOME)/.ready
@@ -81,7 +88,7 @@ bench-mechanism: $(VENV)/.installed
 bench-determinism: $(VENV)/.installed
 	$(VENV)/bin/python bench/determinism.py --out bench/results
 
-# The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (README "GPU path")
+# The wheels the GPU machine lacks (Python 3.12 there; no network), for bench/gpu_run.sh (docs/gpu.md)
 GPU_WHEELS = pydantic==2.13.5 pydantic_core==2.46.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 	math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 hjson==3.1.0
 gpu-wheels: $(VENV)/.installed

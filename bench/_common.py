@@ -33,9 +33,14 @@ def machine() -> dict:
     import transformers
 
     try:
-        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "stages", "bench/configs", "bench/paper_table.py"],
-                               capture_output=True, text=True).stdout.strip()
+        git = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "stages", "bench/configs", "bench/paper_table.py"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         git += " (modified)" if dirty else ""
     except OSError:
         git = "unknown"

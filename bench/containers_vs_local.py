@@ -106,10 +106,23 @@ def main() -> None:
             sock = f"unix://{tmp}/podman.sock"
             procs.append(subprocess.Popen(["podman", "--runtime", RUNTIME, "system", "service", "--time=0", sock],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-            base_env = {**os.environ, **creds, "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-                        "MLFLOW_TRACKING_URI": mlflow, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
-                        "S2D_STAGE_PYTHON": sys.executable, "S2D_WORKDIR": str(tmp), "S2D_IMAGE": IMAGE, "S2D_DOCKER_URL": sock,
-                        "S2D_DOCKER_NETWORK": "host", "S2D_GPUS_PER_TASK": "0", "S2D_ARTIFACT_ROOT": f"s3://{bucket}"}
+            base_env = {
+                **os.environ,
+                **creds,
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+                "MLFLOW_TRACKING_URI": mlflow,
+                "HF_HUB_OFFLINE": "1",
+                "TQDM_DISABLE": "1",
+                "PYTHONPATH": str(REPO),
+                "S2D_STAGE_PYTHON": sys.executable,
+                "S2D_WORKDIR": str(tmp),
+                "S2D_IMAGE": IMAGE,
+                "S2D_DOCKER_URL": sock,
+                "S2D_DOCKER_NETWORK": "host",
+                "S2D_GPUS_PER_TASK": "0",
+                "S2D_ARTIFACT_ROOT": f"s3://{bucket}",
+            }
             time.sleep(2)
             results = {r: dag_run(r, tmp, base_env, f"s3://{bucket}/{r}", args.small) for r in ("local", "docker")}
             podman = ["podman", "--runtime", RUNTIME, "run", "--rm", "--network", "host"]
@@ -124,10 +137,18 @@ def main() -> None:
                 p.wait(timeout=30)
     ratio = results["docker"]["wall_s"] / results["local"]["wall_s"]
     config = "tests' small config (tests/conftest.py TEST_OVERRIDES)" if args.small else "the tiny preset (make demo's config)"
-    out = {"config": config, "image": IMAGE, "image_size_bytes": size, "build_s": round(build_s, 1), "runs": results, "ratio_docker_over_local": round(ratio, 2),
-           "startup": {k: round(v, 2) for k, v in startup.items()}, "cpus": os.cpu_count(),
-           "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-           "note": "local then docker, back to back in one command; compare the ratio, not the wall times"}
+    out = {
+        "config": config,
+        "image": IMAGE,
+        "image_size_bytes": size,
+        "build_s": round(build_s, 1),
+        "runs": results,
+        "ratio_docker_over_local": round(ratio, 2),
+        "startup": {k: round(v, 2) for k, v in startup.items()},
+        "cpus": os.cpu_count(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+        "note": "local then docker, back to back in one command; compare the ratio, not the wall times",
+    }
     (args.out / "containers_vs_local.json").write_text(json.dumps(out, indent=2) + "\n")
     rows = "\n".join(f"| {t} | {results['local']['tasks_s'].get(t, '')} | {results['docker']['tasks_s'].get(t, '')} |"
                      for t in results["local"]["tasks_s"])

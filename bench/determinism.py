@@ -1,6 +1,7 @@
 """Which machine-dependent factors change the draws: the same bootstrap under different torch settings.
 
-    python bench/determinism.py                      # paper-cpu bootstrap, shortened (40 + 40 steps: about a minute per variant on 2 quiet cores)
+    # paper-cpu bootstrap, shortened (40 + 40 steps: about a minute per variant on 2 quiet cores)
+    python bench/determinism.py
     python bench/determinism.py --set bootstrap.teacher_steps=500 --set bootstrap.student_steps=500   # as long as the preset
 
 Each variant runs the bootstrap stage of ``bench/configs/paper-cpu.yaml`` in a fresh process (so its
@@ -30,7 +31,10 @@ VARIANTS = {
     "1 thread": ({}, 1),
     "1 thread, again": ({}, 1),
     "2 threads": ({}, 2),
-    "1 thread, AVX2 kernels": ({"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"}, 1),
+    "1 thread, AVX2 kernels": (
+        {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_CBWR": "AVX2"},
+        1,
+    ),
 }
 SHORT = ["bootstrap.teacher_steps=40", "bootstrap.student_steps=40", "eval.problems=100"]
 
@@ -86,12 +90,16 @@ def main(argv=None) -> int:
                 r[f"{role}_max_abs_diff"] = max(float((w[k] - ref_w[role][k]).abs().max()) for k in w)
         print(name, rows[name], flush=True)
     ref = rows[args.variants[0]]
-    lines = ["# Determinism: the same bootstrap under different torch settings", "",
-             f"Command: `python bench/determinism.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             f"Machine: {machine()}. Overrides: {overrides}.", "",
-             "| variant | torch threads | kernels | teacher weights | student weights | max abs weight diff to the first (teacher, student) "
-             "| teacher avg@k | student avg@k | same as first |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Determinism: the same bootstrap under different torch settings",
+        "",
+        f"Command: `python bench/determinism.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Machine: {machine()}. Overrides: {overrides}.",
+        "",
+        "| variant | torch threads | kernels | teacher weights | student weights | max abs weight diff to the first (teacher, student) "  # noqa: E501
+        "| teacher avg@k | student avg@k | same as first |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         m = r["metrics"]
         t = next(v for k, v in m.items() if k.startswith("teacher.eval.avg@"))

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import machine, paired, preset_path  # noqa: E402
-from stages import artifacts, workflow  # noqa: E402
+from stages import storage, workflow  # noqa: E402
 from stages.config import ConfigError, load_config  # noqa: E402
 
 WARM, DISTILL, RL = "kl_warmup", "onpolicy_distill", "student_rl"
@@ -81,8 +81,13 @@ MECHANISM_ARMS = ("full", "no on-policy (no 2b)", EQ_WARM)
 
 
 def direct(lr: float, budget: int) -> dict:
-    return {"teacher": "rl", "stages": [], "lr": lr, "direct": True, "set": ["workflow.baseline=true", f"direct_grpo.steps={budget}",
-                                                    f"direct_grpo.optim.lr={lr}"]}
+    return {
+        "teacher": "rl",
+        "stages": [],
+        "lr": lr,
+        "direct": True,
+        "set": ["workflow.baseline=true", f"direct_grpo.steps={budget}", f"direct_grpo.optim.lr={lr}"],
+    }
 
 
 def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: str, arm: dict) -> dict:
@@ -143,7 +148,7 @@ def _pool(workers: int):
 
 def stage_tokens(stage_uri: str, per_step: int) -> float:
     """Completion tokens a stage's rollouts had (sum over steps of completion_len x samples)."""
-    raw = artifacts.store_for(stage_uri).read_bytes(artifacts.join(stage_uri, "metrics.jsonl"))
+    raw = storage.store_for(stage_uri).read_bytes(storage.join(stage_uri, "metrics.jsonl"))
     rows = [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
     return sum(r.get("completion_len", 0.0) * per_step for r in rows)
 
@@ -159,9 +164,9 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
     # teacher compute in the student stages: tokens the teacher generated (2a) or scored (2a, 2b)
     t_tok = 0.0
     if WARM in res:
-        t_tok += 2 * stage_tokens(artifacts.join(root, WARM), cfg.kl_warmup.prompts_per_step)
+        t_tok += 2 * stage_tokens(storage.join(root, WARM), cfg.kl_warmup.prompts_per_step)
     if DISTILL in res:
-        t_tok += stage_tokens(artifacts.join(root, DISTILL), cfg.onpolicy_distill.prompts_per_step)
+        t_tok += stage_tokens(storage.join(root, DISTILL), cfg.onpolicy_distill.prompts_per_step)
     row["teacher_tokens"] = t_tok
     for s in (WARM, DISTILL):
         if s in res:
@@ -175,14 +180,18 @@ def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri:
     """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)
     and, with ``validate``, (c2, the model's avg@k on the validation split); else (c2, None)."""
     from stages.runtime import StageRun
-    from stages.scoring import score, student_teacher_kl
+    from stages.scoring import eval_metrics, student_teacher_kl
 
     cfg = load_config(base, overrides)
     run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
     try:
         t, s, tok = run.load_teacher_student(teacher, student_uri)
-        c2 = student_teacher_kl(run.rollouts, s, t, tok, run.task.problems("prompts"), label="c2-final")
-        val = score(run.rollouts, s, tok, run.task.problems("validation"))[f"avg@{cfg.eval.samples}"] if validate else None
+        c2 = student_teacher_kl(run.rollout_maker, s, t, tok, run.task.problems("prompts"), label="c2-final")
+        val = (
+            eval_metrics(run.rollout_maker, s, tok, run.task.problems("validation"))[f"avg@{cfg.eval.samples}"]
+            if validate
+            else None
+        )
         return c2, val
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
             for d in args.digits:
                 ov = overrides + [f"task.min_digits={min(2, d)}", f"task.max_digits={d}",
                                   f"sampling.max_new_tokens={10 * d + 10}"]
-                r = run_table(base, ov, args.seeds, artifacts.join(root, f"digits{d}"), pool, sweep=None,
+                r = run_table(base, ov, args.seeds, storage.join(root, f"digits{d}"), pool, sweep=None,
                               only=MECHANISM_ARMS)
                 result["mechanism"].append({"digits": d} | r)
             stem_name = f"mechanism_{cfg0.name}"
@@ -244,9 +253,16 @@ def main(argv=None) -> int:
             stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
     finally:
         pool.shutdown()
-    result |= {"preset": cfg0.name, "config": base, "overrides": args.overrides, "seeds": result["seeds"] if args.digits else seeds,
-               "wall_s": time.perf_counter() - t_start, "machine": machine(), "command": command,
-               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    result |= {
+        "preset": cfg0.name,
+        "config": base,
+        "overrides": args.overrides,
+        "seeds": result["seeds"] if args.digits else seeds,
+        "wall_s": time.perf_counter() - t_start,
+        "machine": machine(),
+        "command": command,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / stem_name
@@ -269,14 +285,16 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed."""
     cfg0 = load_config(base, overrides)
     k = cfg0.eval.samples
-    boot_root = artifacts.join(root, "base")
+    boot_root = storage.join(root, "base")
     boot, boot_reused = workflow.run_stage(load_config(base, overrides + ["seed=0"]), boot_root, "bootstrap", {})
     base_t, base_s = boot["outputs"]["teacher"], boot["outputs"]["student"]
-    print(f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}",
-          flush=True)
+    print(
+        f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}",  # noqa: E501
+        flush=True,
+    )
     # stage 1 once per seed; every arm with an RL'd teacher reads it
     t_arm = {"teacher": "base", "stages": ["teacher_rl"], "set": []}
-    t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], artifacts.join(root, f"seed{s}", "teacher"),
+    t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], storage.join(root, f"seed{s}", "teacher"),
                           base_t, base_s, t_arm) for s in seeds]
     teacher_rows, rl_teacher = [], {}
     for s, job in zip(seeds, t_jobs):
@@ -288,7 +306,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
 
     def submit(seed: int, name: str, arm: dict, extra: list[str], where: str, validate: bool = False):
         teacher = rl_teacher[seed] if arm["teacher"] == "rl" else base_t
-        return pool.submit(arm_job, base, overrides + [f"seed={seed}"] + extra, artifacts.join(root, f"seed{seed}", where),
+        return pool.submit(arm_job, base, overrides + [f"seed={seed}"] + extra, storage.join(root, f"seed{seed}", where),
                            teacher, base_s, arm, name, seed, k, rl_teacher[seed], validate)
 
     budget = cfg0.student_step_budget()
@@ -346,11 +364,22 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     stages = {"reused": reused, "run": 1 + sum(o["stages"] for o in outs) - reused}
     for seed in seeds:
         # the base student, for reference (no training; C2 against the same RL teacher)
-        rows.append({"arm": "base student (no training)", "seed": seed, f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],
-                     f"pass@{k}": boot["metrics"].get(f"student.eval.pass@{k}"), "greedy": boot["metrics"].get("student.eval.greedy"),
-                     "student_steps": 0, "labeled_student": 0, "student_wall_s": 0.0, "teacher_tokens": 0.0,
-                     "c2_final": c2_of(base, overrides + [f"seed={seed}"], artifacts.join(root, f"seed{seed}", "teacher"),
-                                       rl_teacher[seed], base_s)[0]})
+        rows.append(
+            {
+                "arm": "base student (no training)",
+                "seed": seed,
+                f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],
+                f"pass@{k}": boot["metrics"].get(f"student.eval.pass@{k}"),
+                "greedy": boot["metrics"].get("student.eval.greedy"),
+                "student_steps": 0,
+                "labeled_student": 0,
+                "student_wall_s": 0.0,
+                "teacher_tokens": 0.0,
+                "c2_final": c2_of(
+                    base, overrides + [f"seed={seed}"], storage.join(root, f"seed{seed}", "teacher"), rl_teacher[seed], base_s
+                )[0],
+            }
+        )
     return {"k": k, "eval_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("eval", 0)),
             "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
             "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows, "stages": stages,
@@ -448,31 +477,48 @@ def render(result: dict) -> str:
     lab_t = t[0]["labeled"] if t else 0
     m = result["machine"]
     lines = [
-        f"# The paper's table in miniature ({result['preset']})", "",
+        f"# The paper's table in miniature ({result['preset']})",
+        "",
         f"Command: `{result['command']}`  ",
         f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores, torch kernels {m.get('cpu_capability')}), "
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. Git: {m['git']}. "
         f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall{_reused(result)}.  ",
         f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out eval problems (k = {k} samples each); "
         f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
-        f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.", "",
-        f"Base models (bootstrap, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "
+        f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.",
+        "",
+        f"Base models (bootstrap, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
         f"student {result['bootstrap'].get(f'student.eval.avg@{k}', float('nan')):.3f}. "
         f"Stage 1 ({lab_t} labeled examples): teacher avg@{k} "
-        + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f}" for r in t) + " (C1).", "",
-        "## Selection (validation split, first seed; never the eval split)", "",
-        "| what | avg@%d on validation per value | chosen |" % k, "|---|---|---|",
+        + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f}" for r in t)
+        + " (C1).",
+        "",
+        "## Selection (validation split, first seed; never the eval split)",
+        "",
+        "| what | avg@%d on validation per value | chosen |" % k,
+        "|---|---|---|",
     ]
     for sel in result.get("selection", []):
         ext = f" (grid extended past its edge: {', '.join(f'{v:g}' for v in sel['extended'])})" if sel.get("extended") else ""
-        lines.append(f"| {sel['what']} | " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items()) + f"{ext} | {sel['chosen']:g} |")
-    lines += ["", "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".", ""]
+        lines.append(
+            f"| {sel['what']} | "
+            + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
+            + f"{ext} | {sel['chosen']:g} |"
+        )
+    lines += [
+        "",
+        "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".",
+        "",
+    ]
 
     def table(title: str, names) -> list[str]:
-        out = [f"## {title}", "",
-               f"| arm | avg@{k} mean ± std | Δ vs full, paired [95% CI] | ordering | paper (MATH) | per seed | pass@{k} | C2 final "
-               "| C2 after 2a | C2 after 2b | student steps | labeled (student) | teacher tokens | student wall s |",
-               "|" + "---|" * 14]
+        out = [
+            f"## {title}",
+            "",
+            f"| arm | avg@{k} mean ± std | Δ vs full, paired [95% CI] | ordering | paper (MATH) | per seed | pass@{k} | C2 final "
+            "| C2 after 2a | C2 after 2b | student steps | labeled (student) | teacher tokens | student wall s |",
+            "|" + "---|" * 14,
+        ]
         for r in rows:
             if r["arm"] not in names:
                 continue
@@ -514,9 +560,16 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"student avg@{k} (mean ± std, dots: seeds)")
     ax = axes[1]
     diffs = [r for r in rows if r.get("vs_full") and not math.isnan(r["vs_full"]["lo"])]
-    ax.errorbar([r["vs_full"]["mean"] for r in diffs], range(len(diffs)), fmt="o",
-                xerr=[[r["vs_full"]["mean"] - r["vs_full"]["lo"] for r in diffs], [r["vs_full"]["hi"] - r["vs_full"]["mean"] for r in diffs]],
-                capsize=3)
+    ax.errorbar(
+        [r["vs_full"]["mean"] for r in diffs],
+        range(len(diffs)),
+        fmt="o",
+        xerr=[
+            [r["vs_full"]["mean"] - r["vs_full"]["lo"] for r in diffs],
+            [r["vs_full"]["hi"] - r["vs_full"]["mean"] for r in diffs],
+        ],
+        capsize=3,
+    )
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(diffs)), [r["arm"] for r in diffs], fontsize=7)
     ax.set_title("arm - full, paired over seeds (95% CI)")
@@ -528,7 +581,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"avg@{k} against teacher compute")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Sparse-to-dense in miniature ({result['preset']}, seeds {result['seeds']}, {result['eval_problems']} eval problems)")
+    fig.suptitle(
+        f"Sparse-to-dense in miniature ({result['preset']}, seeds {result['seeds']}, {result['eval_problems']} eval problems)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -554,20 +609,27 @@ def _neg(d: dict) -> dict:
 def render_mechanism(result: dict) -> str:
     k = result["mechanism"][0]["k"]
     m = result["machine"]
-    lines = ["# The mechanism: does on-policy distillation (2b) gain more as traces get longer?", "",
-             f"Command: `{result['command']}`  ",
-             f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Git: {m['git']}. "
-             f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: "
-             + (", ".join(f"`{o}`" for o in result["overrides"] if ".lr=" in o) or "the preset's")
-             + " (set them to what the table's validation sweep chose; no selection here).", "",
-             "A task of d digits has a d-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
-             "95% t-interval over seeds.", "",
-             f"| digits | teacher after stage 1 | full avg@{k} | no 2b | warmup only, = teacher tokens | 2b gain vs no 2b | 2b gain vs warmup only (= tokens) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# The mechanism: does on-policy distillation (2b) gain more as traces get longer?",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}. Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}. Git: {m['git']}. "
+        f"{result['wall_s'] / 60:.1f} min wall. Seeds {result['seeds']}; learning rates: "
+        + (", ".join(f"`{o}`" for o in result["overrides"] if ".lr=" in o) or "the preset's")
+        + " (set them to what the table's validation sweep chose; no selection here).",
+        "",
+        "A task of d digits has a d-column worked trace (~10 tokens a column). 2b gain = full - arm on the same seed, "
+        "95% t-interval over seeds.",
+        "",
+        f"| digits | teacher after stage 1 | full avg@{k} | no 2b | warmup only, = teacher tokens | 2b gain vs no 2b | 2b gain vs warmup only (= tokens) |",  # noqa: E501
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in mechanism_points(result):
         g = lambda d: f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + (" **resolved**" if d["resolved"] else "")  # noqa: E731
-        lines.append(f"| {p['digits']} | {statistics.mean(p['teacher']):.3f} | {_f(p['full'])} | {_f(p['no2b'])} | {_f(p['warm_eq'])} | "
-                     f"{g(p['vs_no2b'])} | {g(p['vs_warm_eq'])} |")
+        lines.append(
+            f"| {p['digits']} | {statistics.mean(p['teacher']):.3f} | {_f(p['full'])} | {_f(p['no2b'])} | {_f(p['warm_eq'])} | "
+            f"{g(p['vs_no2b'])} | {g(p['vs_warm_eq'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -111,7 +111,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["overhead_ratio_ray1_vs_plain"] = round(res["ray_1_worker"]["wall_s"] / res["plain"]["wall_s"], 2)
-    res["rollout_speedup_2_vs_1_workers"] = round(res["ray_2_workers"]["gen_tokens_per_s"] / res["ray_1_worker"]["gen_tokens_per_s"], 2)
+    res["rollout_speedup_2_vs_1_workers"] = round(
+        res["ray_2_workers"]["gen_tokens_per_s"] / res["ray_1_worker"]["gen_tokens_per_s"], 2
+    )
     res["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,13 +74,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from stages import grpo, onpolicy_distill  # noqa: E402
 from stages.config import Config, load_config  # noqa: E402
 from stages.engines.hf import HFSampler  # noqa: E402
 from stages.models import char_tokenizer, save, tiny_qwen3  # noqa: E402
+from stages.recipes import grpo, onpolicy_distill  # noqa: E402
 from stages.rollout import Rollouts, Sampler  # noqa: E402
 from stages.runtime import StageRun, seed_for  # noqa: E402
-from stages.tasks import Problem  # noqa: E402
+from stages.task_contract import Problem  # noqa: E402
 from stages.tracking import Tracker  # noqa: E402
 
 NEVER = -1  # an EOS id no sampled token can equal: our sampler then never stops a row early
@@ -258,7 +258,7 @@ def _ours(w: Workload, stage: str, steps: int, overrides: list[str], call) -> li
     cfg = load_config("tiny", w.overrides + overrides)
     root = tempfile.mkdtemp(prefix="s2d-bench-ours-", dir=w.tmp)
     run = StageRun(stage, cfg, root, inputs={"teacher": w.teacher_path, "student": w.student_path})
-    sampler = run.rollouts.sampler = TimedSampler(make_engine(cfg, w.tok.pad_token_id))  # kept once set
+    sampler = run.rollout_maker.sampler = TimedSampler(make_engine(cfg, w.tok.pad_token_id))  # kept once set
     clock = run.tracker = StepEndClock(cfg.tracking)
     call(run, steps)
     hist = [json.loads(line) for line in (Path(root) / stage / "metrics.jsonl").read_text().splitlines()]
@@ -271,13 +271,13 @@ def _ours(w: Workload, stage: str, steps: int, overrides: list[str], call) -> li
 def ours_grpo(w: Workload, steps: int) -> list[Step]:
     """Stage 1 (``teacher_rl``) on the teacher-shaped policy: ``grpo.run`` as ``python -m stages`` runs it."""
     return _ours(w, "teacher_rl", steps, [f"teacher_rl.steps={steps}"],
-                 lambda run, n: grpo.run(run, w.teacher_path, steps=n))
+                 lambda run, n: grpo.main(run, w.teacher_path, steps=n))
 
 
 def ours_distill(w: Workload, steps: int, form: str) -> list[Step]:
     """Stage 2b (``onpolicy_distill``) with the given form, as ``python -m stages`` runs it."""
     return _ours(w, "onpolicy_distill", steps, [f"onpolicy_distill.steps={steps}", f"onpolicy_distill.form={form}"],
-                 lambda run, n: onpolicy_distill.run(run, w.teacher_path, w.student_path))
+                 lambda run, n: onpolicy_distill.main(run, w.teacher_path, w.student_path))
 
 
 # -------------------------------------------------------------------------------------- TRL side
@@ -577,9 +577,14 @@ def run_benchmark(opts, log=print) -> dict:
             order = (("ours", pair.ours), ("other", pair.other))
             for side, fn in (order if r % 2 == 0 else order[::-1]):  # ABBA: drift hits both sides alike
                 raw[name][side].append(fn(w, opts.steps))
-        log(f"repeat {r + 1}/{opts.repeats}: " + ", ".join(
-            f"{n} {summarize_side(raw[n]['ours'][-1])['samples_per_s'] / summarize_side(raw[n]['other'][-1])['samples_per_s']:.2f}x"
-            for n in arms) + f" ({time.perf_counter() - t_start:.0f} s)")
+        log(
+            f"repeat {r + 1}/{opts.repeats}: "
+            + ", ".join(
+                f"{n} {summarize_side(raw[n]['ours'][-1])['samples_per_s'] / summarize_side(raw[n]['other'][-1])['samples_per_s']:.2f}x"  # noqa: E501
+                for n in arms
+            )
+            + f" ({time.perf_counter() - t_start:.0f} s)"
+        )
     profiles = run_profiles(opts, w, arms, log) if opts.profile else {}
     shutil.rmtree(w.tmp, ignore_errors=True)
     results = {"meta": meta(opts, w, time.perf_counter() - t_start), "arms": {}, "profile": profiles}
@@ -593,10 +598,15 @@ def run_benchmark(opts, log=print) -> dict:
                        if o["train_s_per_step"] > 0 and t["train_s_per_step"] > 0]
         med = lambda key, xs: statistics.median(x[key] for x in xs)  # noqa: E731
         results["arms"][name] = {
-            "title": TITLES.get(name, f"{pair.ours_label} vs {pair.other_label}"), "ours_label": pair.ours_label, "other_label": pair.other_label,
-            "ratio": spread(ratio), "cpu_ratio": spread(cpu_ratio), "gen_ratio": spread(gen_ratio),
+            "title": TITLES.get(name, f"{pair.ours_label} vs {pair.other_label}"),
+            "ours_label": pair.ours_label,
+            "other_label": pair.other_label,
+            "ratio": spread(ratio),
+            "cpu_ratio": spread(cpu_ratio),
+            "gen_ratio": spread(gen_ratio),
             "train_ratio": spread(train_ratio) if train_ratio else None,
-            "ours": {k: med(k, ours) for k in ours[0]}, "other": {k: med(k, other) for k in other[0]},
+            "ours": {k: med(k, ours) for k in ours[0]},
+            "other": {k: med(k, other) for k in other[0]},
             "repeats": {"ours": ours, "other": other, "ratio": ratio, "cpu_ratio": cpu_ratio},
             "steps": {side: [[s.__dict__ for s in rep] for rep in raw[name][side]] for side in ("ours", "other")},
         }
@@ -608,17 +618,80 @@ def run_benchmark(opts, log=print) -> dict:
 CATEGORIES = (  # (label, predicate on an aten op name)
     ("matmul", lambda n: n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
     ("attention", lambda n: "scaled_dot_product" in n or "attention" in n),
-    ("cat / copy / index", lambda n: n in ("aten::cat", "aten::copy_", "aten::_to_copy", "aten::clone", "aten::index_copy_",
-                                           "aten::index", "aten::index_select", "aten::gather", "aten::scatter_",
-                                           "aten::index_put_", "aten::masked_fill_", "aten::where", "aten::fill_", "aten::zero_")),
-    ("softmax / sampling", lambda n: any(k in n for k in ("softmax", "multinomial", "cumsum", "searchsorted", "sort",
-                                                          "topk", "argmax", "uniform", "rand"))),
+    (
+        "cat / copy / index",
+        lambda n: (
+            n
+            in (
+                "aten::cat",
+                "aten::copy_",
+                "aten::_to_copy",
+                "aten::clone",
+                "aten::index_copy_",
+                "aten::index",
+                "aten::index_select",
+                "aten::gather",
+                "aten::scatter_",
+                "aten::index_put_",
+                "aten::masked_fill_",
+                "aten::where",
+                "aten::fill_",
+                "aten::zero_",
+            )
+        ),
+    ),
+    (
+        "softmax / sampling",
+        lambda n: any(
+            k in n for k in ("softmax", "multinomial", "cumsum", "searchsorted", "sort", "topk", "argmax", "uniform", "rand")
+        ),
+    ),
     ("optimizer (foreach)", lambda n: "_foreach" in n or "addcdiv" in n or "addcmul" in n or "lerp" in n),
-    ("elementwise / norms", lambda n: any(k in n for k in ("mul", "add", "sub", "div", "pow", "rsqrt", "mean", "silu",
-                                                            "exp", "neg", "sum", "sin", "cos", "sigmoid", "tanh", "log",
-                                                            "sqrt", "clamp", "minimum", "maximum", "threshold", "norm",
-                                                            "embedding", "eq", "ne", "lt", "gt", "ge", "le", "any", "all",
-                                                            "bitwise", "logical", "isin")) and not n.startswith("aten::_foreach")),
+    (
+        "elementwise / norms",
+        lambda n: (
+            any(
+                k in n
+                for k in (
+                    "mul",
+                    "add",
+                    "sub",
+                    "div",
+                    "pow",
+                    "rsqrt",
+                    "mean",
+                    "silu",
+                    "exp",
+                    "neg",
+                    "sum",
+                    "sin",
+                    "cos",
+                    "sigmoid",
+                    "tanh",
+                    "log",
+                    "sqrt",
+                    "clamp",
+                    "minimum",
+                    "maximum",
+                    "threshold",
+                    "norm",
+                    "embedding",
+                    "eq",
+                    "ne",
+                    "lt",
+                    "gt",
+                    "ge",
+                    "le",
+                    "any",
+                    "all",
+                    "bitwise",
+                    "logical",
+                    "isin",
+                )
+            )
+            and not n.startswith("aten::_foreach")
+        ),
+    ),
 )
 
 
@@ -674,13 +747,23 @@ def _version(pkg: str) -> str:
 
 def meta(opts, w: Workload, wall_s: float) -> dict:
     try:
-        cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                    if line.startswith("Model name")), platform.processor())
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+                if line.startswith("Model name")
+            ),
+            platform.processor(),
+        )
     except OSError:
         cpu = platform.processor()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "stages"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--", "stages"], cwd=REPO, capture_output=True, text=True
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = "unknown", False
     c = w.cfg
@@ -732,15 +815,16 @@ def markdown(res: dict, notes: str = "") -> str:
         "",
         "## Throughput (median over repeats)",
         "",
-        "| arm | ours samples/s | theirs samples/s | ratio ours/theirs (min / median / max) | ours tokens/s | theirs tokens/s | ours gen / train s per step | theirs gen / train s per step |",
+        "| arm | ours samples/s | theirs samples/s | ratio ours/theirs (min / median / max) | ours tokens/s | theirs tokens/s | ours gen / train s per step | theirs gen / train s per step |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in res["arms"].values():
         o, t, r = a["ours"], a["other"], a["ratio"]
         lines.append(
             f"| {a['title']} | {fmt(o['samples_per_s'])} | {fmt(t['samples_per_s'])} | "
-            f"{r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | {fmt(o['tokens_per_s'], 0)} | {fmt(t['tokens_per_s'], 0)} | "
-            f"{o['gen_s_per_step']:.3f} / {o['train_s_per_step']:.3f} | {t['gen_s_per_step']:.3f} / {t['train_s_per_step']:.3f} |")
+            f"{r['min']:.2f} / **{r['median']:.2f}** / {r['max']:.2f} | {fmt(o['tokens_per_s'], 0)} | {fmt(t['tokens_per_s'], 0)} | "  # noqa: E501
+            f"{o['gen_s_per_step']:.3f} / {o['train_s_per_step']:.3f} | {t['gen_s_per_step']:.3f} / {t['train_s_per_step']:.3f} |"
+        )
     lines += ["", "## Generation and training apart; CPU time", "",
               "Ratios ours / theirs per repeat (min / median / max): tokens/s of the generation call and of the rest "
               "of the step, and samples per CPU-second of this process (all its threads; less sensitive to other "
@@ -810,17 +894,21 @@ def reading(res: dict) -> list[str]:
         line = f"- **{name}**: {r:.2f}x, under the 2x goal."
         if o["train_s_per_step"] > 0:
             ceiling = t["step_s"] / o["train_s_per_step"]
-            line += (f" Ours spends {o['gen_s_per_step'] / o['step_s']:.0%} of its step generating; even with generation "
-                     f"free, ours would be at most {ceiling:.2f}x (their step {t['step_s']:.2f} s / our training part "
-                     f"{o['train_s_per_step']:.2f} s), and the training part is the same model's forward and backward on both sides "
-                     f"(training tokens/s ratio {a['train_ratio']['median']:.2f}).")
+            line += (
+                f" Ours spends {o['gen_s_per_step'] / o['step_s']:.0%} of its step generating; even with generation "
+                f"free, ours would be at most {ceiling:.2f}x (their step {t['step_s']:.2f} s / our training part "
+                f"{o['train_s_per_step']:.2f} s), and the training part is the same model's forward and backward on both sides "
+                f"(training tokens/s ratio {a['train_ratio']['median']:.2f})."
+            )
         p = res.get("profile", {}).get(name)
         if p:
             for side, label in (("ours", "ours"), ("other", "theirs")):
                 sh = p[side]["share"]
-                line += (f" Profile, {label}: {1 - sh['outside aten ops']:.0%} of the profiled step in aten kernels (matmul "
-                         f"{sh['matmul']:.0%}, elementwise/norms {sh['elementwise / norms']:.0%}, attention {sh['attention']:.0%}, "
-                         f"cat/copy {sh['cat / copy / index']:.0%}), at most {sh['outside aten ops']:.0%} outside them.")
+                line += (
+                    f" Profile, {label}: {1 - sh['outside aten ops']:.0%} of the profiled step in aten kernels (matmul "
+                    f"{sh['matmul']:.0%}, elementwise/norms {sh['elementwise / norms']:.0%}, attention {sh['attention']:.0%}, "
+                    f"cat/copy {sh['cat / copy / index']:.0%}), at most {sh['outside aten ops']:.0%} outside them."
+                )
         out.append(line)
     return out
 
@@ -838,7 +926,13 @@ def plot(res: dict, path: Path) -> None:
     lo = [m - res["arms"][n]["ratio"]["min"] for n, m in zip(names, med)]
     hi = [res["arms"][n]["ratio"]["max"] - m for n, m in zip(names, med)]
     ax = axes[0]
-    ax.barh(list(ys), med, xerr=[lo, hi], capsize=4, color=["tab:green" if m >= 2 else "tab:orange" if m >= 1 else "tab:red" for m in med])
+    ax.barh(
+        list(ys),
+        med,
+        xerr=[lo, hi],
+        capsize=4,
+        color=["tab:green" if m >= 2 else "tab:orange" if m >= 1 else "tab:red" for m in med],
+    )
     ax.axvline(1, color="k", lw=0.8)
     ax.axvline(2, color="tab:green", ls="--", lw=0.8, label="goal 2x")
     ax.set_yticks(list(ys), names)
@@ -856,7 +950,10 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xlabel("samples/s (median)")
     ax.legend(loc="upper right", fontsize=8)
     m = res["meta"]
-    fig.suptitle(f"sparse-to-dense vs TRL {m['versions']['trl']}: {m['machine']['cpu']}, torch threads: {m['machine']['torch_threads']}", fontsize=9)
+    fig.suptitle(
+        f"sparse-to-dense vs TRL {m['versions']['trl']}: {m['machine']['cpu']}, torch threads: {m['machine']['torch_threads']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

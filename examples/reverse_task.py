@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 from stages.config import TaskConfig
-from stages.tasks import Problem, TaskError
+from stages.task_contract import Problem, TaskError
 
 DEFAULTS = {"alphabet": "abcdefgh", "min_len": 3, "max_len": 6}
 

@@ -2,7 +2,8 @@
 
     python examples/sums_parquet.py data/sums
     python -m stages workflow --config examples/sums_parquet.yaml --root runs/sums
-    python -m stages evaluate --config examples/sums_parquet.yaml --root runs/sums --model runs/sums/student_rl/model --label final
+    python -m stages evaluate --config examples/sums_parquet.yaml --root runs/sums \
+        --model runs/sums/student_rl/model --label final
 
 train.parquet has MATH's fields (``problem``, ``solution`` ending in ``\\boxed{}``): the bootstrap trains the
 tiny models on these worked solutions; test.parquet (``problem``, ``answer``) and hard.parquet (three

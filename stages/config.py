@@ -40,11 +40,11 @@ class Strict(BaseModel):
 class TinyArch(Strict):
     """A Qwen3-architecture model built from scratch (embedded default only)."""
 
-    hidden_size: int = Field(gt=0)
-    layers: int = Field(gt=0)
-    heads: int = Field(gt=0)
-    kv_heads: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0, description="width of the residual stream (a multiple of heads)")
+    layers: int = Field(gt=0, description="decoder layers")
+    heads: int = Field(gt=0, description="attention heads (a multiple of kv_heads)")
+    kv_heads: int = Field(gt=0, description="key/value heads (grouped-query attention)")
+    intermediate_size: int = Field(gt=0, description="width of each MLP")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -58,9 +58,11 @@ class TinyArch(Strict):
 class ModelSpec(Strict):
     """Where a base model comes from: ``bootstrap`` (tiny, built here) or a hub id / local path / URI."""
 
-    source: str = "bootstrap"
-    arch: TinyArch | None = None
-    trust_remote_code: bool = False
+    source: str = Field(
+        "bootstrap", description="bootstrap (made from arch by stage bootstrap), or a hub id, folder, checkpoint URI, models:/")
+    arch: TinyArch | None = Field(None, description="source bootstrap only: the tiny model's shape")
+    trust_remote_code: bool = Field(
+        False, description="let transformers run the checkpoint's own code (a DAG trigger may set it only if allow-listed)")
 
     @model_validator(mode="after")
     def _arch_for_bootstrap(self):
@@ -70,8 +72,8 @@ class ModelSpec(Strict):
 
 
 class Models(Strict):
-    teacher: ModelSpec
-    student: ModelSpec
+    teacher: ModelSpec = Field(description="the base teacher (stage 1 trains it, stages 2a/2b distill from it)")
+    student: ModelSpec = Field(description="the base student (the workflow and the direct-GRPO baseline both start from it)")
 
 
 SPLITS = ("bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval")
@@ -100,7 +102,7 @@ class DataSource(Strict):
     path: str | list[str] = Field(description="hub id, dataset folder, or data file(s)")
     name: str | None = Field(None, description="the dataset's configuration (hub datasets with several)")
     split: str = Field("train", description="the dataset's own split to read")
-    problem_field: str = "problem"
+    problem_field: str = Field("problem", description="the field holding the problem text")
     answer_field: str | None = Field("answer", description="None: unlabeled (prompts only)")
     answer: AnswerExtraction = Field("plain", description="plain | boxed (last \\boxed{} of the field) | gsm8k (after ####)")
     id_field: str | None = Field(None, description="default: <split>-<row>")
@@ -126,23 +128,31 @@ class TaskConfig(Strict):
     ``{"problem", "answer"}`` lines (``task.files``). A plugin: ``package.module:factory`` (README, "Tasks")."""
 
     kind: str = Field("arithmetic", description="arithmetic | dataset | math_jsonl | 'package.module:factory' (a plugin)")
-    seed: int = 1234
-    min_digits: int = Field(2, ge=1, le=12)
-    max_digits: int = Field(4, ge=1, le=12)
+    seed: int = Field(1234, description="seeds the task's problems (the arithmetic task's draws; a plugin gets it as cfg.seed)")
+    min_digits: int = Field(2, ge=1, le=12, description="arithmetic: fewest digits of an operand")
+    max_digits: int = Field(
+        4, ge=1, le=12, description="arithmetic: most digits of an operand; prompts are zero-padded to this width")
     # arithmetic only: operations problems are drawn from, uniformly. "mul" multiplies a
     # min..max_digits number by one digit 2-9 (a column trace of partial products with carries).
-    ops: list[Literal["add", "mul"]] = Field(default_factory=lambda: ["add"], min_length=1)
+    ops: list[Literal["add", "mul"]] = Field(
+        default_factory=lambda: ["add"], min_length=1,
+        description="arithmetic: operations drawn uniformly; mul multiplies by one digit 2-9")
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
     # validation: held out like eval, for choosing hyper-parameters (never choose them on eval).
     # Data tasks: the first N rows of each split (no entry: all of them).
     sizes: dict[Literal["bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval"], int] = Field(
         default_factory=lambda: {"bootstrap": 20000, "teacher_rl": 2000, "prompts": 4000, "student_rl": 1000,
-                                 "validation": 200, "eval": 200}
+                                 "validation": 200, "eval": 200},
+        description="problems per split, splits disjoint; data tasks: the first N rows (no entry: all rows)",
     )
-    files: dict[Literal["teacher_rl", "prompts", "student_rl", "validation", "eval"], str] = Field(default_factory=dict)
+    files: dict[Literal["teacher_rl", "prompts", "student_rl", "validation", "eval"], str] = Field(
+        default_factory=dict, description="math_jsonl: one JSONL file of {problem, answer[, id]} lines per split")
     # kind dataset: the splits above and any further named evaluation sets (e.g. aime24), see eval.sets
-    data: dict[str, DataSource] = Field(default_factory=dict)
-    prompt_template: str = "{problem}\nPut the final answer in \\boxed{{}}.\n"
+    data: dict[str, DataSource] = Field(
+        default_factory=dict, description="dataset: one source per split, and further named evaluation sets (see eval.sets)")
+    prompt_template: str = Field(
+        "{problem}\nPut the final answer in \\boxed{{}}.\n",
+        description="a data task's prompt, {problem} filled in (the arithmetic task writes its own prompts)")
     answer_format: Literal["boxed", "any"] = Field(
         "boxed", description="boxed: only the last \\boxed{} counts; any: math-verify's extraction from anywhere")
     chat_template: Literal["auto", "never", "always"] = Field(
@@ -191,7 +201,8 @@ class TeacherEngine(Strict):
     """How stages 2a/2b reach the teacher (README, "Teacher as a service"): ``local`` loads it in the
     training process; ``server`` scores with an OpenAI-compatible vLLM server holding it."""
 
-    engine: Literal["local", "server"] = "local"
+    engine: Literal["local", "server"] = Field(
+        "local", description="local: the teacher checkpoint in the training process; server: a vLLM server holding it (url)")
     url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
     model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
     sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
@@ -220,15 +231,16 @@ class TeacherDataConfig(Strict):
 class Sampling(Strict):
     """One temperature for sampling and for the trainer's log-probs (a mismatch biases every ratio)."""
 
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(
+        1.0, gt=0, description="sampling temperature; the trainer's log-probs of the samples are taken at the same one")
+    max_new_tokens: int = Field(64, gt=0, description="longest completion, in tokens (also dr_grpo's length normaliser)")
     batch_size: int = Field(256, gt=0, description="sequences generated at once")
     engine: Literal["hf", "static", "vllm"] = Field(
         "hf", description="hf: DynamicCache loop (CPU default); static: static KV cache + CUDA-graph decode; vllm")
     decode: Literal["auto", "cuda_graph", "eager"] = Field(
         "auto", description="static engine: auto = CUDA graph on CUDA, eager on the CPU")
     stop_check_every: int = Field(16, gt=0, description="static engine on CUDA: steps between all-rows-done checks")
-    vllm: VLLMOptions = VLLMOptions()
+    vllm: VLLMOptions = Field(VLLMOptions(), description="the vLLM engine's options (engine: vllm)")
 
 
 class Train(Strict):
@@ -238,22 +250,24 @@ class Train(Strict):
 
 
 class Optim(Strict):
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(gt=0, description="AdamW's peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="largest global gradient norm; gradients are clipped to it before each step")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warmup over the first N steps (0: none)")
 
 
 class Bootstrap(Strict):
     """Embedded default only: supervised traces (a fraction corrupted) make imperfect base models."""
 
-    teacher_steps: int = Field(600, ge=0)
-    student_steps: int = Field(300, ge=0)
-    batch_size: int = Field(64, gt=0)
+    teacher_steps: int = Field(600, ge=0, description="supervised steps of the base teacher")
+    student_steps: int = Field(300, ge=0, description="supervised steps of the base student")
+    batch_size: int = Field(
+        64, gt=0, description="worked traces per step (the teacher's; the student's too unless student_batch_size is set)")
     student_batch_size: int | None = Field(None, gt=0, description="default: batch_size")
-    noise: float = Field(0.3, ge=0, le=1)
-    teacher_optim: Optim = Optim(lr=3e-3, warmup_steps=20)
-    student_optim: Optim = Optim(lr=3e-3, warmup_steps=20)
+    noise: float = Field(
+        0.3, ge=0, le=1, description="probability that a worked trace is corrupted (one column wrong, the answer following it)")
+    teacher_optim: Optim = Field(Optim(lr=3e-3, warmup_steps=20), description="the base teacher's optimizer")
+    student_optim: Optim = Field(Optim(lr=3e-3, warmup_steps=20), description="the base student's optimizer")
 
 
 Aggregation = Literal["token-mean", "seq-mean", "dr_grpo"]
@@ -263,73 +277,86 @@ class GRPOConfig(Strict):
     """GRPO (stages teacher_rl, student_rl and the direct_grpo baseline share this)."""
 
     steps: int | None = Field(100, ge=0, description="None: only for direct_grpo, = the workflow's student steps")
-    prompts_per_step: int = Field(16, gt=0)
-    group_size: int = Field(8, ge=2)
+    prompts_per_step: int = Field(16, gt=0, description="problems per update step, each sampled group_size times")
+    group_size: int = Field(8, ge=2, description="completions per problem; advantages are relative to the group")
     epochs: int = Field(1, gt=0, description="optimizer passes over each batch of rollouts")
-    minibatches: int = Field(1, gt=0)
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.28, ge=0)
-    normalize_std: bool = True
-    aggregation: Aggregation = "token-mean"
+    minibatches: int = Field(
+        1, gt=0, description="optimizer steps per epoch: the rollouts split into this many shuffled minibatches")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ε_low: the probability ratio is clipped below at 1 - clip_low")
+    clip_high: float = Field(
+        0.28, ge=0, description="ε_high: the probability ratio is clipped above at 1 + clip_high (clip-higher when > clip_low)")
+    normalize_std: bool = Field(True, description="divide advantages by the group's std (false: Dr. GRPO)")
+    aggregation: Aggregation = Field(
+        "token-mean",
+        description="token-mean (as TRL and verl) | seq-mean (original GRPO) | dr_grpo (sum / (batch x max_new_tokens))")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy")
-    optim: Optim = Optim(lr=1e-4)
+    optim: Optim = Field(Optim(lr=1e-4), description="this stage's optimizer")
 
 
 class WarmupConfig(Strict):
     """Forward KL(teacher || student), full vocabulary, on teacher rollouts. ``form: seq_sft`` is the
     sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
-    steps: int = Field(50, ge=0)
+    steps: int = Field(50, ge=0, description="update steps (fewer when c2_target stops it early)")
     # topk: forward KL over the teacher's stored top-k + a tail bucket, trained from stage teacher_data's
     # Parquet (the teacher is not loaded for training)
-    form: Literal["token_kl", "seq_sft", "topk"] = "token_kl"
-    prompts_per_step: int = Field(32, gt=0)
+    form: Literal["token_kl", "seq_sft", "topk"] = Field(
+        "token_kl",
+        description="token_kl: full-vocabulary forward KL | seq_sft: cross-entropy on the teacher's tokens | topk: stored top-k")
+    prompts_per_step: int = Field(
+        32, gt=0, description="prompts per step, completed by the teacher (topk: stored rollouts per step)")
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
-    c2_every: int = Field(10, gt=0)
-    optim: Optim = Optim(lr=1e-3)
+    c2_every: int = Field(10, gt=0, description="steps between C2 measurements (and early-stop checks)")
+    optim: Optim = Field(Optim(lr=1e-3), description="this stage's optimizer")
 
 
 class DistillConfig(Strict):
     """On-policy reverse KL on student rollouts with the teacher's dense per-token reward."""
 
-    steps: int = Field(50, ge=0)
-    prompts_per_step: int = Field(32, gt=0)
-    form: Literal["sampled", "full"] = "sampled"
+    steps: int = Field(50, ge=0, description="update steps")
+    prompts_per_step: int = Field(32, gt=0, description="prompts per step, completed by the student")
+    form: Literal["sampled", "full"] = Field(
+        "sampled", description="sampled: per-token reward on the sampled tokens | full: analytic reverse KL over the vocabulary")
     kl_coef: float = Field(1.0, gt=0, description="d_t = log p_T - kl_coef * log p_S (sampled form)")
     discount: float = Field(0.0, ge=0, le=1, description="0: per-token reward; >0 sums discounted future d's")
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.28, ge=0)
-    aggregation: Aggregation = "token-mean"
-    optim: Optim = Optim(lr=1e-3)
+    clip_low: float = Field(0.2, ge=0, lt=1, description="ε_low of the sampled form's clipped ratio")
+    clip_high: float = Field(0.28, ge=0, description="ε_high of the sampled form's clipped ratio")
+    aggregation: Aggregation = Field("token-mean", description="token-mean | seq-mean | dr_grpo, as in GRPO")
+    optim: Optim = Field(Optim(lr=1e-3), description="this stage's optimizer")
 
 
 class EvalConfig(Strict):
-    problems: int = Field(200, gt=0)
+    problems: int = Field(200, gt=0, description="the first N problems of each evaluated split")
     samples: int = Field(8, gt=0, description="k in avg@k / pass@k")
-    greedy: bool = True
+    greedy: bool = Field(True, description="also score one greedy completion per problem (the greedy column)")
     # the `evaluate` command scores each of these task splits (e.g. [math500, aime24]) into one table;
     # the stages' own evaluation uses the `eval` split
-    sets: list[str] = Field(default_factory=lambda: ["eval"], min_length=1)
+    sets: list[str] = Field(
+        default_factory=lambda: ["eval"], min_length=1,
+        description="task splits the evaluate command scores into one table; the stages evaluate on eval")
     temperature: float | None = Field(None, gt=0, description="sampling temperature of evaluation (default: sampling's)")
     max_new_tokens: int | None = Field(None, gt=0, description="default: sampling's")
     c2_prompts: int = Field(64, gt=0, description="student rollouts used to measure KL(student||teacher)")
 
 
 class Tracking(Strict):
-    enabled: bool = True
-    experiment: str = "sparse-to-dense"
+    enabled: bool = Field(True, description="record runs in MLflow (false: no tracking)")
+    experiment: str = Field("sparse-to-dense", description="the MLflow experiment")
     # an unreachable tracking server at start: false = train anyway (records are kept and sent when it
     # is back, the run is reconciled at publish); true = a fast error naming the URI, before any model loads
-    required: bool = False
-    flush_timeout_s: float = Field(30.0, ge=0)  # longest wait for the server when a stage publishes
+    required: bool = Field(
+        False, description="true: an unreachable server at start is an error before any model loads; false: train anyway")
+    flush_timeout_s: float = Field(30.0, ge=0, description="longest wait for the server when a stage publishes, in seconds")
     # registered-model names for the workflow's final student and RL teacher ("" = do not register)
     registered_models: dict[Literal["student", "teacher"], str] = Field(
-        default_factory=lambda: {"student": "s2d-student", "teacher": "s2d-teacher"})
+        default_factory=lambda: {"student": "s2d-student", "teacher": "s2d-teacher"},
+        description="registered-model names of the final student and the RL teacher (\"\": not registered)")
 
 
 class Workflow(Strict):
-    stages: list[Literal[WORKFLOW]] = list(WORKFLOW)
-    baseline: bool = True
+    stages: list[Literal[WORKFLOW]] = Field(
+        list(WORKFLOW), description="the switchable stages a run plans, in the paper's order; leave one out for an ablation")
+    baseline: bool = Field(True, description="also run the direct-GRPO baseline")
 
     @model_validator(mode="after")
     def _canonical_order(self):
@@ -343,28 +370,32 @@ class Workflow(Strict):
 
 
 class Config(Strict):
-    name: str = "custom"
-    seed: int = 0
+    name: str = Field("custom", description="the config's name, in MLflow run names and params and in plot titles")
+    seed: int = Field(0, description="seeds model init, batches, sampling draws and bootstrap noise (the problems: task.seed)")
     device: str = Field("cpu", description="cpu | cuda | cuda:N | mps (must exist where the stage runs)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    torch_threads: int | None = Field(None, gt=0)
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="what models are loaded and trained in (bfloat16 on the GPU presets)")
+    torch_threads: int | None = Field(None, gt=0, description="torch's CPU threads (null: torch's default)")
     logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
-    train: Train = Train()
+    train: Train = Field(Train(), description="training-efficiency switches that change no number (not part of the stage hash)")
     checkpoint_every: int = Field(25, gt=0, description="steps between resumable training states")
-    task: TaskConfig = TaskConfig()
-    models: Models
-    sampling: Sampling = Sampling()
-    teacher: TeacherEngine = TeacherEngine()
-    teacher_data: TeacherDataConfig = TeacherDataConfig()
-    bootstrap: Bootstrap = Bootstrap()
-    teacher_rl: GRPOConfig = GRPOConfig()
-    kl_warmup: WarmupConfig = WarmupConfig()
-    onpolicy_distill: DistillConfig = DistillConfig()
-    student_rl: GRPOConfig = GRPOConfig()
-    direct_grpo: GRPOConfig = GRPOConfig(steps=None)
-    eval: EvalConfig = EvalConfig()
-    workflow: Workflow = Workflow()
-    tracking: Tracking = Tracking()
+    task: TaskConfig = Field(TaskConfig(), description="the problems and their reward")
+    models: Models = Field(description="the base teacher and student")
+    sampling: Sampling = Field(Sampling(), description="rollout generation, for training and evaluation alike")
+    teacher: TeacherEngine = Field(TeacherEngine(), description="how stages 2a/2b reach the teacher")
+    teacher_data: TeacherDataConfig = Field(
+        TeacherDataConfig(), description="stage teacher_data: stored teacher rollouts for kl_warmup.form topk")
+    bootstrap: Bootstrap = Field(Bootstrap(), description="stage bootstrap: the tiny base models (models.*.source: bootstrap)")
+    teacher_rl: GRPOConfig = Field(GRPOConfig(), description="stage 1: GRPO on the teacher with the verifier's sparse reward")
+    kl_warmup: WarmupConfig = Field(WarmupConfig(), description="stage 2a: forward KL(teacher || student) on teacher rollouts")
+    onpolicy_distill: DistillConfig = Field(
+        DistillConfig(), description="stage 2b: reverse KL on student rollouts, the teacher's dense per-token reward")
+    student_rl: GRPOConfig = Field(GRPOConfig(), description="stage 3: GRPO on the distilled student")
+    direct_grpo: GRPOConfig = Field(
+        GRPOConfig(steps=None), description="the baseline: GRPO on the base student (steps null: the workflow's student steps)")
+    eval: EvalConfig = Field(EvalConfig(), description="how every stage scores its model, and the evaluate command")
+    workflow: Workflow = Field(Workflow(), description="which stages a workflow run plans")
+    tracking: Tracking = Field(Tracking(), description="MLflow tracking")
 
     @field_validator("device")
     @classmethod

@@ -23,8 +23,8 @@ import re
 from pathlib import Path
 
 from .config import DataSource, TaskConfig
-from .tasks import LABELED, DataUnavailable, Problem, TaskError
-from .verify import extract_gold, score
+from .task_contract import LABELED, DataUnavailable, Problem, TaskError
+from .verify import extract_gold, grade
 
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
@@ -170,13 +170,15 @@ class DatasetTask:
             if labeled:
                 self._worked[out[-1]] = _worked_solution(str(cols[src.answer_field][i]), answer, src.answer)
         if skipped:
-            self.warnings.append(f"{where}: {skipped} of {len(ds)} rows skipped: no '{src.answer}' answer in '{src.answer_field}'")
+            self.warnings.append(
+                f"{where}: {skipped} of {len(ds)} rows skipped: no '{src.answer}' answer in '{src.answer_field}'"
+            )
         if not out:
             raise TaskError(f"{where}: no usable rows in {src.path}")
         return out
 
     def reward(self, completion: str, problem: Problem) -> float:
-        return score(completion, problem.answer, self.cfg.answer_format)
+        return grade(completion, problem.answer, self.cfg.answer_format)
 
     def solution(self, problem: Problem, rng=None, noise: float = 0.0) -> str:
         """The dataset's worked solution ending in ``\\boxed{answer}`` (``task.data.bootstrap`` trains the

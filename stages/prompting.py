@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config
-from .tasks import Problem, TaskError, check_task, needed_splits
+from .task_contract import Problem, TaskError
+from .tasks import check_task, needed_splits
 
 
 def uses_chat_template(tok, mode: str) -> bool:

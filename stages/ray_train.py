@@ -79,9 +79,9 @@ def forwarded_env(env=os.environ) -> dict[str, str]:
             if k.startswith(FORWARD_PREFIXES) and not any(w in k for w in SECRET_WORDS) and k != INSIDE}
 
 
-def run(argv: list[str], env=os.environ) -> int:
-    """Run ``python -m stages <argv>`` on N Ray Train workers; print rank 0's JSON summary last."""
-    from .__main__ import parse_args
+def run(argv: list[str], parse_args, entry, env=os.environ) -> int:
+    """Run ``python -m stages <argv>`` on N Ray Train workers; print rank 0's JSON summary last. ``parse_args``
+    and ``entry`` are the stage command's own (``stages.cli``; passed in, so that this module imports no CLI)."""
     from .config import ConfigError, load_config
 
     args = parse_args(argv)
@@ -102,7 +102,7 @@ def run(argv: list[str], env=os.environ) -> int:
     try:
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"argv": list(argv), "cwd": os.getcwd()},
+            train_loop_config={"argv": list(argv), "cwd": os.getcwd(), "entry": entry},
             torch_config=TorchConfig(backend="nccl" if kw["use_gpu"] else "gloo"),
             scaling_config=ScalingConfig(**kw),
             run_config=RunConfig(name=f"s2d-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
@@ -114,8 +114,8 @@ def run(argv: list[str], env=os.environ) -> int:
         try:
             result = trainer.fit()
         except Exception as e:  # the worker group failed more than max_failures times
-            print(f"error: {args.command} failed on Ray Train: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-                  file=sys.stderr)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: {args.command} failed on Ray Train: {why}", file=sys.stderr)
             return 1
     finally:
         ray.shutdown()
@@ -134,7 +134,7 @@ def _worker(config: dict) -> tuple[int, str, str]:
     """One Ray Train worker: the stage command in this process (torch.distributed is already set up)."""
     import ray.train
 
-    from .__main__ import main
+    main = config["entry"]
 
     ctx = ray.train.get_context()
     os.environ[INSIDE] = str(ctx.get_world_rank())

@@ -22,7 +22,7 @@ Kind = Literal["setup", "data", "workflow", "baseline", "tool"]
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: str  # ``stages.<module>.run(run, *input_uris)`` runs it
+    module: str  # ``stages.recipes.<module>.main(run, *input_uris)`` runs it
     kind: Kind  # setup: makes base models; data: made when ``when`` holds; workflow: switchable
     #             (workflow.stages); baseline; tool: on demand
     inputs: dict[str, str]  # input name (the manifest's key) -> the role it reads
@@ -37,7 +37,7 @@ class Stage:
     paper: str = ""  # the paper's name for it
 
     def fn(self):
-        return importlib.import_module(f"stages.{self.module}").run
+        return importlib.import_module(f"stages.recipes.{self.module}").main
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [

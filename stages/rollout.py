@@ -11,9 +11,10 @@ Layout of a :class:`Rollouts` batch (``P`` = longest prompt, ``N`` = longest com
 Log-probs are of ``softmax(logits / temperature)``; the batch carries the temperature it was sampled at
 and every log-prob or KL of it is taken at that temperature, so trainer and sampler cannot disagree.
 
-Sampling semantics, shared by every native engine (``stages/engines/hf.py`` and ``stages/engines/static.py``): one uniform per (row, step) is drawn up front from a CPU generator seeded
-with ``seed`` (:func:`draw_uniforms`), and each token is the inverse CDF of ``softmax(logits / T)`` at
-that uniform (:func:`sample_tokens`); greedy is argmax. The draws do not depend on the device, the
+Sampling semantics, shared by every native engine (``stages/engines/hf.py`` and ``stages/engines/static.py``):
+one uniform per (row, step) is drawn up front from a CPU generator seeded with ``seed`` (:func:`draw_uniforms`),
+and each token is the inverse CDF of ``softmax(logits / T)`` at that uniform (:func:`sample_tokens`); greedy
+is argmax. The draws do not depend on the device, the
 batch size or how rows are split across sub-batches or processes, so the same seed gives the same tokens
 on every engine up to float ties, and a CUDA-graph-captured decode step needs no host sync.
 """
@@ -230,3 +231,24 @@ def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: f
 
     return map_positions(fn, chunk, h, targets)
 
+
+def decode(tok, rollouts: Rollouts) -> list[str]:
+    return tok.batch_decode(rollouts.completion_ids(), skip_special_tokens=True)
+
+
+def teacher_forced(tok, prompts: list[list[int]], completions: list[str], prompt_len: int | None = None) -> Rollouts:
+    """A :class:`Rollouts` batch for given texts (completion + EOS), for supervised losses."""
+    comp = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+    P = prompt_len or max(len(p) for p in prompts)
+    N = max(len(c) for c in comp)
+    B = len(prompts)
+    ids = torch.full((B, P + N), tok.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((B, P + N), dtype=torch.long)
+    cmask = torch.zeros((B, P + N), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, comp)):
+        ids[i, P - len(p) : P] = torch.tensor(p)
+        ids[i, P : P + len(c)] = torch.tensor(c)
+        attn[i, P - len(p) : P + len(c)] = 1
+        cmask[i, P : P + len(c)] = 1
+    zeros = torch.zeros((B, P + N))
+    return Rollouts(ids, attn, cmask, zeros, zeros.clone(), P, temperature=1.0)

@@ -1,7 +1,7 @@
 """Scoring a checkpoint: avg@k, unbiased pass@k, greedy accuracy, and the C2 diagnostic.
 
-(``stages/evaluate.py`` is the stage command that scores any checkpoint; every stage scores its output
-with :func:`score` too.)"""
+(``stages/recipes/evaluate.py`` is the stage command that scores any checkpoint; every stage scores its output
+with :func:`eval_metrics` too.)"""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from math import comb
 import torch
 
 from .losses import reverse_kl
-from .rollout import Rollouts, vocab_kl
-from .tasks import Problem
+from .rollout import Rollouts, decode, vocab_kl
+from .task_contract import Problem
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -23,7 +23,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def summarize(correct: list[list[float]], k: int) -> dict[str, float]:
+def pass_metrics(correct: list[list[float]], k: int) -> dict[str, float]:
     """avg@k = mean over problems of (correct samples / k) = pass@1 averaged over k samples."""
     n_prob = len(correct)
     out = {f"avg@{k}": sum(sum(c) / len(c) for c in correct) / n_prob}
@@ -33,7 +33,7 @@ def summarize(correct: list[list[float]], k: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def score(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
+def eval_metrics(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
     """Sampled avg@k / pass@k (k = eval.samples, at the sampling temperature) and greedy accuracy.
 
     ``rollouts`` is the stage's :class:`stages.runtime.RolloutMaker` (sampling, task, config)."""
@@ -41,8 +41,6 @@ def score(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
     task = rollouts.task
     problems = problems[: ecfg.problems]
     k = ecfg.samples
-    from .runtime import decode  # runtime imports this module
-
     repeated = [p for p in problems for _ in range(k)]
     # the same draws for every evaluation: one checkpoint always gets the same numbers, wherever evaluated
     settings = {"temperature": ecfg.temperature, "max_new_tokens": ecfg.max_new_tokens}  # None: sampling's
@@ -50,7 +48,7 @@ def score(rollouts, model, tok, problems: list[Problem]) -> dict[str, float]:
     texts = decode(tok, ro)
     rewards = [task.reward(t, p) for t, p in zip(texts, repeated)]
     correct = [rewards[i * k : (i + 1) * k] for i in range(len(problems))]
-    out = summarize(correct, k)
+    out = pass_metrics(correct, k)
     out["completion_len"] = float(ro.completion.sum()) / len(ro)
     if ecfg.greedy:
         g = rollouts.sample(model, tok, problems, step=0, salt="eval-greedy", greedy=True, **settings)

@@ -1,21 +1,7 @@
-"""Verifiable tasks: the contract every task follows, the built-in arithmetic task, and the plugin loader.
+"""Verifiable tasks: the built-in arithmetic task, the plugin loader, and which splits each stage reads.
 
-The contract (:class:`Task`) -- what ``task.kind: "my_pkg.my_module:make_task"`` must return:
-
-- ``problems(split) -> list[Problem]``: the problems of a split, deterministic. Splits: ``teacher_rl``
-  (labeled, stage 1), ``prompts`` (answers withheld: ``answer=None``; stages 2a/2b), ``student_rl``
-  (held-out labeled, stage 3), ``eval`` (held out, every stage's evaluation), ``validation`` (held out,
-  for choosing hyper-parameters), ``bootstrap`` (only when the tiny base models are built here), and any
-  further evaluation set named in ``eval.sets``. An unknown split raises KeyError.
-- ``reward(completion, problem) -> float``: the verifier, on the decoded completion (no prompt, no EOS).
-- optional ``solution(problem, rng, noise) -> str``: a worked completion (``rng``/``noise``: corrupt it with
-  probability ``noise``); a task that has it can build the tiny base models (``bootstrap``).
-- optional ``check() -> list[str]``: load and check everything up front (raise :class:`TaskError` for what
-  cannot run), return warnings. ``python -m stages validate`` calls it.
-
-The factory is called with the :class:`~stages.config.TaskConfig`; a plugin's own settings are in
-``cfg.options`` (``task.options: {...}`` in the config). The stage identity includes a digest of the
-problems each stage reads and of the plugin module's source, so editing either re-runs the stages.
+The contract every task follows (:class:`~stages.task_contract.Task`) is ``stages/task_contract.py``;
+task data from files and hub datasets is ``stages/data.py``.
 """
 
 from __future__ import annotations
@@ -24,38 +10,10 @@ import hashlib
 import importlib
 import inspect
 import random
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
-from .config import Config, InputError, TaskConfig
-
-LABELED = ("bootstrap", "teacher_rl", "student_rl", "validation", "eval")
-OPTIONAL = ("validation",)  # splits a stage uses when the task has them
-
-
-class TaskError(InputError):
-    """Task data or a plugin that cannot run; the message names the config key, file and row."""
-
-
-class DataUnavailable(TaskError):
-    """Data that cannot be read on this machine (a hub dataset offline): an error for a stage, a warning
-    for ``validate`` on a machine that will not run the stages."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    id: str
-    prompt: str
-    answer: str | None  # None on the prompts-only split: stages 2a/2b never see labels
-
-
-@runtime_checkable
-class Task(Protocol):
-    """What every task provides (see the module docstring for the optional ``solution`` and ``check``)."""
-
-    def problems(self, split: str) -> list[Problem]: ...
-
-    def reward(self, completion: str, problem: Problem) -> float: ...
+from .config import Config, TaskConfig
+from .data import DatasetTask
+from .task_contract import LABELED, OPTIONAL, DataUnavailable, Problem, Task, TaskError
 
 
 class ArithmeticTask:
@@ -144,7 +102,6 @@ def make_task(cfg: TaskConfig) -> Task:
     if cfg.kind == "arithmetic":
         return ArithmeticTask(cfg)
     if cfg.kind in ("dataset", "math_jsonl"):
-        from .data import DatasetTask
 
         return DatasetTask(cfg)
     module, _, attr = cfg.kind.partition(":")
@@ -159,7 +116,9 @@ def make_task(cfg: TaskConfig) -> Task:
     except Exception as e:  # noqa: BLE001 - e.g. a bad task.options value; name the plugin
         raise TaskError(f"task.kind: plugin '{cfg.kind}' failed to build its task: {type(e).__name__}: {e}") from None
     if not isinstance(task, Task):
-        raise TaskError(f"task.kind: '{cfg.kind}' returned {type(task).__name__}, which lacks problems(split) and reward(completion, problem)")
+        raise TaskError(
+            f"task.kind: '{cfg.kind}' returned {type(task).__name__}, which lacks problems(split) and reward(completion, problem)"
+        )
     return task
 
 

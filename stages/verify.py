@@ -67,7 +67,7 @@ def _parse_gold(gold: str):
     return parse(f"\\boxed{{{normalize(gold)}}}")
 
 
-def score(completion: str, gold: str, answer_format: str = "boxed") -> float:
+def grade(completion: str, gold: str, answer_format: str = "boxed") -> float:
     """1.0 when the completion's final answer equals ``gold`` (math-verify), else 0.0."""
     from math_verify import LatexExtractionConfig, parse, verify
 

@@ -13,18 +13,19 @@ import os
 import sys
 from contextlib import nullcontext
 
-from . import artifacts, tracking
+from . import artifacts, lineage, lock, storage
 from .config import Config
+from .lineage import quote, short_uri
 from .registry import STAGES, get
-from .tracking import Tracker, quote, short_uri
+from .tracking import Tracker
 
 
 def base_uri(cfg: Config, root: str, role: str) -> str:
     src = getattr(cfg.models, role).source
     if src in STAGES and STAGES[src].kind == "setup":
-        return artifacts.join(root, src, role)
+        return storage.join(root, src, role)
     # models:/<name>/<version> is looked up in the registry: the version's checkpoint URI is the input
-    return tracking.resolve_model_uri(src)
+    return lineage.resolve_model_uri(src)
 
 
 def _planned(cfg: Config, name: str) -> bool:
@@ -49,9 +50,9 @@ def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
             continue
         steps.append({"stage": name, "inputs": {k: roles[role] for k, role in st.inputs.items()
                                                 if role in roles or k not in st.optional},
-                      "uri": artifacts.join(root, name)})
+                      "uri": storage.join(root, name)})
         if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
-            roles[st.output] = artifacts.join(root, name, st.published)
+            roles[st.output] = storage.join(root, name, st.published)
     roles["final_student"] = roles["student"]
     return steps, roles
 
@@ -94,7 +95,7 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
         # one writer per stage folder, taken by the main process of a launch (accelerate knows which one;
         # launchers do not all set RANK) before any model loads or MLflow run starts, so it is also the
         # up-front check that the artifact root is writable
-        with artifacts.StageLock(r.uri) if r.is_main else nullcontext():
+        with lock.StageLock(r.uri) if r.is_main else nullcontext():
             if r.finished:
                 if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)
@@ -119,8 +120,11 @@ def open_parent(cfg: Config, root: str) -> str | None:
     if not tracker.enabled:
         return None
     query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow' and attributes.status = 'RUNNING'"
-    found = tracker.call("find the open parent run",
-                         lambda c: c.search_runs([tracker._experiment(c)], query, max_results=1), timeout=cfg.tracking.flush_timeout_s)
+    found = tracker.call(
+        "find the open parent run",
+        lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1),
+        timeout=cfg.tracking.flush_timeout_s,
+    )
     if found:
         return found[0].info.run_id
     if found is None:  # no answer: do not create a second parent later
@@ -136,7 +140,7 @@ def open_parent(cfg: Config, root: str) -> str | None:
 def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
-    tracker.run_id = parent
+    tracker.attach(parent)
     try:
         with tracker.running() if not parent_run_id else nullcontext():
             for step in plan(cfg, root):
@@ -156,20 +160,20 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
     for s in steps:
         m = artifacts.read_manifest(s["uri"])
         if m is None:
-            raise artifacts.ArtifactError(f"{s['uri']}: stage {s['stage']} has not published (no manifest)")
+            raise storage.ArtifactError(f"{s['uri']}: stage {s['stage']} has not published (no manifest)")
         results[s["stage"]] = m
     models = final_models(cfg, root)
     summary = summarize(cfg, results, models["final_student"], models["teacher"])
     text = format_table(summary)
     print(text, flush=True)
-    store = artifacts.store_for(root)
-    store.write_bytes(artifacts.join(root, "summary.json"), artifacts.dumps(summary, indent=2).encode())
-    store.write_bytes(artifacts.join(root, "summary.md"), text.encode())
+    store = storage.store_for(root)
+    store.write_bytes(storage.join(root, "summary.json"), storage.dumps(summary, indent=2).encode())
+    store.write_bytes(storage.join(root, "summary.md"), text.encode())
     tracker = Tracker(cfg.tracking)
     if tracker.enabled:
         versions = register_models(cfg, tracker, results, models, root, parent_run_id)
         if parent_run_id:
-            tracker.run_id = parent_run_id
+            tracker.attach(parent_run_id)
             tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
             tracker.tags({"s2d.final_student": short_uri(models["final_student"], root),
                           "s2d.teacher": short_uri(models["teacher"], root),
@@ -195,11 +199,11 @@ def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, 
     uris = {"teacher": models["teacher"], "student": models["final_student"]}
 
     def reg(c):
-        exp = tracker._experiment(c)
+        exp = tracker.experiment(c)
         runs = c.search_runs([exp], f"tags.`s2d.root` = '{quote(root)}'", max_results=1000)
         datasets = sorted({f"{d.dataset.name}@{d.dataset.digest}" for r in runs for d in r.inputs.dataset_inputs})
         common = {"s2d.preset": cfg.name, "s2d.root": root, "s2d.task": cfg.task.kind, "s2d.datasets": ",".join(datasets),
-                  **({"s2d.parent_run": parent_run_id} if parent_run_id else {}), **tracking.airflow_tags()}
+                  **({"s2d.parent_run": parent_run_id} if parent_run_id else {}), **lineage.airflow_tags()}
         out = {}
         for role in ("teacher", "student"):  # the teacher first: the student's version names it
             if not (names.get(role) and trained[role]):
@@ -209,15 +213,12 @@ def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, 
                 tags["s2d.teacher_version"] = f"{out['teacher'].name}/{out['teacher'].version}"
             elif role == "student":
                 tags["s2d.teacher_uri"] = uris["teacher"]
-            mv = tracking.register(c, exp, names[role], uris[role], tags)
+            mv = lineage.register(c, exp, names[role], uris[role], tags)
             if mv is not None:
                 out[role] = mv
         return out
 
     return tracker.call("register models", reg) or {}
-
-
-
 
 
 def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> dict:
@@ -279,13 +280,17 @@ def format_table(summary: dict) -> str:
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in summary["rows"]]
     h = summary["headline"]
     if "c1_teacher_before" in h:
-        lines.append(f"\nC1 (teacher reward-shaped): teacher avg@{k} {fmt(h['c1_teacher_before'])} -> {fmt(h['c1_teacher_after'])} after teacher_rl")
+        before, after = fmt(h["c1_teacher_before"]), fmt(h["c1_teacher_after"])
+        lines.append(f"\nC1 (teacher reward-shaped): teacher avg@{k} {before} -> {after} after teacher_rl")
     if "c2_kl_warmup_before" in h:
-        lines.append(f"C2 (student close to teacher): KL(student||teacher)/token {fmt(h['c2_kl_warmup_before'])} -> {fmt(h['c2_kl_warmup_after'])} after kl_warmup")
+        before, after = fmt(h["c2_kl_warmup_before"]), fmt(h["c2_kl_warmup_after"])
+        lines.append(f"C2 (student close to teacher): KL(student||teacher)/token {before} -> {after} after kl_warmup")
     if "c2_onpolicy_distill_after" in h:
         lines.append(f"   after onpolicy_distill: {fmt(h['c2_onpolicy_distill_after'])}")
     if "direct_grpo_avg" in h and "final_student_avg" in h:
-        lines.append(f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
-                     f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)")
+        lines.append(
+            f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
+            f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)"
+        )
     lines.append(f"Wall time of all stages: {summary['total_time_s']:.0f} s")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ def json_out(stdout: str):
 def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     from mlflow import MlflowClient
 
-    from stages import artifacts
+    from stages import artifacts, storage
 
     home = tmp_path / "airflow"
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -87,7 +87,7 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
         assert m is not None, stage
         for uri in m["outputs"].values():
             assert (artifacts.fetch(uri, cache_dir=tmp_path / "cache") / "config.json").exists()
-    summary = json.loads(artifacts.store_for(root).read_bytes(f"{root}/summary.json"))
+    summary = json.loads(storage.store_for(root).read_bytes(f"{root}/summary.json"))
     assert summary["final_student"] == f"{root}/student_rl/model"
 
     # MLflow: one parent run, one child per stage, tagged with the Airflow run, lineage readable

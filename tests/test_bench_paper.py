@@ -83,7 +83,12 @@ def test_the_same_command_twice_gives_identical_results(table, tmp_path):
     again = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
     key = lambda r: (r["arm"], r["seed"])  # noqa: E731
     for a, b in zip(sorted(first["rows"], key=key), sorted(again["rows"], key=key)):
-        assert (a["arm"], a["avg@2"], a["c2_final"], a["teacher_tokens"]) == (b["arm"], b["avg@2"], b["c2_final"], b["teacher_tokens"])
+        assert (a["arm"], a["avg@2"], a["c2_final"], a["teacher_tokens"]) == (
+            b["arm"],
+            b["avg@2"],
+            b["c2_final"],
+            b["teacher_tokens"],
+        )
     assert first["selection"] == again["selection"]
 
 
@@ -136,8 +141,13 @@ def test_paired_interval_matches_a_hand_computation():
 
 @pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"]])  # 1-digit tasks: too few distinct problems
 def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", *bad, "--root", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", *bad, "--root", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and bad[1].split("=")[0] in proc.stderr
     assert not (tmp_path / "base").exists()  # nothing ran
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.bootstrap import TeacherNotBetter, check_teacher_beats_student
+from stages.recipes.bootstrap import TeacherNotBetter, check_teacher_beats_student
 
 
 def test_a_better_teacher_passes():
@@ -11,7 +11,9 @@ def test_a_better_teacher_passes():
 
 @pytest.mark.parametrize(("t", "s"), [(0.05, 0.30), (0.2, 0.2)])
 def test_a_teacher_that_does_not_beat_the_student_is_a_clear_failure(t, s):
-    with pytest.raises(TeacherNotBetter, match=r"teacher \(validation avg@4 .*\) does not beat the student .*bootstrap.teacher_steps"):
+    with pytest.raises(
+        TeacherNotBetter, match=r"teacher \(validation avg@4 .*\) does not beat the student .*bootstrap.teacher_steps"
+    ):
         check_teacher_beats_student({"avg@4": t}, {"avg@4": s}, 4)
 
 

@@ -109,7 +109,10 @@ def test_trigger_from_the_form_and_read_lineage_in_mlflow(stack, shots):
         finally:
             browser.close()
     # what reaches the API is refused in words, naming the field: a negative seed, an empty stage list
-    for bad, said in [({"seed": -1}, "seed: -1 is less than the minimum of 0"), ({"stages": []}, "stages: [] should be non-empty")]:
+    for bad, said in [
+        ({"seed": -1}, "seed: -1 is less than the minimum of 0"),
+        ({"stages": []}, "stages: [] should be non-empty"),
+    ]:
         with pytest.raises(urllib.error.HTTPError) as e:
             api(stack, "/api/v2/dags/sparse_to_dense/dagRuns", {"logical_date": None, "conf": bad}, token=token)
         assert e.value.code == 400 and said in e.value.read().decode()
@@ -213,13 +216,17 @@ def _walk(page, stack, shots, token, typed_root):
     page.wait_for_timeout(1500)
     page.screenshot(path=shots / "8-mlflow-run-tree.png")
     body = page.inner_text("body")
-    assert all(name in body for name in ("tiny · manual__", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill")), body[:2000]
+    assert all(name in body for name in ("tiny · manual__", "bootstrap", "teacher_rl", "kl_warmup", "onpolicy_distill")), body[
+        :2000
+    ]
     child = next(c for c in children if c.info.run_name == "onpolicy_distill")
     page.goto(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
     page.wait_for_timeout(4000)
     page.screenshot(path=shots / "9-mlflow-stage-run.png", full_page=True)
     body = page.inner_text("body")  # the stage run names its parent and its inputs and output
-    assert "tiny · manual__" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), body[:3000]
+    assert "tiny · manual__" in body and all(f"s2d.{t}" in body for t in ("input.teacher", "input.student", "output.model")), (
+        body[:3000]
+    )
 
     # the registered final student: its version page names the teacher version, datasets, the Airflow run
     versions = client.search_model_versions("name = 's2d-student'")

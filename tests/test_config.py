@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.__main__ import main
+from stages.cli import main
 from stages.config import PRESETS, ConfigError, load_config
 
 

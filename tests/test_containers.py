@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # one tag per checkout: sessions sharing the machine's image store must not retag each other's image
 # mid-run (the layer cache is shared all the same)
-IMAGE = os.environ.get("S2D_TEST_IMAGE", f"localhost/sparse-to-dense/stages:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}")
+IMAGE = os.environ.get(
+    "S2D_TEST_IMAGE", f"localhost/sparse-to-dense/stages:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
+)
 TASKS = ["plan", *STAGES, "report", "close-runs"]
 # runc behind a wrapper that fits podman's default rlimits to this host's (infra/runc-host-limits:
 # sandboxed CI VMs refuse them otherwise); the Docker API service uses the same runtime
@@ -101,7 +103,11 @@ def test_image_contract(image, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, 10001, 10001)
-    sets = [a for o in TEST_OVERRIDES + ["workflow.stages=[teacher_rl]", "workflow.baseline=false", "teacher_rl.steps=2"] for a in ("--set", o)]
+    sets = [
+        a
+        for o in TEST_OVERRIDES + ["workflow.stages=[teacher_rl]", "workflow.baseline=false", "teacher_rl.steps=2"]
+        for a in ("--set", o)
+    ]
     run = podman("run", "--rm", "--network", "none", "-e", "HF_HUB_OFFLINE=1", "-v", f"{out}:/out", image,
                  "workflow", "--config", "tiny", "--root", "/out/run", *sets, timeout=900)
     for stage in ("bootstrap", "teacher_rl"):
@@ -150,7 +156,9 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     # the killed container cannot release its S3 stage lock: the retry (5 s later) finds its own previous
     # try's lock and waits for the lease (S2D_LOCK_LEASE_S, 120 s) to lapse instead of failing
     killed, stop = [], threading.Event()
-    killer = threading.Thread(target=_kill_mid_stage, args=("teacher_rl", f"{root}/teacher_rl/_resume/", killed, stop), daemon=True)
+    killer = threading.Thread(
+        target=_kill_mid_stage, args=("teacher_rl", f"{root}/teacher_rl/_resume/", killed, stop), daemon=True
+    )
     killer.start()
     t0 = time.time()
     first = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=2400)
@@ -175,7 +183,9 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     image_id = json.loads(podman("image", "inspect", image).stdout)[0]["Id"]
     for task, cs in by_task.items():
         assert all(c["ImageID"] == image_id for c in cs), task
-        assert [c["ExitCode"] for c in cs if c["Labels"]["s2d.try_number"] == str(len(cs))] == [99 if task == "teacher_data" else 0], task
+        assert [c["ExitCode"] for c in cs if c["Labels"]["s2d.try_number"] == str(len(cs))] == [
+            99 if task == "teacher_data" else 0
+        ], task
     assert len(killed) == 1 and len(by_task["teacher_rl"]) == 2
     tries = {c["Labels"]["s2d.try_number"]: c for c in by_task["teacher_rl"]}
     assert tries["1"]["Id"].startswith(killed[0]) and tries["1"]["ExitCode"] == 137 and tries["2"]["ExitCode"] == 0

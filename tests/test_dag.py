@@ -295,7 +295,7 @@ def test_stage_command_contract_is_the_cli(monkeypatch):
     monkeypatch.syspath_prepend(str(DAGS))
     import s2d_runners as r
 
-    from stages.__main__ import parse_args
+    from stages.cli import parse_args
 
     for cmd in ("plan", *r.GPU_STAGES, "report", "close-runs"):
         args = parse_args(r.stage_args(cmd, PARAMS, "runs/x", "pid"))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from stages.__main__ import main
+from stages.cli import main
 from stages.config import DataSource, TaskConfig, load_config
 from stages.data import DatasetTask
-from stages.tasks import TaskError, check_task
+from stages.task_contract import TaskError
+from stages.tasks import check_task
 
 MATH_ROWS = [
     {"problem": f"What is {a} + {b}?", "solution": f"We add: {a} + {b} = \\boxed{{{a + b}}}.", "level": "Level 1"}
@@ -78,7 +79,7 @@ def test_gsm8k_jsonl_csv_and_saved_dataset_folder(tmp_path):
 
 def test_missing_local_folder_is_an_error_and_offline_hub_data_a_warning_for_validate(tmp_path, monkeypatch):
     from stages.data import load_split
-    from stages.tasks import DataUnavailable
+    from stages.task_contract import DataUnavailable
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -254,8 +255,10 @@ def test_parquet_task_runs_the_workflow_evaluates_several_sets_and_data_edits_re
     train = tmp_path / "data" / "train.parquet"
     rows = _sum_rows(300, 0)
     write_parquet(train, rows)
-    write_parquet(tmp_path / "data" / "test.parquet", [{"problem": r["problem"], "answer": r["solution"].split("{")[1].rstrip("}.")}
-                                                        for r in _sum_rows(20, 1)])
+    write_parquet(
+        tmp_path / "data" / "test.parquet",
+        [{"problem": r["problem"], "answer": r["solution"].split("{")[1].rstrip("}.")} for r in _sum_rows(20, 1)],
+    )
     write_parquet(tmp_path / "data" / "hard.parquet", _sum_rows(10, 2, hard=True))
     math = {"path": str(train), "answer_field": "solution", "answer": "boxed"}
     tree = yaml.safe_load(Path("stages/configs/tiny.yaml").read_text())
@@ -267,7 +270,10 @@ def test_parquet_task_runs_the_workflow_evaluates_several_sets_and_data_edits_re
     cfg = tmp_path / "parquet.yaml"
     cfg.write_text(yaml.safe_dump(tree))
     root = str(tmp_path / "run")
-    sets = [a for o in TEST_OVERRIDES if not o.startswith("task.") for a in ("--set", o)] + ["--set", "sampling.max_new_tokens=24"]
+    sets = [a for o in TEST_OVERRIDES if not o.startswith("task.") for a in ("--set", o)] + [
+        "--set",
+        "sampling.max_new_tokens=24",
+    ]
 
     assert main(["workflow", "--config", str(cfg), "--root", root, *sets]) == 0
     out = capsys.readouterr().out

@@ -127,7 +127,9 @@ def test_stage_image_contract(name):
     # the same contract in every stage image
     ref = dockerfile(DOCKER / STAGE_DOCKERFILES[0])
     assert exec_form(instrs, "ENTRYPOINT") == exec_form(ref, "ENTRYPOINT")
-    assert {k: v for k, v in env.items() if k.startswith("S2D_")} == {k: v for k, v in env_of(ref).items() if k.startswith("S2D_")}
+    assert {k: v for k, v in env.items() if k.startswith("S2D_")} == {
+        k: v for k, v in env_of(ref).items() if k.startswith("S2D_")
+    }
 
 
 @pytest.mark.parametrize("path", sorted(DOCKER.glob("*.Dockerfile")), ids=lambda p: p.name)
@@ -266,7 +268,7 @@ def test_s3_policies_are_least_privilege(name):
                 assert st["Condition"]["StringLike"]["s3:prefix"] == [f"{prefix}*"]
             else:
                 assert res == f"arn:aws:s3:::S2D_BUCKET/{prefix}*", res
-    # what stages/artifacts.py's S3Store calls: list, head/get, put (+multipart), delete
+    # what stages/storage.py's S3Store calls: list, head/get, put (+multipart), delete
     assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"} <= actions
     if "bucket-policy" in name:
         assert all("Principal" in st for st in policy["Statement"])
@@ -404,10 +406,18 @@ def test_stage_command_runs_as_the_cpu_container_would(tmp_path):
     out = run(["validate", "--config", "tiny"], 60)
     assert out == {"valid": True, "name": "tiny", "warnings": []}
 
-    params = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
-              "baseline": True, "seed": 0, "steps": {}, "artifact_root": None,
-              # the contract is under test here, not training: the fewest steps the stage accepts
-              "overrides": [*TEST_OVERRIDES, "bootstrap.teacher_steps=1", "bootstrap.student_steps=1", "eval.problems=4"]}
+    params = {
+        "preset": "tiny",
+        "teacher": None,
+        "student": None,
+        "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
+        "baseline": True,
+        "seed": 0,
+        "steps": {},
+        "artifact_root": None,
+        # the contract is under test here, not training: the fewest steps the stage accepts
+        "overrides": [*TEST_OVERRIDES, "bootstrap.teacher_steps=1", "bootstrap.student_steps=1", "eval.problems=4"],
+    }
     root = str(work / "runs" / "r1")
     args = r.stage_args("bootstrap", params, root)  # exactly what every runner sends
     out = run(args, 300)

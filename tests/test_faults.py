@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import artifacts
+from stages import artifacts, storage
+from stages.lock import StageLock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,12 +49,12 @@ def stalled_endpoint(monkeypatch):
         monkeypatch.setenv(k, v)
     yield url
     srv.close()
-    artifacts._S3.clear()
+    storage._S3.clear()
 
 
 def test_stalled_s3_endpoint_is_a_clear_error_within_the_deadline(stalled_endpoint, tmp_path):
     t0 = time.monotonic()
-    with pytest.raises(artifacts.ArtifactError) as e:
+    with pytest.raises(storage.ArtifactError) as e:
         artifacts.read_manifest("s3://bucket/runs/r1/teacher_rl")
     took = time.monotonic() - t0
     msg = str(e.value)
@@ -62,8 +63,8 @@ def test_stalled_s3_endpoint_is_a_clear_error_within_the_deadline(stalled_endpoi
     # uploads too (the transfer manager's worker threads)
     f = tmp_path / "w.bin"
     f.write_bytes(b"x" * 1000)
-    with pytest.raises(artifacts.ArtifactError, match="s3://bucket/k/w.bin.*upload failed"):
-        artifacts.store_for("s3://bucket/k").put_file(f, "s3://bucket/k/w.bin")
+    with pytest.raises(storage.ArtifactError, match="s3://bucket/k/w.bin.*upload failed"):
+        storage.store_for("s3://bucket/k").put_file(f, "s3://bucket/k/w.bin")
 
 
 def test_stalled_s3_endpoint_stage_command_exits_with_one_line(stalled_endpoint, tmp_path):
@@ -80,8 +81,9 @@ def test_stalled_s3_endpoint_stage_command_exits_with_one_line(stalled_endpoint,
 
 _HOLD = """
 import sys, time
-from stages import artifacts
-lock = artifacts.StageLock(sys.argv[1], lease_s=float(sys.argv[2])).acquire()
+from stages import artifacts, storage
+from stages.lock import StageLock
+held = StageLock(sys.argv[1], lease_s=float(sys.argv[2])).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -104,24 +106,24 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
         stage = str(tmp_path / "runs/r/teacher_rl")
     first = _holder(stage, lease_s=6)  # heartbeat every 2 s; slack for a busy machine
     try:
-        with pytest.raises(artifacts.LockHeld, match=rf"{stage} is being written by another run \(pid {first.pid} on "):
-            artifacts.StageLock(stage).acquire()
+        with pytest.raises(storage.LockHeld, match=rf"{stage} is being written by another run \(pid {first.pid} on "):
+            StageLock(stage).acquire()
         if backend == "s3":
             time.sleep(8)  # the heartbeat renews the lease: a live holder keeps its lock past it
-            with pytest.raises(artifacts.LockHeld):
-                artifacts.StageLock(stage).acquire()
+            with pytest.raises(storage.LockHeld):
+                StageLock(stage).acquire()
     finally:
         first.kill()  # kill -9: no code runs, no release
         first.wait()
     if backend == "s3":
-        with pytest.raises(artifacts.LockHeld):  # still within the dead holder's lease
-            artifacts.StageLock(stage).acquire()
+        with pytest.raises(storage.LockHeld):  # still within the dead holder's lease
+            StageLock(stage).acquire()
         time.sleep(8)  # past the lease, on the server clock (1 s resolution)
-    with artifacts.StageLock(stage) as lock:  # the dead holder's lock is taken over
+    with StageLock(stage) as lock:  # the dead holder's lock is taken over
         assert lock.info["pid"] == os.getpid()
-        with pytest.raises(artifacts.LockHeld):
-            artifacts.StageLock(stage).acquire()
-    with artifacts.StageLock(stage):  # and released on exit
+        with pytest.raises(storage.LockHeld):
+            StageLock(stage).acquire()
+    with StageLock(stage):  # and released on exit
         pass
 
 
@@ -129,7 +131,7 @@ def test_second_writer_refuses_while_first_holds_and_a_killed_holder_does_not_bl
 def test_a_bad_lock_setting_is_an_error_naming_it(tmp_path, monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     with pytest.raises(ValueError, match=rf"^{var}='{value}': expected a number of seconds >= 0$"):
-        artifacts.StageLock(str(tmp_path / "teacher_rl"))._patience({}, 6.0)
+        StageLock(str(tmp_path / "teacher_rl"))._patience({}, 6.0)
 
 
 def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(s3_bucket, monkeypatch):
@@ -145,8 +147,8 @@ def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(
     live = _holder(stage, lease_s=6, env={**task, "AIRFLOW_CTX_TRY_NUMBER": "1"})
     try:
         t0 = time.monotonic()
-        with pytest.raises(artifacts.LockHeld):  # alive and renewing: waited for, never taken over
-            artifacts.StageLock(stage).acquire()
+        with pytest.raises(storage.LockHeld):  # alive and renewing: waited for, never taken over
+            StageLock(stage).acquire()
         assert time.monotonic() - t0 >= 1.25 * 6 + 5 - 1
     finally:
         live.kill()
@@ -156,11 +158,11 @@ def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(
     dead.wait()
     monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "kl_warmup")  # another task (any other run): refused at once
     t0 = time.monotonic()
-    with pytest.raises(artifacts.LockHeld, match=rf"pid {dead.pid} "):
-        artifacts.StageLock(stage).acquire()
+    with pytest.raises(storage.LockHeld, match=rf"pid {dead.pid} "):
+        StageLock(stage).acquire()
     assert time.monotonic() - t0 < 3
     monkeypatch.setenv("AIRFLOW_CTX_TASK_ID", "teacher_rl")  # the retry of the killed try: waits, then takes over
-    with artifacts.StageLock(stage) as lock:
+    with StageLock(stage) as lock:
         assert lock.info["try"] == "2" and lock.info["task"] == "sparse_to_dense/manual__1/teacher_rl"
         assert 2 < time.monotonic() - t0 < 1.25 * 6 + 5 + 3
 
@@ -173,14 +175,14 @@ def test_stale_tmp_files_and_scratch_folders_of_dead_runs_are_swept(tmp_path):
     dead_pid = int(dead.stdout)
     stage = tmp_path / "root" / "teacher_rl"
     (stage / "model").mkdir(parents=True)
-    host = artifacts._HOST
+    host = storage._HOST
     stale = stage / "model" / f".model.safetensors.tmp-{dead_pid}-{host}-abcd1234"
     stale.write_bytes(b"half a file")
     mine = tmp_path / "root" / f".summary.json.tmp-{os.getpid()}-{host}-abcd1234"  # a live writer's
     mine.write_bytes(b"in progress")
-    assert artifacts.sweep_tmp(tmp_path / "root") == 1 and not stale.exists() and mine.exists()
+    assert storage.sweep_tmp(tmp_path / "root") == 1 and not stale.exists() and mine.exists()
     stale.write_bytes(b"half a file")
-    with artifacts.StageLock(str(stage)):  # the lock holder is the only writer: every temporary is stale
+    with StageLock(str(stage)):  # the lock holder is the only writer: every temporary is stale
         assert not stale.exists()
     assert mine.exists()
 
@@ -189,7 +191,7 @@ def test_stale_tmp_files_and_scratch_folders_of_dead_runs_are_swept(tmp_path):
     (scratch / f"s2d-teacher_rl-{dead_pid}-x1y2z3ab" / "state").mkdir(parents=True)
     (scratch / f"s2d-teacher_rl-{os.getpid()}-x1y2z3ab").mkdir()
     (scratch / "s2d-cache").mkdir()
-    assert artifacts.sweep_scratch(scratch) == 1
+    assert storage.sweep_scratch(scratch) == 1
     assert sorted(p.name for p in scratch.iterdir()) == ["s2d-cache", f"s2d-teacher_rl-{os.getpid()}-x1y2z3ab"]
 
 
@@ -215,14 +217,14 @@ def test_manifests_are_strict_json_and_damage_is_named_precisely(tmp_path):
     weights = Path(stage) / "model" / "weights.bin"
     good = weights.read_bytes()
     weights.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # one flipped bit
-    with pytest.raises(artifacts.ArtifactError, match="weights.bin: checksum mismatch"):
+    with pytest.raises(storage.ArtifactError, match="weights.bin: checksum mismatch"):
         artifacts.fetch(f"{stage}/model")
     weights.unlink()
-    with pytest.raises(artifacts.ArtifactError, match="weights.bin: listed in its manifest but missing"):
+    with pytest.raises(storage.ArtifactError, match="weights.bin: listed in its manifest but missing"):
         artifacts.fetch(f"{stage}/model")
     weights.write_bytes(good)
     (Path(stage) / "manifest.json").write_text(raw[: len(raw) // 2])  # truncated
-    with pytest.raises(artifacts.CorruptManifest, match=r"kl_warmup/manifest.json: manifest is not valid JSON"):
+    with pytest.raises(storage.CorruptManifest, match=r"kl_warmup/manifest.json: manifest is not valid JSON"):
         artifacts.fetch(f"{stage}/model")
 
 
@@ -267,7 +269,7 @@ def test_corrupted_resume_state_falls_back_to_the_previous_then_starts_over(dama
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
-    from stages.__main__ import main
+    from stages.cli import main
 
     rc = main(args)
     return rc, capsys.readouterr().err
@@ -281,7 +283,11 @@ def published_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pub")
     tok = char_tokenizer()
-    save(tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0), tok, root / "work" / "model")
+    save(
+        tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0),
+        tok,
+        root / "work" / "model",
+    )
     artifacts.publish(root / "work" / "model", str(root / "base" / "model"), {"stage": "base", "outputs": {}})
     artifacts.publish(root / "work", str(root / "stage"), {"stage": "stage", "outputs": {"model": str(root / "stage" / "model")}})
     return root
@@ -309,7 +315,11 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     if case == "template_positional":
         return ["validate", "--set", "task.prompt_template='{problem} {}'"], "prompt_template has a positional field"
     if case == "plugin_import":
-        return ["validate", "--set", "task.kind=no_such_pkg.tasks:make"], "'no_such_pkg.tasks:make'"  # (whichever check meets it first names the key and the module)
+        return [
+            "validate",
+            "--set",
+            "task.kind=no_such_pkg.tasks:make",
+        ], "'no_such_pkg.tasks:make'"  # (whichever check meets it first names the key and the module)
     if case == "plugin_attr":
         return ["validate", "--set", "task.kind=json:no_factory"], "no_factory"
     if case == "stage_order":
@@ -327,7 +337,10 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
         (d / "config.json").write_text('{"model_type": "qwen3",')
         return stage + ["--teacher", str(d)], f"policy {d}: not a loadable model config"
     if case == "stage_folder_published":
-        return stage + ["--teacher", str(pub / "stage")], f"policy {pub / 'stage'}: a stage folder, not a model; pass one of its outputs: {pub / 'stage' / 'model'}"
+        return stage + [
+            "--teacher",
+            str(pub / "stage"),
+        ], f"policy {pub / 'stage'}: a stage folder, not a model; pass one of its outputs: {pub / 'stage' / 'model'}"
     if case == "stage_folder_plain":
         d = tmp / "plain"
         (d / "model").mkdir(parents=True)
@@ -335,7 +348,10 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
         return stage + ["--teacher", str(d)], f"policy {d}: a stage folder; pass its model folder {d / 'model'}"
     if case == "offline_hub_id":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        return stage + ["--teacher", "nobody-s2d/no-such-model"], "policy: hub id 'nobody-s2d/no-such-model' is not in the local cache"
+        return stage + [
+            "--teacher",
+            "nobody-s2d/no-such-model",
+        ], "policy: hub id 'nobody-s2d/no-such-model' is not in the local cache"
     if case == "manifest_not_json":
         d = tmp / "pubcopy"
         import shutil
@@ -357,10 +373,29 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
     raise AssertionError(case)
 
 
-BAD_INPUTS = ["yaml_file", "yaml_set", "set_key", "nan_value", "device_banana", "device_cuda", "template_field", "template_positional",
-              "plugin_import", "plugin_attr", "stage_order", "stage_twice", "bogus_config_json", "config_json_not_json",
-              "stage_folder_published", "stage_folder_plain", "offline_hub_id", "manifest_not_json",
-              "published_file_missing", "input_missing", "unpublished_s3"]
+BAD_INPUTS = [
+    "yaml_file",
+    "yaml_set",
+    "set_key",
+    "nan_value",
+    "device_banana",
+    "device_cuda",
+    "template_field",
+    "template_positional",
+    "plugin_import",
+    "plugin_attr",
+    "stage_order",
+    "stage_twice",
+    "bogus_config_json",
+    "config_json_not_json",
+    "stage_folder_published",
+    "stage_folder_plain",
+    "offline_hub_id",
+    "manifest_not_json",
+    "published_file_missing",
+    "input_missing",
+    "unpublished_s3",
+]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -404,12 +439,12 @@ def base_models(tmp_path_factory):
     """The bootstrap stage's models, published once for every stage test here (read-only inputs)."""
     from conftest import TEST_OVERRIDES
 
-    from stages import bootstrap
     from stages.config import load_config
+    from stages.recipes import bootstrap
     from stages.runtime import StageRun
 
     root = str(tmp_path_factory.mktemp("base") / "root")
-    bootstrap.run(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES), root))
+    bootstrap.main(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES), root))
     return f"{root}/bootstrap/teacher"
 
 
@@ -506,10 +541,11 @@ def test_concurrent_run_refused_sigterm_cleans_up_and_corrupted_state_falls_back
 
 _KILL_AT = """
 import os, signal, sys
-from stages import artifacts
+from stages import artifacts, storage
+from stages.lock import StageLock
 moment, argv = sys.argv[1], sys.argv[2:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_put, real_write, real_clear = artifacts.LocalStore.put_file, artifacts.LocalStore.write_bytes, artifacts.clear_state
+real_put, real_write, real_clear = storage.LocalStore.put_file, storage.LocalStore.write_bytes, artifacts.clear_state
 def put(self, local, uri):
     if moment == "mid_file" and uri.endswith("model.safetensors") and "/_resume/" not in uri:
         os.replace = lambda *a: die()  # the temporary is written in full, the rename never happens
@@ -522,8 +558,8 @@ def clear(uri):
     if moment == "after_manifest":
         die()
     real_clear(uri)
-artifacts.LocalStore.put_file, artifacts.LocalStore.write_bytes, artifacts.clear_state = put, write, clear
-from stages.__main__ import main
+storage.LocalStore.put_file, storage.LocalStore.write_bytes, artifacts.clear_state = put, write, clear
+from stages.cli import main
 sys.exit(main(argv))
 """
 
@@ -533,7 +569,9 @@ def test_kill_9_while_publishing_never_leaves_a_wrong_stage_and_the_retry_repair
     root = tmp_path / "root"
     args = ["teacher_rl", "--config", "tiny", "--root", str(root), "--teacher", base_models,
             *[a for o in _overrides("teacher_rl.steps=4") for a in ("--set", o)]]
-    p = subprocess.run([sys.executable, "-c", _KILL_AT, moment, *args], env=stage_env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", _KILL_AT, moment, *args], env=stage_env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == -9, p.stderr[-3000:]
     m = _check_published(str(root / "teacher_rl"))  # whatever is there is complete and verified
     assert (m is not None) == (moment == "after_manifest")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stages.__main__ import relaunch_command
+from stages.cli import relaunch_command
 from stages.config import TinyArch, VLLMOptions, load_config
 from stages.engines import make_sampler
 from stages.engines.hf import HFSampler
@@ -187,7 +187,12 @@ def test_vllm_requests_and_outputs_to_rollouts():
     with pytest.raises(ValueError, match="order"):
         outputs_to_rollouts(prompts, outs[::-1], 2, 0)
     with pytest.raises(ValueError, match="logprobs"):
-        outputs_to_rollouts(prompts[:1], [SimpleNamespace(prompt_token_ids=[1, 5, 6], outputs=[SimpleNamespace(token_ids=[4], logprobs=None)])], 2, 0)
+        outputs_to_rollouts(
+            prompts[:1],
+            [SimpleNamespace(prompt_token_ids=[1, 5, 6], outputs=[SimpleNamespace(token_ids=[4], logprobs=None)])],
+            2,
+            0,
+        )
     assert VLLMOptions().enable_sleep_mode
 
 
@@ -213,11 +218,11 @@ def test_relaunch_only_when_asked_and_not_already_launched(tmp_path):
 def test_stage_runs_under_accelerate_launch_with_two_cpu_processes(small_cfg, tmp_path):
     from conftest import TEST_OVERRIDES
 
-    from stages import bootstrap
+    from stages.recipes import bootstrap
     from stages.runtime import StageRun
 
     root = str(tmp_path / "root")
-    bootstrap.run(StageRun("bootstrap", small_cfg(), root))
+    bootstrap.main(StageRun("bootstrap", small_cfg(), root))
     sets = [a for o in TEST_OVERRIDES + ["torch_threads=1", "teacher_rl.steps=2"] for a in ("--set", o)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "S2D_GPUS": "2",
            "S2D_ACCELERATE_CONFIG": str(REPO / "infra/accelerate/multi_cpu.yaml")}
@@ -292,7 +297,7 @@ def test_gpu_check_smoke_mode_runs_on_cpu(tmp_path):
 def test_gradient_checkpointing_and_root_forward_give_the_same_gradients():
     """The trained model's hidden states come from its top-level forward (so DDP/FSDP/DeepSpeed hooks see
     it); with and without gradient checkpointing the log-prob gradients equal the decoder-path ones."""
-    from stages.runtime import teacher_forced
+    from stages.rollout import teacher_forced
 
     tok = char_tokenizer()
     batch = teacher_forced(tok, _prompts(tok, ["7+5=", "0123+0489="]), ["12", "612"])

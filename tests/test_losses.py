@@ -16,7 +16,7 @@ from stages.losses import (
     reverse_kl_advantages,
     sft_loss,
 )
-from stages.scoring import pass_at_k, summarize
+from stages.scoring import pass_at_k, pass_metrics
 
 
 def test_grpo_advantages_hand_computed():
@@ -196,7 +196,7 @@ def test_pass_at_k_unbiased_estimator():
 
 
 def test_avg_at_k_is_mean_pass_at_1():
-    s = summarize([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], 4)
+    s = pass_metrics([[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], 4)
     assert s["avg@4"] == pytest.approx((0.25 + 1 + 0) / 3)
     assert s["pass@4"] == pytest.approx(2 / 3)
 

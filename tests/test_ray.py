@@ -24,7 +24,8 @@ import torch
 from conftest import TEST_OVERRIDES, free_port
 from safetensors.torch import load_file
 
-from stages import bootstrap, ray_train
+from stages import ray_train
+from stages.recipes import bootstrap
 from stages.runtime import StageRun
 
 pytest.importorskip("ray")
@@ -109,9 +110,29 @@ def cluster():
     procs, logs = [], [Path(temp) / "head.log", Path(temp) / "node2.log"]
     try:
         with open(logs[0], "w") as log:
-            procs.append(subprocess.Popen([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-                                           "--ray-client-server-port", str(free_port()), "--temp-dir", temp, *common, *_ray_ports()],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        RAY,
+                        "start",
+                        "--head",
+                        "--port",
+                        str(port),
+                        "--include-dashboard",
+                        "false",
+                        "--ray-client-server-port",
+                        str(free_port()),
+                        "--temp-dir",
+                        temp,
+                        *common,
+                        *_ray_ports(),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         _wait_port(ip, port, procs[0], logs[0])
         with open(logs[1], "w") as log:
             procs.append(subprocess.Popen([RAY, "start", "--address", f"{ip}:{port}", *common, *_ray_ports()],
@@ -139,7 +160,7 @@ def boot(tmp_path_factory):
     base = tmp_path_factory.mktemp("ray")
     root = str(base / "boot")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    bootstrap.run(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES + ["tracking.enabled=false"]), root))
+    bootstrap.main(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES + ["tracking.enabled=false"]), root))
     ref = str(base / "ref")
     shutil.copytree(root, ref)
     out = subprocess.run(_cmd(ref), env=_env(base / "ref-mlflow.db"), capture_output=True, text=True, timeout=300)

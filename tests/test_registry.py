@@ -3,7 +3,7 @@
 import pytest
 
 from stages import registry, workflow
-from stages.__main__ import COMMANDS
+from stages.cli import COMMANDS
 from stages.config import Workflow, load_config
 
 

@@ -6,7 +6,8 @@ import os
 import boto3
 import pytest
 
-from stages import artifacts, bootstrap, grpo
+from stages import artifacts, storage
+from stages.recipes import bootstrap, grpo
 from stages.runtime import StageRun
 
 
@@ -16,7 +17,7 @@ def _client():
 
 def test_multipart_publish_fetch_and_checksums(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("S2D_S3_MULTIPART_MB", "5")
-    artifacts._S3.clear()
+    storage._S3.clear()
     work = tmp_path / "work"
     (work / "model").mkdir(parents=True)
     big = os.urandom(12 << 20)
@@ -31,24 +32,24 @@ def test_multipart_publish_fetch_and_checksums(s3_bucket, tmp_path, monkeypatch)
     assert (local / "weights.bin").read_bytes() == big
     # a tampered object is refused on read
     _client().put_object(Bucket=s3_bucket, Key="runs/r1/demo/model/config.json", Body=b'{"evil": 1}')
-    with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
+    with pytest.raises(storage.ArtifactError, match="checksum mismatch"):
         artifacts.fetch(f"{stage}/model", cache_dir=tmp_path / "cache2")
-    artifacts._S3.clear()
+    storage._S3.clear()
 
 
 def test_missing_bucket_is_a_clear_error(s3_bucket):
-    with pytest.raises(artifacts.ArtifactError, match="bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(storage.ArtifactError, match="bucket 'no-such-bucket' does not exist"):
         artifacts.read_manifest("s3://no-such-bucket/runs/x/teacher_rl")
 
 
 def test_stage_on_s3_failed_upload_leaves_no_manifest_and_retry_completes(s3_bucket, small_cfg, monkeypatch):
     root = f"s3://{s3_bucket}/runs/stage-test"
     cfg = small_cfg("checkpoint_every=2")
-    bootstrap.run(StageRun("bootstrap", cfg, root))
+    bootstrap.main(StageRun("bootstrap", cfg, root))
     teacher = f"{root}/bootstrap/teacher"
     assert artifacts.read_manifest(f"{root}/bootstrap")["outputs"]["teacher"] == teacher
 
-    real_put = artifacts.S3Store.put_file
+    real_put = storage.S3Store.put_file
     calls = {"n": 0}
 
     def flaky_put(self, local, uri):
@@ -58,15 +59,15 @@ def test_stage_on_s3_failed_upload_leaves_no_manifest_and_retry_completes(s3_buc
                 raise ConnectionError("connection reset by peer")
         real_put(self, local, uri)
 
-    monkeypatch.setattr(artifacts.S3Store, "put_file", flaky_put)
+    monkeypatch.setattr(storage.S3Store, "put_file", flaky_put)
     with pytest.raises(ConnectionError):
-        grpo.run(StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}), teacher)
+        grpo.main(StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}), teacher)
     assert artifacts.read_manifest(f"{root}/teacher_rl") is None
-    assert artifacts.store_for(root).list(f"{root}/teacher_rl/_resume")  # the training state survived
+    assert storage.store_for(root).list(f"{root}/teacher_rl/_resume")  # the training state survived
 
-    monkeypatch.setattr(artifacts.S3Store, "put_file", real_put)
-    m = grpo.run(StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}), teacher)
+    monkeypatch.setattr(storage.S3Store, "put_file", real_put)
+    m = grpo.main(StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}), teacher)
     assert m["steps"] == 4 and artifacts.read_manifest(f"{root}/teacher_rl") == m
-    assert artifacts.store_for(root).list(f"{root}/teacher_rl/_resume") == []
+    assert storage.store_for(root).list(f"{root}/teacher_rl/_resume") == []
     assert (artifacts.fetch(f"{root}/teacher_rl/model") / "model.safetensors").exists()
     assert StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}).finished == m

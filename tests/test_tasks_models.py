@@ -10,9 +10,9 @@ import torch
 from stages.config import TaskConfig, TinyArch
 from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, check_compatible, load, save, tiny_qwen3
-from stages.rollout import token_logprobs
-from stages.runtime import teacher_forced
-from stages.tasks import ArithmeticTask, Problem, TaskError, make_task
+from stages.rollout import teacher_forced, token_logprobs
+from stages.task_contract import Problem, TaskError
+from stages.tasks import ArithmeticTask, make_task
 
 ARCH = TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64)
 
@@ -66,7 +66,9 @@ def test_multiplication_trace_and_mixed_splits():
 
 def test_math_jsonl_task_with_math_verify(tmp_path):
     f = tmp_path / "eval.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in [{"problem": "1/2+1/4?", "answer": "\\frac{3}{4}"}, {"problem": "2+2", "answer": "4"}]))
+    f.write_text(
+        "\n".join(json.dumps(r) for r in [{"problem": "1/2+1/4?", "answer": "\\frac{3}{4}"}, {"problem": "2+2", "answer": "4"}])
+    )
     cfg = TaskConfig(kind="math_jsonl", files={"teacher_rl": str(f), "prompts": str(f), "eval": str(f)})
     task = make_task(cfg)
     probs = task.problems("eval")
@@ -139,7 +141,9 @@ def test_sampler_is_deterministic_per_seed_and_batch_independent():
     b = HFSampler(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=10, seed=5)
     assert a.completion_ids() == b.completion_ids()
     g1 = HFSampler(tok.eos_token_id, tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=10, greedy=True)
-    g2 = HFSampler(tok.eos_token_id, tok.pad_token_id, batch_size=1).generate(model, prompts, temperature=1.0, max_new_tokens=10, greedy=True)
+    g2 = HFSampler(tok.eos_token_id, tok.pad_token_id, batch_size=1).generate(
+        model, prompts, temperature=1.0, max_new_tokens=10, greedy=True
+    )
     assert g1.completion_ids() == g2.completion_ids()  # left padding does not change greedy outputs
 
 
@@ -203,7 +207,7 @@ def test_example_plugin_runs_the_whole_tiny_workflow(tmp_path, capsys):
     stage (test-sized settings); the plugin's source is part of every stage's identity."""
     from conftest import TEST_OVERRIDES
 
-    from stages.__main__ import main
+    from stages.cli import main
 
     root = str(tmp_path / "rev")
     sets = [a for o in TEST_OVERRIDES for a in ("--set", o)] + ["--set", "task.options={alphabet: abcd, max_len: 6}"]
@@ -228,7 +232,9 @@ def test_data_digest_covers_the_problems_and_the_plugin_source(tmp_path, monkeyp
     base = data_digest(t, ("teacher_rl", "eval"))
     assert base == data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5})), ("teacher_rl", "eval"))
     assert base != data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 11, "eval": 5})), ("teacher_rl", "eval"))
-    assert base == data_digest(ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5, "prompts": 9})), ("teacher_rl", "eval"))
+    assert base == data_digest(
+        ArithmeticTask(TaskConfig(sizes={"teacher_rl": 10, "eval": 5, "prompts": 9})), ("teacher_rl", "eval")
+    )
     plugin = tmp_path / "myplug.py"
     monkeypatch.syspath_prepend(str(tmp_path))
     src = "from stages.tasks import ArithmeticTask\nclass T(ArithmeticTask):\n    pass\ndef make_task(cfg): return T(cfg)\n"

@@ -24,10 +24,11 @@ import requests
 import torch
 from conftest import TEST_OVERRIDES, free_port
 
-from stages import artifacts, kl_warmup, onpolicy_distill, teacher_data
+from stages import artifacts, storage
 from stages.config import TinyArch, load_config
 from stages.engines.hf import HFSampler
 from stages.models import TokenizerMismatch, char_tokenizer, load, save, tiny_qwen3
+from stages.recipes import kl_warmup, onpolicy_distill, teacher_data
 from stages.runtime import StageRun
 from stages.teacher import LocalTeacher, ServerTeacher, TeacherUnavailable, chosen_from_payload, topk_from_payload
 
@@ -144,7 +145,7 @@ def test_onpolicy_distill_server_engine_equals_local_engine(served, tmp_path):
     for engine in ("local", "server"):
         root = str(tmp_path / engine)
         cfg = cfg_for(url, engine)
-        out[engine] = onpolicy_distill.run(StageRun("onpolicy_distill", cfg, root, {"teacher": str(tdir), "student": str(sdir)}),
+        out[engine] = onpolicy_distill.main(StageRun("onpolicy_distill", cfg, root, {"teacher": str(tdir), "student": str(sdir)}),
                                            str(tdir), str(sdir))
         out[engine + "_hist"] = [json.loads(x) for x in Path(root, "onpolicy_distill/metrics.jsonl").read_text().splitlines()]
         out[engine + "_rollouts"] = Path(root, "onpolicy_distill/rollouts.jsonl").read_text()
@@ -162,7 +163,7 @@ def test_teacher_data_from_the_server_and_warmup_without_the_teacher(served, tmp
     root = str(tmp_path / "root")
     cfg = cfg_for(url, "server", "task.sizes.prompts=20", "teacher_data.top_k=20",
                   "teacher_data.rows_per_shard=8", "kl_warmup.form=topk", "kl_warmup.c2_every=100")
-    m = teacher_data.run(StageRun("teacher_data", cfg, root, {"teacher": str(tdir), "student": str(sdir)}), str(tdir), str(sdir))
+    m = teacher_data.main(StageRun("teacher_data", cfg, root, {"teacher": str(tdir), "student": str(sdir)}), str(tdir), str(sdir))
     assert m["metrics"]["rows"] == 20 and m["served_model"] == str(tdir)
     files = [f for f in m["files"] if f.endswith(".parquet")]
     assert len(files) == 3 and all(len(m["files"][f]["sha256"]) == 64 for f in files)  # 8 + 8 + 4 rows
@@ -179,10 +180,12 @@ def test_teacher_data_from_the_server_and_warmup_without_the_teacher(served, tmp
     # stage 2a from the stored data: the teacher checkpoint is never loaded (C2 goes to the server)
     loaded = []
     real_load = kl_warmup.StageRun.load_model
-    monkeypatch.setattr(kl_warmup.StageRun, "load_model", lambda self, uri, role: loaded.append(role) or real_load(self, uri, role))
-    data_uri = artifacts.join(root, "teacher_data")
+    monkeypatch.setattr(
+        kl_warmup.StageRun, "load_model", lambda self, uri, role: loaded.append(role) or real_load(self, uri, role)
+    )
+    data_uri = storage.join(root, "teacher_data")
     run = StageRun("kl_warmup", cfg, root, {"teacher": str(tdir), "student": str(sdir), "teacher_data": data_uri})
-    w = kl_warmup.run(run, str(tdir), str(sdir), data_uri)
+    w = kl_warmup.main(run, str(tdir), str(sdir), data_uri)
     assert loaded == ["student"]
     hist = [json.loads(x) for x in Path(root, "kl_warmup/metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 3 and all(h["forward_kl"] > 0 for h in hist)
@@ -237,20 +240,20 @@ def test_server_outage_mid_stage_is_a_clear_error_and_the_stage_resumes(served, 
     url, tdir, sdir = served
     inputs = {"teacher": str(tdir), "student": str(sdir)}
     ref_root = str(tmp_path / "ref")
-    onpolicy_distill.run(StageRun("onpolicy_distill", cfg_for(url, "server"), ref_root, inputs), str(tdir), str(sdir))
+    onpolicy_distill.main(StageRun("onpolicy_distill", cfg_for(url, "server"), ref_root, inputs), str(tdir), str(sdir))
     # answered: /v1/models, /tokenize x3, C2 before, steps 1 and 2 (one request each); step 3 finds it gone
     relay = Outage(url, fail_after=7)
     try:
         root = str(tmp_path / "root")
         cfg = cfg_for(relay.url, "server")
         with pytest.raises(TeacherUnavailable, match=f"teacher server {relay.url}.*did not answer"):
-            onpolicy_distill.run(StageRun("onpolicy_distill", cfg, root, inputs), str(tdir), str(sdir))
-        assert artifacts.read_manifest(artifacts.join(root, "onpolicy_distill")) is None  # nothing published
+            onpolicy_distill.main(StageRun("onpolicy_distill", cfg, root, inputs), str(tdir), str(sdir))
+        assert artifacts.read_manifest(storage.join(root, "onpolicy_distill")) is None  # nothing published
         state = json.loads(Path(root, "onpolicy_distill/_resume/student/latest.json").read_text())
         assert state["step"] == 2
         relay.heal()
         at_heal = relay.seen
-        m = onpolicy_distill.run(StageRun("onpolicy_distill", cfg, root, inputs), str(tdir), str(sdir))
+        m = onpolicy_distill.main(StageRun("onpolicy_distill", cfg, root, inputs), str(tdir), str(sdir))
         # resumed at step 2: connect + tokenizer check (4), step 3 (1), C2 after (1); a fresh run would need 9
         assert relay.seen - at_heal == 6
     finally:

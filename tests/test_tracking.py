@@ -127,7 +127,9 @@ def test_unreachable_server_never_blocks_and_the_skip_records_the_run(server, tm
     assert artifacts.read_manifest(str(tmp_path / "hung" / "bootstrap")) is not None
     # tracking.required: a one-line error naming the URI, before any model loads or anything is written
     r = stage("teacher_rl", root, server.url, "tracking.required=true")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking server {server.url} is unreachable")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: MLflow tracking server {server.url} is unreachable"
+    )
     written = [p.name for p in (root / "teacher_rl").rglob("*")] if (root / "teacher_rl").exists() else []
     assert "Traceback" not in r.stderr and not [n for n in written if not n.startswith(".lock")], written
 
@@ -189,7 +191,7 @@ def test_server_killed_mid_stage_then_restarted(server, tmp_path):
 KILL_AFTER_MANIFEST = """
 import os, signal, sys
 from stages import tracking
-from stages.__main__ import main
+from stages.cli import main
 # kill -9 the stage the moment its manifest is published, before MLflow hears about it
 tracking.Tracker.reconcile = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
 sys.exit(main(sys.argv[1:]))

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import artifacts, bootstrap, grpo
+from stages import artifacts, storage
 from stages.config import TinyArch
 from stages.models import char_tokenizer, save, tiny_qwen3
+from stages.recipes import bootstrap, grpo
 from stages.runtime import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_grpo_steps_raise_reward_on_an_easy_task(small_cfg, tmp_path):
                     "teacher_rl.group_size=8", "teacher_rl.optim.lr=0.01", "sampling.max_new_tokens=2",
                     "eval.problems=40", "eval.samples=8", "eval.greedy=false", "checkpoint_every=100")
     run = StageRun("teacher_rl", cfg, str(tmp_path / "root"), inputs={"policy": str(base)})
-    m = grpo.run(run, str(base))
+    m = grpo.main(run, str(base))
     before, after = m["metrics"]["eval_before.avg@8"], m["metrics"]["eval.avg@8"]
     # at init about 10% of completions start with a digit (10 of 100 tokens); 12 steps take it far higher
     assert before < 0.3
@@ -43,7 +44,7 @@ def test_grpo_steps_raise_reward_on_an_easy_task(small_cfg, tmp_path):
 @pytest.fixture
 def boot_root(small_cfg, tmp_path):
     root = str(tmp_path / "root")
-    bootstrap.run(StageRun("bootstrap", small_cfg(), root))
+    bootstrap.main(StageRun("bootstrap", small_cfg(), root))
     return root
 
 
@@ -54,7 +55,7 @@ def test_publish_is_atomic_and_reads_verify_checksums(boot_root, tmp_path, monke
         (work / "model" / f"f{i}.bin").write_bytes(os.urandom(1000))
     stage_uri = f"{boot_root}/demo"
     calls = {"n": 0}
-    real_put = artifacts.LocalStore.put_file
+    real_put = storage.LocalStore.put_file
 
     def failing_put(self, local, uri):
         calls["n"] += 1
@@ -62,18 +63,18 @@ def test_publish_is_atomic_and_reads_verify_checksums(boot_root, tmp_path, monke
             raise OSError("disk went away")
         real_put(self, local, uri)
 
-    monkeypatch.setattr(artifacts.LocalStore, "put_file", failing_put)
+    monkeypatch.setattr(storage.LocalStore, "put_file", failing_put)
     with pytest.raises(OSError):
         artifacts.publish(work, stage_uri, {"stage": "demo"})
     assert artifacts.read_manifest(stage_uri) is None  # half-written: no manifest, never read
-    with pytest.raises(artifacts.ArtifactError, match="no manifest"):
+    with pytest.raises(storage.ArtifactError, match="no manifest"):
         artifacts.fetch(f"{stage_uri}/model")
-    monkeypatch.setattr(artifacts.LocalStore, "put_file", real_put)
+    monkeypatch.setattr(storage.LocalStore, "put_file", real_put)
     artifacts.publish(work, stage_uri, {"stage": "demo"})  # the retry completes
     assert artifacts.fetch(f"{stage_uri}/model") == Path(stage_uri) / "model"
     # a corrupted file is caught by the reader
     (Path(stage_uri) / "model" / "f1.bin").write_bytes(b"tampered")
-    with pytest.raises(artifacts.ArtifactError, match="checksum mismatch"):
+    with pytest.raises(storage.ArtifactError, match="checksum mismatch"):
         artifacts.fetch(f"{stage_uri}/model")
 
 
@@ -81,7 +82,7 @@ def test_finished_stage_is_skipped_and_changed_config_reruns(boot_root, small_cf
     assert StageRun("bootstrap", small_cfg(), boot_root).finished is not None
     assert StageRun("bootstrap", small_cfg("bootstrap.noise=0.1"), boot_root).finished is None
     teacher = f"{boot_root}/bootstrap/teacher"
-    m = grpo.run(StageRun("teacher_rl", small_cfg(), boot_root, inputs={"policy": teacher}), teacher)
+    m = grpo.main(StageRun("teacher_rl", small_cfg(), boot_root, inputs={"policy": teacher}), teacher)
     again = StageRun("teacher_rl", small_cfg(), boot_root, inputs={"policy": teacher})
     assert again.finished == m
     assert not (Path(boot_root) / "teacher_rl" / "_resume").exists()  # state is cleared once published

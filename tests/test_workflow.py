@@ -7,7 +7,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from stages import artifacts, workflow
-from stages.__main__ import main
+from stages.cli import main
 
 
 def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, capsys):
@@ -23,7 +23,10 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     # lineage: each stage consumed the checkpoint the previous one produced
     assert manifests["teacher_rl"]["inputs"] == {"policy": f"{root}/bootstrap/teacher"}
     assert manifests["kl_warmup"]["inputs"] == {"teacher": f"{root}/teacher_rl/model", "student": f"{root}/bootstrap/student"}
-    assert manifests["onpolicy_distill"]["inputs"] == {"teacher": f"{root}/teacher_rl/model", "student": f"{root}/kl_warmup/model"}
+    assert manifests["onpolicy_distill"]["inputs"] == {
+        "teacher": f"{root}/teacher_rl/model",
+        "student": f"{root}/kl_warmup/model",
+    }
     assert manifests["student_rl"]["inputs"] == {"policy": f"{root}/onpolicy_distill/model"}
     assert manifests["direct_grpo"]["inputs"] == {"policy": f"{root}/bootstrap/student"}
     # equal student budgets; labeled data only in the GRPO stages
@@ -51,7 +54,9 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     od, trl = by_name["onpolicy_distill"].data, by_name["teacher_rl"].data
     assert od.tags["s2d.input.student"] == "kl_warmup/model" and od.params["input.student"] == f"{root}/kl_warmup/model"
     assert od.tags["s2d.input.student.run"] == by_name["kl_warmup"].info.run_id
-    assert od.tags["s2d.output.model"] == "onpolicy_distill/model" and od.params["output.model"] == f"{root}/onpolicy_distill/model"
+    assert (
+        od.tags["s2d.output.model"] == "onpolicy_distill/model" and od.params["output.model"] == f"{root}/onpolicy_distill/model"
+    )
     assert trl.tags["s2d.input.teacher"] == "bootstrap/teacher" and "s2d.input.policy" not in trl.tags
     assert by_name["student_rl"].data.tags["s2d.input.student"] == "onpolicy_distill/model"
     assert "kl" in od.metrics and "final.c2_after" in od.metrics
@@ -68,7 +73,9 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     teacher = client.search_model_versions("name = 's2d-teacher'")
     assert len(student) == len(teacher) == 1
     assert student[0].tags["s2d.uri"] == f"{root}/student_rl/model" and student[0].run_id == by_name["student_rl"].info.run_id
-    assert student[0].tags["s2d.teacher_version"] == "s2d-teacher/1" and "arithmetic/teacher_rl@" in student[0].tags["s2d.datasets"]
+    assert (
+        student[0].tags["s2d.teacher_version"] == "s2d-teacher/1" and "arithmetic/teacher_rl@" in student[0].tags["s2d.datasets"]
+    )
     assert teacher[0].tags["s2d.uri"] == f"{root}/teacher_rl/model"
 
     # a second run skips every finished stage: no training, no new child runs, no new versions
@@ -80,7 +87,7 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     assert len(client.search_model_versions("name = 's2d-student'")) == 1
 
     # a registered version is an input like any URI: resolved through the registry
-    from stages.tracking import resolve_model_uri
+    from stages.lineage import resolve_model_uri
 
     assert resolve_model_uri("models:/s2d-student/1") == f"{root}/student_rl/model"
 

@@ -18,10 +18,10 @@ import torch
 
 
 def main(out: Path) -> None:
-    from stages import grpo
     from stages.config import TinyArch, load_config
     from stages.engines.vllm_engine import VLLMSampler
     from stages.models import char_tokenizer, load, save, tiny_qwen3
+    from stages.recipes import grpo
     from stages.rollout import token_logprobs
     from stages.runtime import StageRun
 
@@ -41,7 +41,7 @@ def main(out: Path) -> None:
         "sampling.vllm={gpu_memory_utilization: 0.2, enable_sleep_mode: false, max_model_len: 128}",
     ])
     run = StageRun("teacher_rl", cfg, str(out / "root"), inputs={"policy": str(base)})
-    manifest = grpo.run(run, str(base))
+    manifest = grpo.main(run, str(base))
     hist = [json.loads(line) for line in (out / "root/teacher_rl/metrics.jsonl").read_text().splitlines()]
     result = {"grpo_ratio_mean": [h["ratio_mean"] for h in hist], "grpo_grad_norm": [h["grad_norm"] for h in hist],
               "grpo_reward": [h["reward"] for h in hist], "published": bool(manifest.get("files"))}

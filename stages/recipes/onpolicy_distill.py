@@ -18,14 +18,14 @@ import time
 
 import torch.nn.functional as F
 
-from .losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
-from .rollout import chosen_logprobs, token_logprobs, vocab_kl
-from .runtime import StageRun, decode
-from .scoring import score, student_teacher_kl
-from .teacher import open_teacher, sampled_c2
+from ..losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
+from ..rollout import chosen_logprobs, decode, token_logprobs, vocab_kl
+from ..runtime import StageRun
+from ..scoring import eval_metrics, student_teacher_kl
+from ..teacher import open_teacher, sampled_c2
 
 
-def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     cfg, d = run.cfg, run.cfg.onpolicy_distill
     student, tok = run.load_model(student_uri, "student")
     # teacher.engine local: the model in this process; server: log-probs served by vLLM (never loaded here)
@@ -36,13 +36,13 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
 
     def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
         if teacher is None:  # served: the sampled-token estimate (no full vocabulary over HTTP)
-            return sampled_c2(run.rollouts, student, tok, scorer, prompts, label)
-        return student_teacher_kl(run.rollouts, student, teacher, tok, prompts, label)
+            return sampled_c2(run.rollout_maker, student, tok, scorer, prompts, label)
+        return student_teacher_kl(run.rollout_maker, student, teacher, tok, prompts, label)
 
     def step_fn(step: int) -> dict:
         batch = run.batch_of(prompts, d.prompts_per_step, step)
         t0 = time.perf_counter()
-        ro = run.rollouts.sample(student, tok, batch, step)
+        ro = run.rollout_maker.sample(student, tok, batch, step)
         mask = ro.completion
         if d.form == "sampled":
             t_lp = scorer.logprobs(ro)  # one log-prob per position: prompt_logprobs=0 when served
@@ -77,7 +77,7 @@ def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
             trainer.state["c2_before"] = c2()
         history = trainer.fit(step_fn)
-        metrics = {f"eval.{k}": v for k, v in score(run.rollouts, student, tok, run.task.problems("eval")).items()}
+        metrics = {f"eval.{k}": v for k, v in eval_metrics(run.rollout_maker, student, tok, run.task.problems("eval")).items()}
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
         extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
                  "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled"}

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import random
 
-from .losses import sft_loss
-from .models import char_tokenizer, tiny_qwen3
-from .rollout import token_logprobs
-from .runtime import StageRun, seed_for, teacher_forced
-from .scoring import score
+from ..losses import sft_loss
+from ..models import char_tokenizer, tiny_qwen3
+from ..rollout import teacher_forced, token_logprobs
+from ..runtime import StageRun, seed_for
+from ..scoring import eval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def check_teacher_beats_student(teacher: dict, student: dict, k: int) -> None:
         "or the student less (bootstrap.student_steps), or use another seed")
 
 
-def run(run: StageRun) -> dict:
+def main(run: StageRun) -> dict:
     cfg, b = run.cfg, run.cfg.bootstrap
     if not callable(getattr(run.task, "solution", None)):  # validate says so before anything runs
         raise ValueError(f"bootstrap trains the tiny base models on worked solutions, but task '{cfg.task.kind}' has "
@@ -70,16 +70,18 @@ def run(run: StageRun) -> dict:
                 batch = run.batch_of(data, batch_size, step, salt=role)
                 rng = random.Random(seed_for(cfg.seed, "noise", role, step))
                 texts = [run.task.solution(p, rng, b.noise) for p in batch]
-                tf = teacher_forced(tok, run.rollouts.encode(tok, batch), texts)
+                tf = teacher_forced(tok, run.rollout_maker.encode(tok, batch), texts)
                 loss = sft_loss(token_logprobs(model, tf, cfg.logprob_chunk), tf.completion)
                 return {"loss": float(loss.detach()), "grad_norm": trainer.update(loss)}
 
             trainer.fit(step_fn)
             out[role] = model
             n_params = sum(p.numel() for p in model.parameters())
-            metrics |= {f"{role}.params": n_params} | {f"{role}.eval.{k}": v for k, v in score(run.rollouts, model, tok, eval_set).items()}
+            metrics |= {f"{role}.params": n_params} | {
+                f"{role}.eval.{k}": v for k, v in eval_metrics(run.rollout_maker, model, tok, eval_set).items()
+            }
             if val_set:
-                val[role] = score(run.rollouts, model, tok, val_set)
+                val[role] = eval_metrics(run.rollout_maker, model, tok, val_set)
                 metrics |= {f"{role}.validation.{k}": v for k, v in val[role].items()}
         if val_set:
             check_teacher_beats_student(val["teacher"], val["student"], cfg.eval.samples)

@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from .losses import grpo_advantages, policy_loss
-from .registry import STAGES
-from .rollout import token_logprobs
-from .runtime import StageRun, decode, seed_for
-from .scoring import score
+from ..losses import grpo_advantages, policy_loss
+from ..registry import STAGES
+from ..rollout import decode, token_logprobs
+from ..runtime import StageRun, seed_for
+from ..scoring import eval_metrics
 
 
-def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
+def main(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
     cfg, stage, spec = run.cfg, run.stage, STAGES[run.stage]
     g = getattr(cfg, stage)
     steps = cfg.steps(stage) if steps is None else steps
@@ -38,7 +38,7 @@ def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
         batch = run.batch_of(problems, n_prompts, step)
         group = [p for p in batch for _ in range(G)]
         t0 = time.perf_counter()
-        ro = run.rollouts.sample(model, tok, group, step)
+        ro = run.rollout_maker.sample(model, tok, group, step)
         gen_s = time.perf_counter() - t0
         texts = decode(tok, ro)
         rewards = torch.tensor([run.task.reward(t, p) for t, p in zip(texts, group)]).view(n_prompts, G)
@@ -75,9 +75,9 @@ def run(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
 
     with run.tracking(trainer, datasets):
         if spec.trains == "teacher" and "before" not in trainer.state:  # C1: the teacher's reward lift
-            trainer.state["before"] = score(run.rollouts, model, tok, eval_set)  # kept across a resume
+            trainer.state["before"] = eval_metrics(run.rollout_maker, model, tok, eval_set)  # kept across a resume
         history = trainer.fit(step_fn)
-        metrics = {f"eval.{k}": v for k, v in score(run.rollouts, model, tok, eval_set).items()}
+        metrics = {f"eval.{k}": v for k, v in eval_metrics(run.rollout_maker, model, tok, eval_set).items()}
         if "before" in trainer.state:
             avg = f"avg@{cfg.eval.samples}"
             metrics |= {f"eval_before.{k}": v for k, v in trainer.state["before"].items()}

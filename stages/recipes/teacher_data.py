@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import artifacts
-from .rollout import Rollouts, left_pad
-from .runtime import StageRun, seed_for
-from .teacher import LocalTeacher, Teacher, open_teacher
+from .. import artifacts, storage
+from ..rollout import Rollouts, left_pad
+from ..runtime import StageRun, seed_for
+from ..teacher import LocalTeacher, Teacher, open_teacher
 
 log = logging.getLogger("stages")
 
@@ -45,7 +45,7 @@ SCHEMA = pa.schema([
 DATA = "data"
 
 
-def run(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
+def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     """The student checkpoint gives the tokenizer (only its tokenizer files are read); the teacher is the
     configured engine, checked against it."""
     tok = load_tokenizer(student_uri)
@@ -61,8 +61,12 @@ def load_tokenizer(uri: str):
     checksums verified), a local folder or a hub id."""
     from transformers import AutoTokenizer
 
-    found = None if artifacts.uri_kind(uri) == "hub" else artifacts.find_manifest(uri)
-    path = artifacts.fetch(uri, only=lambda rel: "tokenizer" in rel.rsplit("/", 1)[-1] or rel.endswith("special_tokens_map.json")) if found else uri
+    found = None if storage.uri_kind(uri) == "hub" else artifacts.find_manifest(uri)
+    path = (
+        artifacts.fetch(uri, only=lambda rel: "tokenizer" in rel.rsplit("/", 1)[-1] or rel.endswith("special_tokens_map.json"))
+        if found
+        else uri
+    )
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -106,9 +110,9 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
 def teacher_rollouts(run: StageRun, teacher: Teacher, tok, problems, step: int, model=None) -> Rollouts:
     """The teacher's completions for ``problems``: the trainer's sampler on the local model, or the server."""
     if isinstance(teacher, LocalTeacher):
-        return run.rollouts.sample(model, tok, problems, step)
+        return run.rollout_maker.sample(model, tok, problems, step)
     s = run.cfg.sampling
-    prompts = run.rollouts.encode(tok, problems)
+    prompts = run.rollout_maker.encode(tok, problems)
     comps = teacher.generate(prompts, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                              seed=seed_for(run.cfg.seed, run.stage, "", step), eos_id=tok.eos_token_id)
     return from_token_ids(prompts, comps, tok.pad_token_id, s.temperature)
@@ -151,10 +155,10 @@ def to_table(problems, ro: Rollouts, chosen: torch.Tensor, topk_ids: torch.Tenso
 def load(uri: str) -> list[dict]:
     """The rows of a published teacher_data stage (checksums verified by :func:`artifacts.fetch`)."""
     uri = uri.rstrip("/")
-    folder = artifacts.fetch(uri if uri.endswith("/" + DATA) else artifacts.join(uri, DATA))
+    folder = artifacts.fetch(uri if uri.endswith("/" + DATA) else storage.join(uri, DATA))
     files = sorted(folder.glob("*.parquet"))
     if not files:
-        raise artifacts.ArtifactError(f"{uri}: no Parquet shards")
+        raise storage.ArtifactError(f"{uri}: no Parquet shards")
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pylist()
 
 

@@ -10,16 +10,16 @@ on MATH-500 (split ``eval``) and AIME 2024 (``aime24``), at ``eval.temperature``
 
 from __future__ import annotations
 
-from .runtime import StageRun
-from .scoring import score
+from ..runtime import StageRun
+from ..scoring import eval_metrics
 
 
-def run(run: StageRun, model_uri: str) -> dict:
+def main(run: StageRun, model_uri: str) -> dict:
     cfg = run.cfg
     model, tok = run.load_model(model_uri, "student")
     sets = {name: run.task.problems(name) for name in cfg.eval.sets}
     with run.tracking(datasets=sets, context="evaluation"):
-        results = {name: score(run.rollouts, model, tok, problems) for name, problems in sets.items()}
+        results = {name: eval_metrics(run.rollout_maker, model, tok, problems) for name, problems in sets.items()}
         # the default set keeps its historical keys (eval.avg@k ...); every set also as eval.<set>.<metric>
         metrics = {f"eval.{name}.{k}": v for name, r in results.items() for k, v in r.items()}
         if "eval" in results:
