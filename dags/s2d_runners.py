@@ -23,7 +23,8 @@ DEFAULT_IMAGE = "ghcr.io/sparse-to-dense/stages:0.1.0"
 NOT_PLANNED = 99  # the stage command's exit code for "this config switches the stage off"
 USER_ERROR = 2  # the stage command's exit code for bad input (one `error: ...` line on stderr)
 FINAL_STUDENT_URI = "s2d://sparse_to_dense/final_student"
-GPU_STAGES = ("bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill", "student_rl", "direct_grpo")
+GPU_STAGES = ("bootstrap", "import", "prune", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill", "student_rl",
+              "direct_grpo")
 # stages that talk to the teacher: with a long-lived teacher server (setting ``teacher_url``; infra/k8s
 # teacher-server.yaml, compose service ``teacher``) they get S2D_TEACHER_URL (used by teacher.engine: server)
 TEACHER_STAGES = ("teacher_data", "kl_warmup", "onpolicy_distill")

@@ -1,7 +1,7 @@
 """Sparse-to-dense post-training: one Airflow task per stage.
 
-    plan -> bootstrap -> teacher_rl -> kl_warmup -> onpolicy_distill -> student_rl -> report
-                    \\-> direct_grpo (baseline) --------------------------------------/
+    plan -> bootstrap -> import -> prune -> teacher_rl -> kl_warmup -> onpolicy_distill -> student_rl -> report
+                                   \\-> direct_grpo (baseline) --------------------------------------/
 
 Trigger it from the UI (the form is built from ``params`` below) or from the command line:
 
@@ -41,7 +41,8 @@ POOL = r.setting("gpu_pool", "gpu")
 TIMEOUT = timedelta(hours=float(r.setting("stage_timeout_hours", "24")))
 STAGES = ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"]
 STEP_STAGES = list(r.STEP_STAGES)
-ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in ["bootstrap", "teacher_data", *STEP_STAGES]}
+SETUP = ["bootstrap", "import", "prune"]  # the base models: built, imported, derived (each skipped unless a source names it)
+ASSETS = {s: Asset(f"s2d://{DAG_ID}/{s}") for s in [*SETUP, "teacher_data", *STEP_STAGES]}
 FINAL_STUDENT = Asset(r.FINAL_STUDENT_URI)
 LABELS = {"teacher_rl": "1 · Teacher GRPO (sparse verifier reward)", "kl_warmup": "2a · Forward-KL warmup of the student",
           "onpolicy_distill": "2b · On-policy distillation (dense reward)", "student_rl": "3 · Student GRPO",
@@ -149,6 +150,10 @@ def sparse_to_dense(dag_id: str = DAG_ID, schedule=None, form: dict | None = Non
         after = "none_failed_min_one_success"
         plan = stage_task("plan")()
         boot = stage_task("bootstrap", outlets=[ASSETS["bootstrap"]])(plan)
+        for stage in SETUP[1:]:  # import -> prune (a student cut from the imported teacher)
+            nxt = stage_task(stage, trigger_rule=after, outlets=[ASSETS[stage]])(plan)
+            boot >> nxt
+            boot = nxt
         prev = boot
         # teacher_data (stored teacher top-k for kl_warmup.form topk) runs before 2a; skipped when not planned
         for stage in ["teacher_rl", "teacher_data", *STAGES[1:]]:

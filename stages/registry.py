@@ -35,6 +35,11 @@ class Stage:
     labeled: bool = False  # whether those splits carry answers (labeled data is the scarce resource)
     label: str | None = None  # row label in the summary table
     paper: str = ""  # the paper's name for it
+    scores: bool = True  # scores its output on the eval split (import only converts)
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """The split groups that must not be empty: what it trains on (together) and eval when it scores."""
+        return [g for g in (self.splits, ("eval",) if self.scores else ()) if g]
 
     def fn(self):
         return importlib.import_module(f"stages.recipes.{self.module}").main
@@ -43,6 +48,10 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("bootstrap", "bootstrap", "setup", {}, splits=("bootstrap",),
           paper="stand-in for pretraining (embedded default only)"),
+    Stage("import", "import_model", "setup", {}, scores=False,
+          paper="a checkpoint we did not make (GGUF file, package, folder, hub id) converted once and published"),
+    Stage("prune", "prune", "setup", {"teacher": "teacher"},
+          paper="a student derived from the teacher: layer pruning, then healing on non-task text"),
     Stage("teacher_rl", "grpo", "workflow", {"policy": "teacher"}, output="teacher", trains="teacher",
           splits=("teacher_rl",), labeled=True, label="RL teacher (1)", paper="1: GRPO on the teacher, sparse reward"),
     Stage("teacher_data", "teacher_data", "data", {"teacher": "teacher", "student": "student"},

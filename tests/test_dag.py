@@ -36,13 +36,14 @@ def test_dag_imports_without_errors_and_without_torch():
 
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
-    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
+    assert set(dag.task_ids) == {"plan", "bootstrap", "import", "prune", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
                                  "student_rl", "direct_grpo", "report", "close-runs"}
     t = dag.task_dict
     assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report"}
     assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
     assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
-    assert t["direct_grpo"].upstream_task_ids == {"plan", "bootstrap"}
+    assert t["prune"].upstream_task_ids == {"plan", "import"}  # setup: bootstrap -> import -> prune
+    assert t["direct_grpo"].upstream_task_ids == {"plan", "prune"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl", "direct_grpo"}
     for name in ("bootstrap", "teacher_rl", "student_rl", "direct_grpo"):
         assert t[name].pool == "gpu" and t[name].retries == 2 and t[name].execution_timeout is not None
