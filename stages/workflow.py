@@ -225,14 +225,14 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
     k = cfg.eval.samples
     rows = []
 
-    def row(label, metrics, prefix, stage, timed=True) -> dict:
-        m = results.get(stage, {})
+    def row(label, metrics, prefix, stage, timed=True, base=False) -> dict:
+        m = {} if base else results.get(stage, {})  # base: a model before the stage (no steps, no labels)
         return {
             "model": label, "stage": stage,
             f"avg@{k}": metrics.get(f"{prefix}avg@{k}"), f"pass@{k}": metrics.get(f"{prefix}pass@{k}"),
             "greedy": metrics.get(f"{prefix}greedy"),
             "student_steps": m.get("student_steps", 0), "labeled": m.get("labeled_examples", 0),
-            "time_s": m.get("wall_time_s") if timed else None,
+            "time_s": results.get(stage, {}).get("wall_time_s") if timed else None,
         }
 
     setup = [n for n, st in STAGES.items() if n in results and st.kind == "setup"]
@@ -247,7 +247,7 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
     if "teacher" not in scored:  # an imported teacher's first score: stage 1's evaluation before RL (same draws)
         first = next((n for n, st in STAGES.items() if n in results and st.trains == "teacher" and st.kind == "workflow"), None)
         if first is not None and f"eval_before.avg@{k}" in results[first]["metrics"]:
-            rows.insert(0, row("base teacher", results[first]["metrics"], "eval_before.", first, timed=False))
+            rows.insert(0, row("base teacher", results[first]["metrics"], "eval_before.", first, timed=False, base=True))
     for name, st in STAGES.items():
         if name in results and st.label:
             rows.append(row(st.label, results[name]["metrics"], "eval.", name))

@@ -28,11 +28,20 @@ from ..runtime import StageRun
 log = logging.getLogger(__name__)
 
 
-def convert(spec) -> tuple[object, object, dict]:
+def locate(spec) -> Path | None:
+    """The local file of a file source, fetched and checked (GGUF, an architecture transformers reads):
+    bad input fails here, in one line, before anything is loaded or tracked. None for a folder or hub id."""
+    if not sources.is_file_source(spec.import_from):
+        return None
+    path = sources.resolve(spec.import_from)
+    sources.check_gguf(path, spec.import_from)
+    return path
+
+
+def convert(spec, path: Path | None) -> tuple[object, object, dict]:
     """(model, tokenizer, facts for the manifest) of one ``source: import`` model spec."""
     ref = spec.import_from
-    if sources.is_file_source(ref):
-        path = sources.resolve(ref)
+    if path is not None:
         facts = {"ref": ref, "file": Path(ref.split("/")[-1]).name, "sha256": sources.sha256_file(path),
                  "bytes": path.stat().st_size, "format": "gguf"}
         model, tok, info = sources.load_gguf(path, ref)
@@ -50,10 +59,11 @@ def convert(spec) -> tuple[object, object, dict]:
 def main(run: StageRun) -> dict:
     cfg = run.cfg
     roles = [role for role, spec in cfg.models if spec.source == "import"]
+    paths = {role: locate(getattr(cfg.models, role)) for role in roles}
     out, facts, tok = {}, {}, None
     with run.tracking(context="import"):
         for role in roles:
-            model, role_tok, facts[role] = convert(getattr(cfg.models, role))
+            model, role_tok, facts[role] = convert(getattr(cfg.models, role), paths[role])
             if tok is not None and role_tok.get_vocab() != tok.get_vocab():
                 raise models.TokenizerMismatch("import: teacher and student files have different tokenizers; "
                                                "the workflow distills token by token and needs one")
