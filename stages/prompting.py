@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config
+from .sources import is_file_source
 from .task_contract import Problem, TaskError
 from .tasks import check_task, needed_splits
 
@@ -42,16 +43,20 @@ def encode(tok, problems: list[Problem], chat_template: str = "auto") -> list[li
     return ids
 
 
+def base_source(cfg: Config):
+    """(model spec, where its tokenizer comes from) of the base student: a pruned student has the teacher's,
+    an imported model its ``import_from``."""
+    spec = cfg.models.student
+    if spec.source == "prune":  # cut from the teacher: the teacher's tokenizer and context
+        spec = cfg.models.teacher
+    return spec, spec.import_from if spec.source == "import" else spec.source
+
+
 def context_window(cfg: Config):
     """(tokenizer, context length, where it comes from) of the base models, read without loading weights;
     None when they cannot be read here (a hub id not in the local cache: checked when the stage loads it)."""
     from .models import TINY_CONTEXT, char_tokenizer
-    from .sources import is_file_source
-
-    spec = cfg.models.student
-    if spec.source == "prune":  # cut from the teacher: the teacher's tokenizer and context
-        spec = cfg.models.teacher
-    source = spec.import_from if spec.source == "import" else spec.source
+    spec, source = base_source(cfg)
     if spec.source == "bootstrap":
         ctx = TINY_CONTEXT
         tok = char_tokenizer()
@@ -106,7 +111,8 @@ def preflight(cfg: Config, allow_unavailable: bool = False) -> list[str]:
         return warnings
     found = context_window(cfg)
     if found is None:
-        return warnings + [f"prompt lengths not checked: the tokenizer/config of {cfg.models.student.source} "
-                           "cannot be read here"]
+        source = base_source(cfg)[1]
+        why = "a file stage import converts first" if is_file_source(source) else "cannot be read here"
+        return warnings + [f"prompt lengths not checked: the tokenizer/config of {source}: {why}"]
     check_lengths(cfg, task, *found)
     return warnings
