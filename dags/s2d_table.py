@@ -40,10 +40,11 @@ def upstream(name: str) -> set[str]:
     stages for the base checkpoints, reduced to the direct ones (nothing implied by another)."""
     order = list(TASKS)
     st = STAGES[name]
-    if st.kind == "setup":
-        return set()
     setup = {n for n in order if STAGES[n].kind == "setup"}
     earlier = order[:order.index(name)]
+    if st.kind == "setup":  # one that reads a base checkpoint (prune: the teacher) waits for the setup stages before it
+        needs = {n for n in earlier if n in setup} if st.inputs else set()
+        return needs - (set().union(*(_ancestors(n) for n in needs)) if needs else set())
     needs = set()
     for role in st.inputs.values():
         makers = {n for n in earlier if STAGES[n].output == role}

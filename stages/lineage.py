@@ -191,6 +191,8 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
                 params={
                     "config_hash": manifest["config_hash"],
                     **{f"input.{role_of(stage, k)}": v[:6000] for k, v in manifest.get("inputs", {}).items()},
+                    # stage import: where the checkpoint came from (the file's reference and sha256)
+                    **{f"source.{k}": str(v)[:6000] for k, v in manifest.get("sources", {}).get(out, {}).items()},
                 },
             )
             c.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)

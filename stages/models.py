@@ -103,6 +103,38 @@ def load(path: str | Path, spec: ModelSpec | None = None, dtype: str = "float32"
     return model, tok
 
 
+def stop_ids(tok, model=None) -> tuple[int, ...]:
+    """Token ids that end a completion: the tokenizer's EOS first, then every EOS id of the model's generation
+    config (instruct models end a turn with a token that is not always the tokenizer's EOS: Llama 3's
+    ``<|eot_id|>`` next to ``<|end_of_text|>``)."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else []
+    if not ids:
+        raise ModelInputError("the tokenizer and the generation config name no EOS token: generation could not stop")
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def ensure_pad(tok, model) -> str:
+    """Give a tokenizer without a pad token one, never growing the vocabulary: a new ``<|pad|>`` token in a
+    spare row of the embedding matrix when there is one (many checkpoints round their vocabulary up), else
+    the EOS token (padding is always masked: its id is never trained on or attended to). Returns how."""
+    if tok.pad_token_id is not None:
+        return "kept"
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tok) < rows:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        how = "added"
+    else:
+        tok.pad_token = tok.eos_token
+        how = "eos"
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    return how
+
+
 def save(model, tokenizer, path: str | Path) -> None:
     """Save as a from_pretrained-loadable folder (safetensors + config + tokenizer)."""
     model.save_pretrained(str(path), safe_serialization=True)

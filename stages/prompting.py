@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config
+from .sources import is_file_source
 from .task_contract import Problem, TaskError
 from .tasks import check_task, needed_splits
 
@@ -22,37 +23,54 @@ def uses_chat_template(tok, mode: str) -> bool:
     return has and mode != "never"
 
 
+def messages(problem: Problem) -> list[dict]:
+    """The chat of one problem: its solved examples as earlier user/assistant turns, then its prompt."""
+    turns = [m for q, a in problem.shots for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    return turns + [{"role": "user", "content": problem.prompt}]
+
+
 def encode(tok, problems: list[Problem], chat_template: str = "auto") -> list[list[int]]:
     """Prompt token ids. The template's text already holds its special tokens (BOS included), so it is
-    tokenized without adding more; a raw prompt gets BOS when the tokenizer has one."""
+    tokenized without adding more; a raw prompt gets BOS when the tokenizer has one (solved examples, if
+    the problem has any, go before it as plain text, one blank line apart)."""
     if uses_chat_template(tok, chat_template):
-        texts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
-                                         tokenize=False) for p in problems]
+        texts = [tok.apply_chat_template(messages(p), add_generation_prompt=True, tokenize=False) for p in problems]
         return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    ids = tok([p.prompt for p in problems], add_special_tokens=False)["input_ids"] if problems else []
+    texts = ["".join(f"{q}{a}\n\n" for q, a in p.shots) + p.prompt for p in problems]
+    ids = tok(texts, add_special_tokens=False)["input_ids"] if problems else []
     if tok.bos_token_id is not None:
         ids = [[tok.bos_token_id] + x for x in ids]
     return ids
+
+
+def base_source(cfg: Config):
+    """(model spec, where its tokenizer comes from) of the base student: a pruned student has the teacher's,
+    an imported model its ``import_from``."""
+    spec = cfg.models.student
+    if spec.source == "prune":  # cut from the teacher: the teacher's tokenizer and context
+        spec = cfg.models.teacher
+    return spec, spec.import_from if spec.source == "import" else spec.source
 
 
 def context_window(cfg: Config):
     """(tokenizer, context length, where it comes from) of the base models, read without loading weights;
     None when they cannot be read here (a hub id not in the local cache: checked when the stage loads it)."""
     from .models import TINY_CONTEXT, char_tokenizer
-
-    spec = cfg.models.student
+    spec, source = base_source(cfg)
     if spec.source == "bootstrap":
         ctx = TINY_CONTEXT
         tok = char_tokenizer()
+    elif is_file_source(source):  # a GGUF file: read once stage import has converted it
+        return None
     else:
         from transformers import AutoConfig, AutoTokenizer
 
-        local = Path(spec.source).is_dir()
+        local = Path(source).is_dir()
         try:
             kw = {"trust_remote_code": spec.trust_remote_code, "local_files_only": not local or None}
             kw = {k: v for k, v in kw.items() if v is not None}
-            tok = AutoTokenizer.from_pretrained(spec.source, **kw)
-            mcfg = AutoConfig.from_pretrained(spec.source, **kw)
+            tok = AutoTokenizer.from_pretrained(source, **kw)
+            mcfg = AutoConfig.from_pretrained(source, **kw)
         except Exception:  # noqa: BLE001 - not readable offline: the stage's own loader reports it
             return None
         ctx = getattr(mcfg, "max_position_embeddings", None)
@@ -60,7 +78,7 @@ def context_window(cfg: Config):
             return None
     if cfg.sampling.engine == "vllm" and cfg.sampling.vllm.max_model_len:
         ctx = min(ctx, cfg.sampling.vllm.max_model_len)
-    return tok, ctx, spec.source
+    return tok, ctx, source
 
 
 def check_lengths(cfg: Config, task, tok, ctx: int, source: str) -> None:
@@ -154,8 +172,9 @@ def preflight(cfg: Config, allow_unavailable: bool = False) -> list[str]:
     warnings += eval_size_warnings(cfg, task)
     found = context_window(cfg)
     if found is None:
-        return warnings + [f"prompt lengths not checked: the tokenizer/config of {cfg.models.student.source} "
-                           "cannot be read here"]
+        source = base_source(cfg)[1]
+        why = "a file stage import converts first" if is_file_source(source) else "cannot be read here"
+        return warnings + [f"prompt lengths not checked: the tokenizer/config of {source}: {why}"]
     check_representable(cfg, task, found[0], found[2])
     check_lengths(cfg, task, *found)
     return warnings

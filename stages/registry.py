@@ -40,6 +40,11 @@ class Stage:
     title: str | None = None  # the trigger form's name for its switch and step budget (default: the name)
     gpu: bool = True  # its task holds GPUs (the DAG's gpu pool, device requests, nvidia.com/gpu limits)
     uses_teacher: bool = False  # reads the teacher through teacher.engine (a served teacher: S2D_TEACHER_URL)
+    scores: bool = True  # scores its output on the eval split (import only converts)
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """The split groups that must not be empty: what it trains on (together) and eval when it scores."""
+        return [g for g in (self.splits, ("eval",) if self.scores else ()) if g]
 
     def fn(self):
         return importlib.import_module(f"stages.recipes.{self.module}").main
@@ -48,6 +53,10 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("bootstrap", "bootstrap", "setup", {}, splits=("bootstrap",),
           paper="stand-in for pretraining (embedded default only)"),
+    Stage("import", "import_model", "setup", {}, scores=False, gpu=False,
+          paper="a checkpoint we did not make (GGUF file, package, folder, hub id) converted once and published"),
+    Stage("prune", "prune", "setup", {"teacher": "teacher"},
+          paper="a student derived from the teacher: layer pruning, then healing on non-task text"),
     Stage("teacher_rl", "grpo", "workflow", {"policy": "teacher"}, output="teacher", trains="teacher",
           splits=("teacher_rl",), labeled=True, label="RL teacher (1)", paper="1: GRPO on the teacher, sparse reward",
           title="1 · Teacher GRPO (sparse verifier reward)"),

@@ -95,6 +95,15 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def stop_tensor(eos) -> torch.Tensor:
+    """The ids that end a completion (one id or several: an instruct model's end-of-turn and end-of-text) as a
+    1-D long tensor for ``torch.isin``."""
+    ids = [eos] if isinstance(eos, int) else list(eos)
+    if not ids:
+        raise ValueError("no EOS id: generation could not stop")
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts left-padded to the longest: (ids [B, P], attention [B, P])."""
     if not prompts or any(len(p) == 0 for p in prompts):

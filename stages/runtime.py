@@ -71,8 +71,10 @@ class RolloutMaker:
         s = self.cfg.sampling
         if self.sampler is None:
             from .engines import make_sampler
+            from .models import stop_ids
 
-            self.sampler = make_sampler(s, tok.eos_token_id, tok.pad_token_id, str(self.device))
+            # the generation config's EOS ids too: an instruct model may end its turn with another token
+            self.sampler = make_sampler(s, stop_ids(tok, model), tok.pad_token_id, str(self.device))
         # evaluation draws do not depend on the stage, so one checkpoint scores the same everywhere
         scope = () if salt.startswith("eval") else (self.stage,)
         prompts = self.encode(tok, problems)
@@ -176,7 +178,7 @@ class StageRun:
 
         spec = STAGES.get(self.stage.split("/")[0])
         # a stage trains on its splits (together: direct_grpo uses two) and evaluates on eval
-        for group in [spec.splits, ("eval",)] if spec else []:
+        for group in spec.groups() if spec else []:
             if not any(self.task.problems(split) for split in group):
                 raise InputError(f"{self.stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "
                                  f"{'are' if len(group) > 1 else 'is'} empty (task.sizes / task.files)")

@@ -8,6 +8,7 @@ The contract (:class:`Task`) -- what ``task.kind: "my_pkg.my_module:make_task"``
   for choosing hyper-parameters), ``bootstrap`` (only when the tiny base models are built here), and any
   further evaluation set named in ``eval.sets``. An unknown split raises KeyError.
 - ``reward(completion, problem) -> float``: the verifier, on the decoded completion (no prompt, no EOS).
+- a problem's optional ``shots``: solved (question, reply) examples sent before its prompt (few-shot).
 - optional ``solution(problem, rng, noise) -> str``: a worked completion (``rng``/``noise``: corrupt it with
   probability ``noise``); a task that has it can build the tiny base models (``bootstrap``).
 - optional ``check() -> list[str]``: load and check everything up front (raise :class:`TaskError` for what
@@ -43,6 +44,9 @@ class Problem:
     id: str
     prompt: str
     answer: str | None  # None on the prompts-only split: stages 2a/2b never see labels
+    # solved examples shown before the prompt, as (question, reply) pairs: earlier user/assistant turns
+    # under a chat template, plain text before the prompt without one (a few-shot prompt)
+    shots: tuple[tuple[str, str], ...] = ()
 
 
 @runtime_checkable

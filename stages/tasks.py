@@ -98,9 +98,59 @@ class ArithmeticTask:
         return float(completion.rsplit(">", 1)[1].strip() == problem.answer)
 
 
+class ArithmeticQuestions(ArithmeticTask):
+    """The same problems asked in words for instruct models (``task.style: question``)::
+
+        What is 123 + 489?\nPut the final answer in \\boxed{}.      ->  ... \\boxed{612}
+
+    The question goes through ``task.prompt_template`` (and the model's chat template); the reward is the
+    project's verifier (:func:`stages.verify.grade`: the last ``\\boxed{}``, math-verify). Operands are not
+    zero-padded. ``task.few_shot: n`` puts n solved questions before each one (earlier chat turns, replies
+    ending in a boxed answer), drawn from a pool no split shares, the same shots for every problem: a small
+    instruct model learns the answer format from them, not the arithmetic.
+    """
+
+    def __init__(self, cfg: TaskConfig):
+        super().__init__(cfg)
+        rng = random.Random(f"{cfg.seed}:shots")
+        taken = {item for items in self._splits.values() for item in items}
+        self._shots = []
+        while len(self._shots) < cfg.few_shot:
+            op = "add" if cfg.ops == ["add"] else rng.choice(cfg.ops)
+            item = (op, self._number(rng), self._number(rng) if op == "add" else rng.randint(2, 9))
+            if item not in taken and (op, item[2], item[1]) not in taken:
+                taken.add(item)
+                self._shots.append(item)
+        self.shots = tuple((self.prompt(*item), self.reply(*item)) for item in self._shots)
+
+    def prompt(self, op: str, a: int, b: int) -> str:
+        return self.cfg.prompt_template.format(problem=f"What is {a} {'*' if op == 'mul' else '+'} {b}?")
+
+    @staticmethod
+    def reply(op: str, a: int, b: int) -> str:
+        c = a * b if op == "mul" else a + b
+        return f"{a} {'*' if op == 'mul' else '+'} {b} = {c}. The final answer is \\boxed{{{c}}}."
+
+    def problems(self, split: str) -> list[Problem]:
+        return [Problem(p.id, p.prompt, p.answer, self.shots) for p in super().problems(split)]
+
+    def solution(self, problem: Problem, rng: random.Random | None = None, noise: float = 0.0) -> str:
+        """A worked reply (``bootstrap`` can train tiny models on it); with ``noise`` a wrong sum."""
+        a, op, b = problem.prompt.split("?")[0].removeprefix("What is ").split()[-3:]
+        c = int(a) * int(b) if op == "*" else int(a) + int(b)
+        if rng is not None and rng.random() < noise:
+            c += rng.choice([-10, -1, 1, 10])
+        return f"{a} {op} {b} = {c}. The final answer is \\boxed{{{c}}}."
+
+    def reward(self, completion: str, problem: Problem) -> float:
+        from .verify import grade
+
+        return grade(completion, problem.answer, self.cfg.answer_format)
+
+
 def make_task(cfg: TaskConfig) -> Task:
     if cfg.kind == "arithmetic":
-        return ArithmeticTask(cfg)
+        return ArithmeticQuestions(cfg) if cfg.style == "question" else ArithmeticTask(cfg)
     if cfg.kind in ("dataset", "math_jsonl"):
 
         return DatasetTask(cfg)
@@ -133,14 +183,16 @@ def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
     if s.kind == "tool":
         return tuple(cfg.eval.sets)
     # bootstrap also checks the teacher beats the student on the (optional) validation split
-    return s.splits + ("eval",) + (("validation",) if s.name == "bootstrap" else ())
+    return s.splits + (("eval",) if s.scores else ()) + (("validation",) if s.name == "bootstrap" else ())
 
 
 def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
     """The splits each planned stage (and the ``evaluate`` command) reads."""
     stages = list(cfg.workflow.stages) + (["direct_grpo"] if cfg.workflow.baseline else [])
-    if "bootstrap" in (cfg.models.teacher.source, cfg.models.student.source):
-        stages.insert(0, "bootstrap")
+    from .registry import STAGES
+
+    sources = (cfg.models.teacher.source, cfg.models.student.source)
+    stages = [n for n, st in STAGES.items() if st.kind == "setup" and n in sources] + stages
     return {s: stage_splits(s, cfg) for s in stages + ["evaluate"]}
 
 
@@ -154,7 +206,8 @@ def data_digest(task: Task, splits) -> str:
             problems = []
         h.update(f"[{split}:{len(problems)}]".encode())
         for p in problems:
-            h.update(f"{p.id}\0{p.prompt}\0{p.answer}\n".encode())
+            shots = f"\0{p.shots}" if p.shots else ""  # only when present: digests of shot-less tasks unchanged
+            h.update(f"{p.id}\0{p.prompt}\0{p.answer}{shots}\n".encode())
     module = inspect.getmodule(type(task))
     if module is not None and not module.__name__.startswith("stages."):
         try:
@@ -200,7 +253,7 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
                     raise TaskError(f"task: split 'prompts' must withhold answers (problem {p.id} has one)")
         # a stage trains on its splits together (direct_grpo: two) and evaluates on eval
         spec = STAGES.get(stage)
-        groups = [spec.splits, ("eval",)] if spec and spec.kind != "tool" else [(s,) for s in splits]
+        groups = spec.groups() if spec and spec.kind != "tool" else [(s,) for s in splits]
         for group in groups:
             if not any(loaded.get(s) for s in group):
                 raise TaskError(f"{stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "

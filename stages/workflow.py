@@ -264,24 +264,32 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
     k = cfg.eval.samples
     rows = []
 
-    def row(label, metrics, prefix, stage):
-        m = results.get(stage, {})
-        rows.append({
+    def row(label, metrics, prefix, stage, timed=True, base=False) -> dict:
+        m = {} if base else results.get(stage, {})  # base: a model before the stage (no steps, no labels)
+        return {
             "model": label, "stage": stage,
             f"avg@{k}": metrics.get(f"{prefix}avg@{k}"), f"pass@{k}": metrics.get(f"{prefix}pass@{k}"),
             "greedy": metrics.get(f"{prefix}greedy"),
             "student_steps": m.get("student_steps", 0), "labeled": m.get("labeled_examples", 0),
-            "time_s": m.get("wall_time_s"),
-        })
+            "time_s": results.get(stage, {}).get("wall_time_s") if timed else None,
+        }
 
+    setup = [n for n, st in STAGES.items() if n in results and st.kind == "setup"]
+    scored = {role: n for n in setup for role in ("teacher", "student")
+              if any(key.startswith(f"{role}.eval.") for key in results[n]["metrics"])}
+    for name in setup:  # the base models, as the setup stage that made them scored them
+        roles = [role for role, n in scored.items() if n == name]
+        for role in roles:
+            rows.append(row(f"base {role}", results[name]["metrics"], f"{role}.eval.", name, timed=role == roles[0]))
+        if not roles:  # a conversion (import): its time only
+            rows.append(row(f"{name} (setup)", {}, "", name))
+    if "teacher" not in scored:  # an imported teacher's first score: stage 1's evaluation before RL (same draws)
+        first = next((n for n, st in STAGES.items() if n in results and st.trains == "teacher" and st.kind == "workflow"), None)
+        if first is not None and f"eval_before.avg@{k}" in results[first]["metrics"]:
+            rows.insert(0, row("base teacher", results[first]["metrics"], "eval_before.", first, timed=False, base=True))
     for name, st in STAGES.items():
-        if name not in results:
-            continue
-        if st.kind == "setup":  # the base models
-            for role in ("teacher", "student"):
-                row(f"base {role}", results[name]["metrics"], f"{role}.eval.", name)
-        elif st.label:
-            row(st.label, results[name]["metrics"], "eval.", name)
+        if name in results and st.label:
+            rows.append(row(st.label, results[name]["metrics"], "eval.", name))
     done = [STAGES[n] for n in results]
     headline = {}
     for st in done:

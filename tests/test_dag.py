@@ -41,13 +41,15 @@ def test_dag_imports_without_errors_and_without_torch():
 
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
-    assert set(dag.task_ids) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
-                                 "student_rl", "direct_grpo", "report", "close-runs"}
+    assert set(dag.task_ids) == {"plan", "bootstrap", "import", "prune", "teacher_rl", "teacher_data", "kl_warmup",
+                                 "onpolicy_distill", "student_rl", "direct_grpo", "report", "close-runs"}
     t = dag.task_dict
     assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report"}
     assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
     assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
-    assert t["direct_grpo"].upstream_task_ids == {"plan", "bootstrap"}
+    # setup: import and bootstrap after plan; prune reads the teacher either may make
+    assert t["import"].upstream_task_ids == {"plan"} and t["prune"].upstream_task_ids == {"plan", "bootstrap", "import"}
+    assert t["direct_grpo"].upstream_task_ids == {"plan", "prune"}
     assert t["report"].upstream_task_ids == {"plan", "student_rl", "direct_grpo"}
     for name in ("bootstrap", "teacher_rl", "student_rl", "direct_grpo"):
         assert t[name].pool == "gpu" and t[name].retries == 2 and t[name].execution_timeout is not None
@@ -69,7 +71,7 @@ def test_wiring_follows_the_stage_table(monkeypatch):
     assert [n for n in dag.task_ids if n in registry.STAGES] == list(registry.RUNNABLE)
     for name in registry.RUNNABLE:
         assert t[name].upstream_task_ids == {"plan", *table.upstream(name)}, name
-    assert table.upstream("kl_warmup") == {"teacher_data"} and table.upstream("direct_grpo") == {"bootstrap"}
+    assert table.upstream("kl_warmup") == {"teacher_data"} and table.upstream("direct_grpo") == {"prune"}
     assert table.last_stages() == ["student_rl", "direct_grpo"]
     assert [s.uri for n in registry.RUNNABLE for s in t[n].outlets] == [f"s2d://sparse_to_dense/{n}" for n in registry.RUNNABLE]
 

@@ -12,8 +12,9 @@ from ..rollout import Sampler
 from .hf import HFSampler
 
 
-def make_sampler(sampling, eos_id: int, pad_id: int, device: str = "cpu") -> Sampler:
-    """The engine ``sampling.engine`` names, configured from the ``sampling`` config section."""
+def make_sampler(sampling, eos_id, pad_id: int, device: str = "cpu") -> Sampler:
+    """The engine ``sampling.engine`` names, configured from the ``sampling`` config section; ``eos_id``: the
+    stop id, or all of them (:func:`stages.models.stop_ids`)."""
     if sampling.engine == "hf":
         return HFSampler(eos_id, pad_id, sampling.batch_size)
     if sampling.engine == "static":

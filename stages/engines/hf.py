@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens
+from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens, stop_tensor
 
 
 class HFSampler(Sampler):
     """Batched sampling with a KV cache over any HF causal LM; stops each row at EOS."""
 
-    def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256):
-        self.eos_id, self.pad_id, self.batch_size = eos_id, pad_id, batch_size
+    def __init__(self, eos_id, pad_id: int, batch_size: int = 256):
+        self.eos_ids, self.pad_id, self.batch_size = stop_tensor(eos_id), pad_id, batch_size
 
     def generate(self, model, prompts, *, temperature, max_new_tokens, greedy=False, seed=0, first_row=0) -> Rollouts:
         u = draw_uniforms(seed, first_row + len(prompts), max_new_tokens)[first_row:]
@@ -48,7 +48,7 @@ class HFSampler(Sampler):
             lps.append(torch.where(live, lp, 0.0))
             ents.append(torch.where(live, ent, 0.0))
             attn = torch.cat([attn, live.long()[:, None]], dim=1)
-            done = done | (tok == self.eos_id)
+            done = done | torch.isin(tok, self.eos_ids.to(device))
             if done.all():
                 break
             logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, **cache,

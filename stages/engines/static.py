@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens
+from ..rollout import Rollouts, Sampler, assemble, cache_kwarg, concat, draw_uniforms, left_pad, sample_tokens, stop_tensor
 
 log = logging.getLogger("stages")
 
@@ -60,7 +60,7 @@ def _record(s: DecodeState, idx, tok, lp, ent, prompt_len, eos_id, pad_id) -> No
     s.out_lp.scatter_(1, idx, torch.where(live, lp, 0.0)[:, None])
     s.out_ent.scatter_(1, idx, torch.where(live, ent, 0.0)[:, None])
     s.attn.scatter_(1, idx + prompt_len, live.to(s.attn.dtype)[:, None])
-    s.done.logical_or_(tok == eos_id)
+    s.done.logical_or_(torch.isin(tok, eos_id))  # eos_id: one id or a tensor of stop ids
     s.tok.copy_(tok)
     s.t.add_(1)
 
@@ -69,13 +69,13 @@ class StaticSampler(Sampler):
     """Static-cache engine. ``decode``: ``auto`` (CUDA graphs on CUDA, eager elsewhere), ``cuda_graph``,
     ``eager``. Same sampling semantics as :class:`stages.engines.hf.HFSampler` (shared uniforms, inverse CDF)."""
 
-    def __init__(self, eos_id: int, pad_id: int, batch_size: int = 256, decode: str = "auto",
+    def __init__(self, eos_id, pad_id: int, batch_size: int = 256, decode: str = "auto",
                  stop_check_every: int = 16):
         if decode not in ("auto", "cuda_graph", "eager"):
             raise ValueError(f"decode must be auto, cuda_graph or eager, got '{decode}'")
         if stop_check_every < 1:
             raise ValueError("stop_check_every must be >= 1")
-        self.eos_id, self.pad_id, self.batch_size = eos_id, pad_id, batch_size
+        self.eos_ids, self.pad_id, self.batch_size = stop_tensor(eos_id), pad_id, batch_size
         self.decode, self.stop_check_every = decode, stop_check_every
         self.last_mode: str | None = None  # what the last generate used (for benchmarks and logs)
 
@@ -97,6 +97,7 @@ class StaticSampler(Sampler):
         device = next(model.parameters()).device
         mode = self.last_mode = self._mode(device)
         ids, p_attn = left_pad(prompts, self.pad_id)
+        eos = self.eos_ids.to(device)
         B, P = ids.shape
         N = u.shape[1]
         ids = ids.to(device)
@@ -116,10 +117,10 @@ class StaticSampler(Sampler):
             out_lp=torch.zeros((B, N), device=device), out_ent=torch.zeros((B, N), device=device))
         idx = s.t.expand(B).unsqueeze(1)
         tok, lp, ent = sample_tokens(logits, s.u[:, 0], temperature, greedy)
-        _record(s, idx, tok, lp, ent, P, self.eos_id, self.pad_id)
+        _record(s, idx, tok, lp, ent, P, eos, self.pad_id)
 
         def step():
-            decode_step(model, cache, s, P, temperature, greedy, self.eos_id, self.pad_id, cache_kw)
+            decode_step(model, cache, s, P, temperature, greedy, eos, self.pad_id, cache_kw)
 
         every = self.stop_check_every if mode == "cuda_graph" else 1
         t = 1

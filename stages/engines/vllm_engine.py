@@ -41,16 +41,18 @@ def request_seed(seed: int, row: int) -> int:
 
 
 def build_requests(prompts: list[list[int]], *, temperature: float, max_new_tokens: int, greedy: bool, seed: int,
-                   eos_id: int, sampling_params_cls, first_row: int = 0) -> tuple[list[dict], list]:
+                   eos_id, sampling_params_cls, first_row: int = 0) -> tuple[list[dict], list]:
     """vLLM prompts (``{"prompt_token_ids": ...}``, TokensPrompt's shape) and one ``SamplingParams`` per row.
 
     ``n=1`` per request, ``logprobs=0`` (the sampled token's log-prob only), no top-k/top-p, stop at the
-    tokenizer's EOS only (``ignore_eos=False``, ``stop_token_ids=[eos]``), EOS kept in the output.
+    stop ids only (``eos_id``: the tokenizer's EOS and the generation config's; ``ignore_eos=False``,
+    ``stop_token_ids``), the stop token kept in the output.
     """
     reqs = [{"prompt_token_ids": list(p)} for p in prompts]
     params = [sampling_params_cls(n=1, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1,
                                   max_tokens=max_new_tokens, seed=request_seed(seed, first_row + i), logprobs=0,
-                                  stop_token_ids=[eos_id], skip_special_tokens=False, detokenize=False)
+                                  stop_token_ids=[eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                  skip_special_tokens=False, detokenize=False)
               for i in range(len(prompts))]
     return reqs, params
 
@@ -96,8 +98,8 @@ def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: 
 class VLLMSampler(Sampler):
     """Colocated vLLM engine; see the module docstring for what is and is not exercised."""
 
-    def __init__(self, eos_id: int, pad_id: int, options):
-        self.eos_id, self.pad_id, self.opt = eos_id, pad_id, options
+    def __init__(self, eos_id, pad_id: int, options):
+        self.eos_id, self.pad_id, self.opt = [eos_id] if isinstance(eos_id, int) else list(eos_id), pad_id, options
         self._llms: dict[int, object] = {}
 
     def _llm(self, model):
