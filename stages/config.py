@@ -232,6 +232,8 @@ class TeacherEngine(Strict):
         "local", description="local: the teacher checkpoint in the training process; server: a vLLM server holding it (url)")
     url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
     model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
+    adapter_path: str | None = Field(
+        None, description="server, LoRA teacher: the adapter folder as the server sees it (default: this process's copy)")
     sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
     concurrency: int = Field(4, gt=0, description="requests in flight")
     timeout_s: float = Field(300.0, gt=0, description="per request")

@@ -161,12 +161,15 @@ def peft_config(spec: LoraSpec, base_uri: str):
                       bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_uri)
 
 
-def attach_new(model, spec: LoraSpec, role: str, base_uri: str, digest: str, base_path: str | None):
-    """Inject a fresh adapter (its B matrices zero: the model computes what the base does) and freeze the base."""
+def attach_new(model, spec: LoraSpec, role: str, base_uri: str, digest: str, base_path: str | None, seed: int = 0):
+    """Inject a fresh adapter (its B matrices zero: the model computes what the base does) and freeze the base.
+    Its A matrices are drawn from ``seed`` (not the global generator): a rerun starts from the same adapter."""
     from peft import get_peft_model
 
     try:
-        pm = get_peft_model(model, peft_config(spec, base_uri))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pm = get_peft_model(model, peft_config(spec, base_uri))
     except ValueError as e:
         raise AdapterInputError(f"models.{role}.lora: {' '.join(str(e).split())[:300]}") from None
     _finish(model, pm, spec, base_uri, digest, base_path)
@@ -228,11 +231,11 @@ def load(run, uri: str, role: str, load_full, trained: bool):
 
             folder = str(run.work / "merged-base" / f"{role}-input")
             models.save(model, tok, folder)
-        return attach_new(model, lora, role, uri, entry["digest"], folder), tok
+        return attach_new(model, lora, role, uri, entry["digest"], folder, run.lora_seed(role)), tok
     _tag(model, "_s2d_merged", True)
-    if not trained and base_path is not None:
-        _tag(model, "_s2d_lora_source", {"base": base_path, "adapter": str(path), "name": f"s2d-{entry['digest']}",
-                                         "r": entry["lora"]["r"]})
+    # what a vLLM engine loads for this frozen model (a source the base carried is not this model's)
+    _tag(model, "_s2d_lora_source", {"base": base_path, "adapter": str(path), "name": f"s2d-{entry['digest']}",
+                                     "r": entry["lora"]["r"]} if not trained and base_path is not None else None)
     model.requires_grad_(trained)
     return model, tok
 
@@ -285,7 +288,7 @@ class Reference:
 
 
 def save_adapter(model, tokenizer, path: Path) -> int:
-    """The adapter folder (config, weights, tokenizer); returns the weights' size in bytes."""
+    """The adapter folder (config, weights, and the tokenizer unless None); returns the weights' size in bytes."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -294,7 +297,8 @@ def save_adapter(model, tokenizer, path: Path) -> int:
     state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(a.peft).items()}
     save_file(state, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     a.peft.peft_config["default"].save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
     return (path / ADAPTER_WEIGHTS).stat().st_size
 
 

@@ -183,6 +183,10 @@ class StageRun:
         spec = STAGES.get(self.stage.split("/")[0])
         return bool(spec and spec.trains == role)
 
+    def lora_seed(self, role: str) -> int:
+        """The seed of a fresh adapter's initial weights (the same on a rerun or a resume)."""
+        return seed_for(self.cfg.seed, self.stage, role, "lora") % 2**63
+
     def load_model(self, uri: str, role: str, trained: bool | None = None):
         """Load a checkpoint: a published artifact (verified) or, when no manifest exists, a hub id or plain folder.
         A published LoRA adapter loads as its base + the adapter; a role this stage trains with
@@ -198,7 +202,7 @@ class StageRun:
         path = artifacts.fetch(uri) if found else uri
         model, tok = models.load(path, spec, self.cfg.dtype, role=role)
         if trained and spec is not None and spec.lora is not None:
-            lora.attach_new(model, spec.lora, role, uri, lora.base_digest(uri), str(path))
+            lora.attach_new(model, spec.lora, role, uri, lora.base_digest(uri), str(path), self.lora_seed(role))
         model.to(self.device)
         return model, tok
 

@@ -122,6 +122,22 @@ class ServerTeacher(Teacher):
             raise TeacherUnavailable(f"teacher server {self.url} serves {names}: set teacher.model to one of them")
         return names[0]
 
+    def load_adapter(self, name: str, path: str, inplace: bool = False) -> None:
+        """Serve a LoRA adapter of the server's base model as ``name`` and score with it from now on: kept when
+        the server lists it already (``--lora-modules name=path``), else loaded with vLLM's
+        ``POST /v1/load_lora_adapter`` from ``path`` (a folder the server can read). ``inplace``: replace the
+        weights of an adapter already loaded under ``name`` (syncing a trained adapter: only its weights move)."""
+        served = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
+        if name not in served or inplace:
+            try:
+                self._request("POST", "/v1/load_lora_adapter",
+                              json={"lora_name": name, "lora_path": path, "load_inplace": inplace})
+            except TeacherUnavailable as e:
+                raise TeacherUnavailable(f"{e} -- a LoRA teacher needs a vLLM server started with --enable-lora "
+                                         "--max-lora-rank >= r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or with "
+                                         f"--lora-modules {name}={path}") from None
+        self.model = name
+
     def check_tokenizer(self, tok, probes: list[str] | None = None) -> None:
         """The server's model must tokenize like the student (its ``/tokenize`` endpoint): every token id
         the server returns indexes the student's vocabulary."""
@@ -240,8 +256,17 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
         model.requires_grad_(False).eval()
         return LocalTeacher(model, cfg.logprob_chunk), model
     t = cfg.teacher
-    server = ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
+    from .lora import adapter_entry, preflight
+
+    entry = adapter_entry(teacher_uri)  # a LoRA teacher: the server's base + this adapter
+    name = (t.model or f"s2d-{entry['digest']}") if entry else t.model
+    server = ServerTeacher(t.resolved_url(), name, sequences_per_request=t.sequences_per_request,
                            concurrency=t.concurrency, timeout_s=t.timeout_s, retries=t.retries)
+    if entry:
+        from . import artifacts
+
+        preflight(cfg, run.stage, "teacher", teacher_uri)  # its base is the one it was trained on
+        server.load_adapter(name, t.adapter_path or str(artifacts.fetch(teacher_uri)))
     server.check_tokenizer(tok)
     return server, None
 
