@@ -106,7 +106,7 @@ class ServerTeacher(Teacher):
         self.model = model or self._served_model()
 
     # ---------------------------------------------------------------- HTTP
-    def _request(self, method: str, path: str, **kw) -> dict:
+    def _request(self, method: str, path: str, json_answer: bool = True, **kw) -> dict | str:
         try:
             r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
         except requests.RequestException as e:
@@ -114,7 +114,7 @@ class ServerTeacher(Teacher):
         if r.status_code != 200:
             raise TeacherUnavailable(f"teacher server {self.url}{path} answered {r.status_code}: {r.text[:300]}")
         self.bytes_received += len(r.content)
-        return r.json()
+        return r.json() if json_answer else r.text
 
     def _served_model(self) -> str:
         names = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
@@ -130,7 +130,7 @@ class ServerTeacher(Teacher):
         served = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
         if name not in served or inplace:
             try:
-                self._request("POST", "/v1/load_lora_adapter",
+                self._request("POST", "/v1/load_lora_adapter", json_answer=False,  # vLLM answers in plain text
                               json={"lora_name": name, "lora_path": path, "load_inplace": inplace})
             except TeacherUnavailable as e:
                 raise TeacherUnavailable(f"{e} -- a LoRA teacher needs a vLLM server started with --enable-lora "
