@@ -53,7 +53,7 @@ print("RESULT " + json.dumps({{**timing, "adapters": m.get("adapters"),
 
 COMMON = ["tracking.enabled=false", "torch_threads=2", "checkpoint_every=1000", "task.chat_template=auto",
           "task.sizes={bootstrap: 10, teacher_rl: 64, prompts: 64, student_rl: 10, validation: 10, eval: 4}",
-          "eval.problems=2", "eval.samples=1", "eval.greedy=false", "eval.c2_prompts=2", "sampling.temperature=1.0"]
+          "eval.problems=1", "eval.samples=1", "eval.greedy=false", "eval.c2_prompts=2", "sampling.temperature=1.0"]
 STAGE_SETS = {
     "teacher_rl": ["teacher_rl.prompts_per_step=2", "teacher_rl.group_size=4", "teacher_rl.optim.lr=1e-5"],
     "onpolicy_distill": ["onpolicy_distill.prompts_per_step=8", "onpolicy_distill.optim.lr=1e-5"],
