@@ -51,7 +51,7 @@ print("RESULT " + json.dumps({{**timing, "adapters": m.get("adapters"),
                               "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
-COMMON = ["tracking.enabled=false", "torch_threads=2", "checkpoint_every=1000", "task.chat_template=auto",
+COMMON = ["tracking.enabled=false", "torch_threads=1", "checkpoint_every=1000", "task.chat_template=auto",
           "task.sizes={bootstrap: 10, teacher_rl: 64, prompts: 64, student_rl: 10, validation: 10, eval: 4}",
           "eval.problems=1", "eval.samples=1", "eval.greedy=false", "eval.c2_prompts=2", "sampling.temperature=1.0"]
 STAGE_SETS = {
@@ -70,7 +70,7 @@ def run_one(stage: str, mode: str, work: Path, teacher: str, student: str, steps
     code = CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), stage=stage, root=str(root), teacher=teacher,
                         student=student, sets=sets)
     load = os.getloadavg()[0]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     out, err = proc.communicate()
