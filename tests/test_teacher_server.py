@@ -51,15 +51,13 @@ def served(tmp_path_factory):
     proc = subprocess.Popen(
         [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d / "teacher"), "--host", "127.0.0.1",
          "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs", "64",
-         "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.2", "--enforce-eager",
-         # LoRA teachers (test_served_teacher_loads_a_lora_teacher): adapters loaded at run time
-         "--enable-lora", "--max-lora-rank", "8"],
+         "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.2", "--enforce-eager"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # a fixed 1 GiB KV cache: the default share of RAM fails when other processes hold memory
-        env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + float(os.environ.get("S2D_TEST_VLLM_START_S", "300"))  # longer on a loaded machine
+        deadline = time.time() + 300
         while True:
             try:
                 if requests.get(url + "/v1/models", timeout=2).status_code == 200:
@@ -266,46 +264,3 @@ def test_server_outage_mid_stage_is_a_clear_error_and_the_stage_resumes(served, 
     assert len(got) == len(ref) == 3
     for a, b in zip(got, ref):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
-
-
-def _publish_adapter(tdir: Path, root: Path, scale: float, seed: int) -> str:
-    """A LoRA teacher adapter on the served base, published like a stage-1 output (B drawn so it matters)."""
-    from stages import lora
-    from stages.config import LoraSpec
-
-    model, tok = load(tdir)
-    lora.attach_new(model, LoraSpec(r=8, alpha=16), "teacher", str(tdir), lora.base_digest(str(tdir)), str(tdir))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    _, entry = lora.publish_outputs(model, tok, root / "work", "model", save)
-    artifacts.publish(root / "work", str(root / "teacher_rl"), {"stage": "teacher_rl", "adapters": {"model": entry},
-                                                               "outputs": {"model": str(root / "teacher_rl/model")}})
-    return str(root / "teacher_rl/model")
-
-
-def test_served_teacher_loads_a_lora_teacher(served, tmp_path):
-    """A LoRA teacher (an adapter output) on a served base: the stage loads the adapter into the server
-    (POST /v1/load_lora_adapter) and scores with it = the in-process base + adapter; a new version of the
-    adapter replaces the old one in place (only the adapter's weights move)."""
-    from stages.teacher import open_teacher
-
-    url, tdir, sdir = served
-    adapter = _publish_adapter(tdir, tmp_path / "a", 0.2, 0)
-    run = StageRun("onpolicy_distill", cfg_for(url, "server"), str(tmp_path / "root"), {"teacher": adapter, "student": str(sdir)})
-    local_model, tok = run.load_model(adapter, "teacher")  # base + adapter, merged in memory
-    scorer, model = open_teacher(run, adapter, tok)
-    assert model is None and scorer.model.startswith("s2d-")  # the adapter's name on the server
-    ro = rollouts(local_model, tok, n=4)
-    m = scored_mask(ro)
-    local = LocalTeacher(local_model).logprobs(ro)
-    base_model, _ = load(tdir)
-    assert torch.allclose(scorer.logprobs(ro)[m], local[m], atol=1e-4)
-    assert not torch.allclose(LocalTeacher(base_model.requires_grad_(False)).logprobs(ro)[m], local[m], atol=1e-3)
-    # a new version under the same name, in place
-    adapter2 = _publish_adapter(tdir, tmp_path / "b", 0.3, 1)
-    scorer.load_adapter(scorer.model, adapter2, inplace=True)
-    local2, _ = StageRun("evaluate/x", run.cfg, str(tmp_path / "ev")).load_model(adapter2, "teacher")
-    assert torch.allclose(scorer.logprobs(ro)[m], LocalTeacher(local2).logprobs(ro)[m], atol=1e-4)
