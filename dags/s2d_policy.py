@@ -43,6 +43,7 @@ DEFAULT_ALLOWED_OVERRIDES = (
     "seed", "dtype", "torch_threads", "logprob_chunk", "train", "checkpoint_every",
     "task.seed", "task.min_digits", "task.max_digits", "task.ops", "task.sizes", "task.prompt_template",
     "models.teacher.source", "models.student.source", "models.teacher.arch", "models.student.arch",
+    "models.teacher.lora", "models.student.lora",  # LoRA adapters (docs/lora.md); adapter_base is a path: not by default
     "sampling", *table.TASKS, "eval", "workflow")
 # Keys that load code, read files of the worker, send requests to a place of the trigger's choosing, or
 # redirect lineage: a trigger may set one only where an allow-list entry names it (or a key under it);
@@ -70,6 +71,7 @@ CAPS: dict[str, tuple[int, tuple[str, ...], str]] = {
     "max_top_k": (256, ("teacher_data.top_k",), "teacher log-probs kept per position"),
     "max_logprob_chunk": (8192, ("logprob_chunk",), "positions per log-prob chunk"),
     "max_torch_threads": (256, ("torch_threads",), "CPU threads of a stage"),
+    "max_lora_rank": (512, ("models.*.lora.r",), "rank of a LoRA adapter"),
     "max_model_params": (200_000_000, ("models.*.arch",), "parameters of a model built from an arch (estimated)"),
     "max_prompt_template_chars": (2000, ("task.prompt_template",), "characters of the prompt template"),
 }

@@ -360,9 +360,12 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     explicit = {"teacher": args.teacher, "student": args.student, "final_student": args.model}
     # models:/<name>/<version> (or @alias) names a registered version: its checkpoint URI is the input
     inputs = workflow.stage_inputs(cfg, root, cmd, {k: v and resolve_model_uri(v) for k, v in explicit.items()})
+    from .lora import preflight as lora_preflight
+
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
+        lora_preflight(cfg, cmd, role, uri)  # LoRA: an adapter input's base digest, target modules
     check_tokenizers(cfg, cmd, inputs)  # from the tokenizer files alone, before any model loads
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
     from .teacher import TeacherUnavailable

@@ -55,6 +55,28 @@ class TinyArch(Strict):
         return self
 
 
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSpec(Strict):
+    """Train a LoRA adapter (PEFT) instead of full weights in every stage that trains this role: the base
+    stays frozen and is loaded once; the optimizer, the resume states and the published ``model`` folder
+    hold only the adapter (docs/lora.md)."""
+
+    r: int = Field(16, gt=0, description="rank of each adapter's low-rank update")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS), min_length=1,
+        description="module names (suffixes) that get an adapter, or [all-linear]; every name must exist in the model")
+    publish_merged: bool = Field(
+        False, description="also publish the merged full checkpoint (base + adapter) as the stage's merged output")
+
+    def structure(self) -> dict:
+        """What decides whether an adapter can be trained further under this spec (dropout and publishing do not)."""
+        return {"r": self.r, "alpha": self.alpha, "target_modules": sorted(self.target_modules)}
+
+
 class ModelSpec(Strict):
     """Where a base model comes from: ``bootstrap`` (tiny, built here), ``import`` (a file or checkpoint converted
     and published by stage import), ``prune`` (the student only: cut from the teacher by stage prune), or a
@@ -72,6 +94,11 @@ class ModelSpec(Strict):
         "checkpoint); null: all")
     trust_remote_code: bool = Field(
         False, description="let transformers run the checkpoint's own code (a DAG trigger may set it only if allow-listed)")
+    lora: LoraSpec | None = Field(
+        None, description="train a LoRA adapter on this role's input model instead of its full weights (null: full)")
+    adapter_base: str | None = Field(
+        None, description="where the base of an adapter input of this role lives, when not at the URI its manifest records "
+                          "(its manifest digest must match the recorded one)")
 
     @model_validator(mode="after")
     def _arch_for_bootstrap(self):
@@ -234,6 +261,8 @@ class TeacherEngine(Strict):
         "local", description="local: the teacher checkpoint in the training process; server: a vLLM server holding it (url)")
     url: str | None = Field(None, description="server: base URL, e.g. http://teacher:8000 (env S2D_TEACHER_URL wins)")
     model: str | None = Field(None, description="server: served model name; default: the one /v1/models lists")
+    adapter_path: str | None = Field(
+        None, description="server, LoRA teacher: the adapter folder as the server sees it (default: this process's copy)")
     sequences_per_request: int = Field(8, gt=0, description="token-id prompts per POST /v1/completions")
     concurrency: int = Field(4, gt=0, description="requests in flight")
     timeout_s: float = Field(300.0, gt=0, description="per request")
@@ -495,7 +524,10 @@ class Config(Strict):
             own = {stage: own, "models": self.models.model_dump()}
         if stage == "import":  # a conversion: only what it converts (a task or sampling change does not redo it)
             shared = {}
-            own = {role: spec.model_dump() for role, spec in self.models if spec.source == "import"}
+            own = {role: spec.model_dump(exclude={"lora", "adapter_base"}) for role, spec in self.models if spec.source == "import"}
+        trains = STAGES[stage].trains if stage in STAGES else None
+        if trains and getattr(self.models, trains).lora is not None:  # absent without LoRA: earlier hashes hold
+            own = {**own, "lora": getattr(self.models, trains).lora.model_dump()}
         blob = json.dumps({"stage": stage, "shared": shared, "own": own, "inputs": inputs}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

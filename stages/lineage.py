@@ -172,8 +172,10 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
     outputs = manifest.get("outputs", {})
     tags |= {f"s2d.output.{k}": short_uri(v, root) for k, v in outputs.items()}
     out_params = [Param(f"output.{k}", redact(v)[:6000]) for k, v in outputs.items() if f"output.{k}" not in run.data.params]
+    made: dict[str, str] = {}  # output -> its logged model id (an adapter's, for its merged checkpoint)
     for out, uri in outputs.items():
         lm = find_logged_model(c, exp_id, uri)
+        kind = adapter_tags(c, exp_id, manifest, out, made)
         if lm is None or lm.source_run_id != rid or lm.tags.get("s2d.published") != manifest.get("published_at"):
             lm = c.create_logged_model(
                 exp_id,
@@ -187,6 +189,7 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
                     "s2d.output": out,
                     "s2d.published": manifest.get("published_at", ""),
                     "mlflow.model.isExternal": "true",
+                    **kind,
                 },
                 params={
                     "config_hash": manifest["config_hash"],
@@ -198,12 +201,34 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
             c.finalize_logged_model(lm.model_id, LoggedModelStatus.READY)
             c.log_outputs(rid, [LoggedModelOutput(lm.model_id, 0)])
         tags[f"s2d.output.{out}.model"] = lm.model_id
+        made[out] = lm.model_id
     tags["s2d.manifest"] = short_uri(storage.join(stage_uri, artifacts.MANIFEST), root)
     c.log_batch(rid, params=out_params, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     if run.info.status != "FINISHED":
         c.set_terminated(rid, status="FINISHED")
     c.set_tag(rid, "s2d.published", manifest.get("published_at", ""))  # last: marks the run complete
     return rid
+
+
+def adapter_tags(c, exp_id: str, manifest: dict, out: str, made: dict[str, str]) -> dict:
+    """Lineage tags of a LoRA output's logged model: an adapter names its base (URI, digest and the base's
+    logged model when it has one); a merged checkpoint names the adapter it was merged from. The MLflow
+    models then read base -> adapter -> merged."""
+    adapters = manifest.get("adapters") or {}
+    if out in adapters:
+        base = adapters[out]["base"]
+        tags = {"s2d.kind": "adapter", "s2d.base.uri": redact(base["uri"])[:5000], "s2d.base.digest": base["digest"],
+                "s2d.lora.r": str(adapters[out]["lora"]["r"])}
+        base_lm = find_logged_model(c, exp_id, base["uri"])
+        if base_lm is not None:
+            tags["s2d.base.model"] = base_lm.model_id
+        return tags
+    for name, a in adapters.items():
+        if a.get("merged") == out:
+            return {"s2d.kind": "merged", "s2d.merged_from.uri": redact(manifest["outputs"][name])[:5000],
+                    **({"s2d.merged_from.model": made[name]} if name in made else {}),
+                    "s2d.base.uri": redact(a["base"]["uri"])[:5000]}
+    return {}
 
 
 def register(c, exp_id: str, name: str, uri: str, tags: dict) -> object | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, models, prompting, storage
+from . import artifacts, lora, models, prompting, storage
 from .config import Config, InputError, Optim
 from .plots import plot_history
 from .rollout import Rollouts, Sampler, concat
@@ -195,12 +195,33 @@ class StageRun:
         self.close()
 
     # ------------------------------------------------------------ models
-    def load_model(self, uri: str, role: str):
-        """Load a checkpoint: a published artifact (verified) or, when no manifest exists, a hub id or plain folder."""
+    def trains(self, role: str) -> bool:
+        """Whether this stage trains the model of ``role`` (``teacher`` / ``student``)."""
+        from .registry import STAGES
+
+        spec = STAGES.get(self.stage.split("/")[0])
+        return bool(spec and spec.trains == role)
+
+    def lora_seed(self, role: str) -> int:
+        """The seed of a fresh adapter's initial weights (the same on a rerun or a resume)."""
+        return seed_for(self.cfg.seed, self.stage, role, "lora") % 2**63
+
+    def load_model(self, uri: str, role: str, trained: bool | None = None):
+        """Load a checkpoint: a published artifact (verified) or, when no manifest exists, a hub id or plain folder.
+        A published LoRA adapter loads as its base + the adapter; a role this stage trains with
+        ``models.<role>.lora`` set gets an adapter to train (``stages/lora.py``)."""
+        trained = self.trains(role) if trained is None else trained
+        got = lora.load(self, uri, role, self.load_model, trained)
+        if got is not None:
+            model, tok = got
+            model.to(self.device)
+            return model, tok
         spec = getattr(self.cfg.models, role, None)
         found = artifacts.find_manifest(uri) if storage.uri_kind(uri) != "hub" else None
         path = artifacts.fetch(uri) if found else uri
         model, tok = models.load(path, spec, self.cfg.dtype, role=role)
+        if trained and spec is not None and spec.lora is not None:
+            lora.attach_new(model, spec.lora, role, uri, lora.base_digest(uri), str(path), self.lora_seed(role))
         model.to(self.device)
         return model, tok
 
@@ -275,9 +296,13 @@ class StageRun:
         ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data)."""
         acc = self.accelerator
         out = self.work / "out"
+        adapters, more = {}, {}
         for name, model in models_out.items():
             with full_weights(model):  # under ZeRO-3 every rank takes part in gathering the weights
-                if self.is_main:
+                if self.is_main and lora.adapter_of(model) is not None:  # the adapter (+ merged with publish_merged)
+                    extra_out, adapters[name] = lora.publish_outputs(model, tokenizer, out, name, models.save)
+                    more |= extra_out
+                elif self.is_main:
                     models.save(model, tokenizer, out / name)
         if not self.is_main:  # the main process publishes; the others return what it published
             acc.wait_for_everyone()
@@ -294,11 +319,12 @@ class StageRun:
             "config_hash": self.config_hash,
             "inputs": self.inputs,
             "outputs": {name: storage.join(self.uri, name) for name in models_out}
-                       | {name: storage.join(self.uri, rel) for name, rel in (outputs or {}).items()},
+                       | {name: storage.join(self.uri, rel) for name, rel in {**(outputs or {}), **more}.items()},
             "metrics": metrics,
             "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
             **(extra or {}),
+            **({"adapters": adapters} if adapters else {}),
         }
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)

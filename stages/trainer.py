@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from tqdm.auto import tqdm
 
-from . import artifacts
+from . import artifacts, lora
 from .config import Config, Optim
 
 if TYPE_CHECKING:
     from .runtime import StageRun
 
 log = logging.getLogger("stages")
+ADAPTER_STATE = "adapter.safetensors"  # a LoRA stage's resume state: the adapter's weights, not the base's
 
 
 class Divergence(RuntimeError):
@@ -167,7 +168,10 @@ class Trainer:
         d = self.run.work / "state" / self.name
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        save_model(self.model, str(d / "model.safetensors"))  # handles tied embeddings
+        if lora.adapter_of(self.model) is not None:  # a LoRA stage's state: the adapter's weights only
+            save_file(lora.trainable_state(self.model), str(d / ADAPTER_STATE))
+        else:
+            save_model(self.model, str(d / "model.safetensors"))  # handles tied embeddings
         torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
         if self.run.rollout_file.exists():
             shutil.copyfile(self.run.rollout_file, d / "rollouts.jsonl")
@@ -182,14 +186,21 @@ class Trainer:
             return None
         d = self.run.work / "restore" / self.name
         loaded = {}
+        adapter = lora.adapter_of(self.model) is not None
 
         def check(folder: Path, meta: dict) -> None:  # parse everything before touching the model
             if meta.get("config_hash") != self.run.config_hash:
                 raise _OtherConfig(f"written by another config ({meta.get('config_hash')})")
             from safetensors.torch import load_file
 
-            loaded["model"] = load_file(str(folder / "model.safetensors"))
-            shapes = {k: v.shape for k, v in self.model.state_dict().items()}
+            if adapter:
+                loaded["model"] = load_file(str(folder / ADAPTER_STATE))
+                shapes = {k: v.shape for k, v in lora.trainable_state(self.model).items()}
+                if set(shapes) != set(loaded["model"]):
+                    raise ValueError("an adapter state of other modules than this model's adapter")
+            else:
+                loaded["model"] = load_file(str(folder / "model.safetensors"))
+                shapes = {k: v.shape for k, v in self.model.state_dict().items()}
             bad = [k for k, t in loaded["model"].items() if shapes.get(k) != t.shape]
             if bad:
                 raise ValueError(f"tensors that do not fit this model: {bad[:3]}")
@@ -202,7 +213,10 @@ class Trainer:
             return None
         device = str(next(self.model.parameters()).device)
         try:
-            load_model(self.model, str(d / "model.safetensors"), device=device)
+            if adapter:
+                lora.load_trainable_state(self.model, loaded["model"])
+            else:
+                load_model(self.model, str(d / "model.safetensors"), device=device)
             self.optimizer.load_state_dict(loaded["optim"])
         except Exception as e:  # noqa: BLE001 - e.g. shapes of another model: start over, loudly
             log.warning("%s: resume state of step %s does not fit this model (%s); starting over",

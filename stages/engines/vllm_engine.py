@@ -27,6 +27,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 
 import torch
 
@@ -95,12 +99,46 @@ def outputs_to_rollouts(prompts: list[list[int]], outputs, eos_id: int, pad_id: 
     return Rollouts(ids, attn, comp, logp, torch.zeros((B, P + N)), P, temperature)
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def lora_rank_bucket(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds rank ``r``."""
+    for b in VLLM_LORA_RANKS:
+        if r <= b:
+            return b
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
 class VLLMSampler(Sampler):
-    """Colocated vLLM engine; see the module docstring for what is and is not exercised."""
+    """Colocated vLLM engine; see the module docstring for what is and is not exercised.
+
+    LoRA (``models.<role>.lora``, stages/lora.py): the engine loads the frozen base once with
+    ``enable_lora`` and samples through a ``LoRARequest``. A model training an adapter syncs only the
+    adapter between steps: its weights are written to a scratch folder (a few MB) and loaded under a new
+    LoRA id, the previous id removed (vLLM caches adapters by id); the base weights never move. A frozen
+    model loaded as base + adapter (a LoRA teacher) is served as that base + that published adapter."""
 
     def __init__(self, eos_id, pad_id: int, options):
         self.eos_id, self.pad_id, self.opt = [eos_id] if isinstance(eos_id, int) else list(eos_id), pad_id, options
         self._llms: dict[int, object] = {}
+        self._lora: dict[int, object] = {}  # model -> its current LoRARequest
+        self._scratch: Path | None = None
+        self.last_sync_s: float | None = None  # seconds the last weight sync took (bench/lora.py reads it)
+        self.last_sync_bytes: int | None = None
+
+    def _lora_source(self, model) -> tuple[str, int] | None:
+        """(base folder, rank) when ``model`` is served as base + LoRA adapter, else None."""
+        from .. import lora
+
+        a = lora.adapter_of(model)
+        if a is not None:
+            if a.base_path is None:
+                raise ValueError("sampling.engine vllm: the adapter's base has no folder to load (a base merged in memory "
+                                 "when the stage did not know it would sample with vLLM)")
+            return a.base_path, a.spec.r
+        src = lora.source_of(model)
+        return (src["base"], src["r"]) if src else None
 
     def _llm(self, model):
         key = id(model)
@@ -109,11 +147,46 @@ class VLLMSampler(Sampler):
             from vllm import LLM
 
             path = getattr(model, "name_or_path", None) or model.config._name_or_path
+            lora_kw = {}
+            source = self._lora_source(model)
+            if source is not None:
+                path = source[0]
+                lora_kw = {"enable_lora": True, "max_lora_rank": lora_rank_bucket(source[1]), "max_loras": 1}
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             self._llms[key] = LLM(model=path, dtype=dtype, gpu_memory_utilization=self.opt.gpu_memory_utilization,
                                   enable_sleep_mode=self.opt.enable_sleep_mode, logprobs_mode="processed_logprobs",
-                                  max_model_len=self.opt.max_model_len, seed=0, enable_prefix_caching=True)
+                                  max_model_len=self.opt.max_model_len, seed=0, enable_prefix_caching=True, **lora_kw)
         return self._llms[key]
+
+    def _lora_request(self, llm, model):
+        """The LoRARequest to sample ``model`` with (None without LoRA), after syncing a training adapter."""
+        from vllm.lora.request import LoRARequest
+
+        from .. import lora
+
+        key = id(model)
+        a = lora.adapter_of(model)
+        if a is None:
+            src = lora.source_of(model)
+            if src and key not in self._lora:  # a frozen base + adapter: its published folder, once
+                self._lora[key] = LoRARequest(src["name"], 1, src["adapter"])
+            return self._lora.get(key)
+        import time
+
+        t0 = time.perf_counter()
+        old = self._lora.get(key)
+        n = (old.lora_int_id + 1) if old else 1
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="s2d-vllm-lora-"))
+            weakref.finalize(self, shutil.rmtree, str(self._scratch), True)
+        folder = self._scratch / f"{key}-v{n}"
+        self.last_sync_bytes = lora.save_adapter(model, None, folder)
+        if old is not None:
+            llm.llm_engine.remove_lora(old.lora_int_id)  # vLLM caches adapters by id: the old weights must go
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        self._lora[key] = LoRARequest(f"policy-v{n}", n, str(folder))
+        self.last_sync_s = time.perf_counter() - t0
+        return self._lora[key]
 
     def _push_weights(self, llm, model) -> None:
         """Load the trainer's current weights into the engine (see module docstring)."""
@@ -136,12 +209,20 @@ class VLLMSampler(Sampler):
         llm = self._llm(model)
         if self.opt.enable_sleep_mode:
             llm.wake_up()
-        if any(p.requires_grad for p in model.parameters()):  # a frozen teacher never changes
+        lora_request = None
+        if self._lora_source(model) is not None:  # LoRA: only the adapter moves (see the class docstring)
+            lora_request = self._lora_request(llm, model)
+        elif any(p.requires_grad for p in model.parameters()):  # a frozen teacher never changes
+            import time
+
+            t0 = time.perf_counter()
             self._push_weights(llm, model)
+            self.last_sync_s = time.perf_counter() - t0
+            self.last_sync_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         reqs, params = build_requests(prompts, temperature=temperature, max_new_tokens=max_new_tokens, greedy=greedy,
                                       seed=seed, eos_id=self.eos_id, sampling_params_cls=SamplingParams,
                                       first_row=first_row)
-        outputs = llm.generate(reqs, params, use_tqdm=False)
+        outputs = llm.generate(reqs, params, use_tqdm=False, lora_request=lora_request)
         if self.opt.enable_sleep_mode:
             llm.sleep(level=1)
         device = next(model.parameters()).device

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
 import torch
 
+from .. import lora
 from ..losses import grpo_advantages, policy_loss
 from ..registry import STAGES
 from ..rollout import decode, token_logprobs
@@ -29,7 +31,9 @@ def main(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
     datasets = {split: run.task.problems(split) for split in spec.splits}
     problems = [p for split in spec.splits for p in datasets[split]]
     model, tok = run.load_model(policy_uri, spec.trains)
-    ref = copy.deepcopy(model).requires_grad_(False) if g.kl_coef > 0 else None
+    ref = None
+    if g.kl_coef > 0:  # the initial policy; with LoRA the adapter's initial weights swapped in (no second base)
+        ref = lora.Reference(model) if lora.adapter_of(model) else contextlib.nullcontext(copy.deepcopy(model).requires_grad_(False))
     eval_set = run.task.problems("eval")
     trainer = run.trainer("policy", model, g.optim, steps)  # restored from its last saved state, if any
     n_prompts, G = g.prompts_per_step, g.group_size
@@ -46,8 +50,8 @@ def main(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
         run.record_rollouts(step, group, texts, rewards.view(-1).tolist())
         ref_lp = None
         if ref is not None:
-            with torch.no_grad():
-                ref_lp = token_logprobs(ref, ro, cfg.logprob_chunk)
+            with torch.no_grad(), ref as ref_model:
+                ref_lp = token_logprobs(ref_model, ro, cfg.logprob_chunk)
         losses, stats, norms = [], {}, []
         gen = torch.Generator().manual_seed(seed_for(cfg.seed, stage, "minibatch", step))
         for _ in range(g.epochs):
