@@ -106,28 +106,77 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
             return get(stage).fn()(r, *inputs.values()), False
 
 
-def parent_name(cfg: Config, root: str) -> str:
-    """A readable parent-run name: the preset and the Airflow DAG run, else the root's last part."""
+def stage_identity(cfg: Config, stage: str, inputs: dict[str, str], task) -> str:
+    """The config hash that decides "already published": the stage's config section, its inputs (URI
+    and the digest of the manifest that published each), and the problems it reads (editing a data
+    file or a task plugin in place re-runs it)."""
+    from .tasks import data_digest, stage_splits
 
-    return f"{cfg.name} · {os.environ.get('AIRFLOW_CTX_DAG_RUN_ID') or root.rstrip('/').rsplit('/', 1)[-1]}"
+    ident = {k: f"{v}@{input_digest(v)}" for k, v in inputs.items()}
+    ident["task_data"] = data_digest(task, stage_splits(stage, cfg))
+    return cfg.stage_hash(stage, ident)
+
+
+def input_digest(uri: str) -> str:
+    found = artifacts.find_manifest(uri)
+    return artifacts.manifest_digest(found[0]) if found else "external"
+
+
+def all_published(cfg: Config, root: str) -> bool:
+    """Every planned stage is published with this config and these inputs: a run would skip them all."""
+    from .tasks import make_task
+
+    try:
+        task = make_task(cfg.task)
+        for step in plan(cfg, root):
+            m = artifacts.read_manifest(step["uri"])
+            if not m or m.get("config_hash") != stage_identity(cfg, step["stage"], step["inputs"], task):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - unreadable or damaged: the stages find out (and say why) when they run
+        return False
+
+
+def parent_name(cfg: Config, root: str) -> str:
+    """A parent-run name that tells DAG runs apart within the first characters the MLflow UI shows: the
+    preset, the run's date and time and its kind (``tiny · 12-02 21:25:46 manual``; a schedule DAG adds
+    its name), else the Airflow run id, else (outside Airflow) the root's last folder."""
+    from datetime import datetime
+
+    rid = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
+    if not rid:
+        return f"{cfg.name} · {root.rstrip('/').rsplit('/', 1)[-1]}"
+    kind, _, when = rid.partition("__")
+    try:
+        at = datetime.fromisoformat(when)
+    except ValueError:  # a run id given through the API: as it is
+        return f"{cfg.name} · {rid}"
+    schedule = os.environ.get("AIRFLOW_CTX_DAG_ID", "").partition("__")[2]
+    return f"{cfg.name} · {at:%m-%d %H:%M:%S} {kind.replace('_triggered', '')}{f' {schedule}' if schedule else ''}"
 
 
 def open_parent(cfg: Config, root: str) -> str | None:
     """The MLflow parent run for this workflow run: reused when one for the same root is still open
     (an Airflow retry, a re-trigger), else created. None when the server does not answer in time
-    (the stages then record their runs without a parent)."""
+    (the stages then record their runs without a parent), and when every stage is already published
+    and the store has the workflow run that published them: a run that skips everything adds no
+    empty parent run (the results stay on that run)."""
     tracker = Tracker(cfg.tracking)
     if not tracker.enabled:
         return None
-    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow' and attributes.status = 'RUNNING'"
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow'"
     found = tracker.call(
-        "find the open parent run",
-        lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1),
+        "find the parent run",
+        lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1, order_by=["attributes.start_time DESC"]),
         timeout=cfg.tracking.flush_timeout_s,
     )
-    if found:
-        return found[0].info.run_id
     if found is None:  # no answer: do not create a second parent later
+        return None
+    if found and found[0].info.status == "RUNNING":  # an Airflow retry, a re-trigger of an unfinished run
+        return found[0].info.run_id
+    if found and all_published(cfg, root):
+        print(f"every stage is already published: no new MLflow parent run (the results are on run "
+              f"{found[0].info.run_id}, {found[0].info.run_name!r})", file=sys.stderr, flush=True)
         return None
     rid = tracker.start(parent_name(cfg, root), tags={"s2d.root": root, "s2d.preset": cfg.name, "s2d.kind": "workflow"},
                         params={"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
@@ -216,6 +265,7 @@ def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, 
             mv = lineage.register(c, exp, names[role], uris[role], tags)
             if mv is not None:
                 out[role] = mv
+                lineage.describe_version(c, exp, mv, role)
         return out
 
     return tracker.call("register models", reg) or {}
