@@ -33,7 +33,9 @@ export AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=$AIRFLOW_PORT
 export AIRFLOW__API__BASE_URL=http://127.0.0.1:$AIRFLOW_PORT
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 MLFLOW_BACKEND_STORE_URI=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$REPO/mlflow.db}
-export S2D_ARTIFACT_ROOT=${S2D_ARTIFACT_ROOT:-$REPO/runs} S2D_WORKDIR=${S2D_WORKDIR:-$REPO}
+# the base folder of every run's root (the old name S2D_ARTIFACT_ROOT is taken over, without its warning)
+export S2D_ARTIFACT_BASE=${S2D_ARTIFACT_BASE:-${S2D_ARTIFACT_ROOT:-$REPO/runs}} S2D_WORKDIR=${S2D_WORKDIR:-$REPO}
+unset S2D_ARTIFACT_ROOT
 LOGS=$AIRFLOW_HOME/stack-logs
 mkdir -p "$AIRFLOW_HOME" "$LOGS" "${MLFLOW_ARTIFACTS:-$REPO/mlruns}"
 PASSWORDS=$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated
@@ -148,8 +150,10 @@ cat <<TXT
 Airflow: http://127.0.0.1:$AIRFLOW_PORT   log in as admin, password: $("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("admin", "?"))' "$PASSWORDS" 2>/dev/null || echo "see $PASSWORDS")
          (users: AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS; passwords: $PASSWORDS)
          DAG sparse_to_dense -> Trigger -> the form (preset tiny runs on this CPU)
-MLflow:  http://127.0.0.1:$MLFLOW_PORT   (store $MLFLOW_BACKEND_STORE_URI, the same as make demo's)
-Artifacts: $S2D_ARTIFACT_ROOT/sparse_to_dense/<run_id>/
+MLflow:  http://127.0.0.1:$MLFLOW_PORT/#/experiments?workflowType=machine_learning
+         (store $MLFLOW_BACKEND_STORE_URI, the same as make demo's; the sidebar's GenAI | Model training
+         toggle: pick Model training once for the runs and the model registry)
+Artifacts: $S2D_ARTIFACT_BASE/sparse_to_dense/<run_id>/
 Logs: $LOGS/.   Up in $((SECONDS - t0)) s.   Ctrl-C (or TERM/HUP to this command) stops everything.
 TXT
 # stay in the foreground; a component that dies takes the stack down with its log tail

@@ -115,7 +115,7 @@ def make_env(d: Path, venv: Path, mark: str, ap: int, mp: int) -> tuple[list[str
     (home / ".ready").touch()
     env = {"HOME": str(d), "PATH": "/usr/bin:/bin", "S2D_TEST_MARK": mark, "AIRFLOW_PORT": str(ap),
            "MLFLOW_PORT": str(mp), "MLFLOW_TRACKING_URI": f"sqlite:///{d}/mlflow.db", "MLFLOW_ARTIFACTS": str(d / "mlruns"),
-           "S2D_ARTIFACT_ROOT": str(d / "runs"), "STARTUP_TIMEOUT": "60", "TERM": "dumb"}
+           "S2D_ARTIFACT_BASE": str(d / "runs"), "STARTUP_TIMEOUT": "60", "TERM": "dumb"}
     # -o: the stand-in venv is never (re)installed
     cmd = ["make", "--no-print-directory", "-C", str(REPO), "-o", f"{venv}/.installed", "stack", f"VENV={venv}",
            f"AIRFLOW_HOME={home}", f"S2D_WORKDIR={d}"]
