@@ -177,7 +177,8 @@ print("RESULT " + json.dumps({{"errors": {{k: v[-300:] for k, v in bag.import_er
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["errors"] == {} and out["dags"] == ["sparse_to_dense"]
     assert out["stages"] == str(site / "stages" / "__init__.py")
-    assert [f.rsplit("/", 1)[-1] for f in out["files"]] == ["sparse_to_dense.py"]  # helpers are not DAG files
+    # helpers are not DAG files; the schedule check is one (it defines no DAG: see test_schedules_folder)
+    assert sorted(f.rsplit("/", 1)[-1] for f in out["files"]) == ["sparse_to_dense.py", "sparse_to_dense_schedules.py"]
 
 
 def test_no_variable_is_read_while_parsing(monkeypatch):
@@ -637,23 +638,45 @@ def test_rendered_stage_pod_is_a_valid_kubernetes_pod(monkeypatch):
 
 
 def test_schedules_folder(monkeypatch, tmp_path, caplog):
-    """One DAG per schedule file, its conf the scheduled runs' values; a bad file is logged and
-    ignored while every other DAG still loads."""
-    (tmp_path / "weekly.yaml").write_text(
-        'cron: "0 3 * * 1"\nconf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
-    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
-    (tmp_path / "bad-cron.yaml").write_text('cron: "61 3 * * 1"\nconf: {}\n')
-    (tmp_path / "bad-value.yaml").write_text('cron: "0 3 * * 1"\nconf: {seed: -1}\n')
-    (tmp_path / "bad-key.yaml").write_text('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n')
-    (tmp_path / "refused.yaml").write_text('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n')
-    (tmp_path / "not-yaml.yaml").write_text("cron: [unclosed\n")
-    with caplog.at_level("ERROR"):
-        dag = load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts import_errors == {}
-    import sparse_to_dense as m
+    """One DAG per schedule file, its conf the scheduled runs' values, its description the file's; a file
+    that does not load has no DAG and is an import error of sparse_to_dense_schedules.py (what the UI's
+    "Dag Import Errors" shows), naming the file and why, while every other DAG loads from its own file."""
+    from airflow.dag_processing.dagbag import DagBag
 
-    dags = m.scheduled_dags(tmp_path)
-    assert sorted(dags) == ["sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
-    weekly = dags["sparse_to_dense__weekly"]
+    (tmp_path / "weekly.yaml").write_text(
+        'description: Weekly retrain\ncron: "0 3 * * 1"\n'
+        'conf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
+    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
+    (tmp_path / "off.yaml.disabled").write_text('cron: "61 3 * * 1"\n')  # not read
+    bad = {"bad-cron": ('cron: "61 3 * * 1"\nconf: {}\n', "cron '61 3 * * 1'"),
+           "bad-value": ('cron: "0 3 * * 1"\nconf: {seed: -1}\n', "conf: seed:"),
+           "bad-key": ('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n', "conf: steps not a parameter"),
+           "bad-file-key": ('cron: "0 3 * * 1"\npaused: false\n', "paused: not a key of a schedule file"),
+           "bad-description": ('cron: "0 3 * * 1"\ndescription: [a, b]\n', "description: a line of text"),
+           "both": ('cron: "0 3 * * 1"\nasset: s3://x/y\n', "one of cron"),
+           "refused": ('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n', "loads code"),
+           "not-yaml": ("cron: [unclosed\n", "not YAML")}
+    for name, (text, _) in bad.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "short.yml").write_text('cron: "0 3 * * 1"\n')
+    bad["short"] = (None, "end in .yaml")
+    for k in ("S2D_ARTIFACT_ROOT", "S2D_ARTIFACT_BASE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("S2D_SCHEDULES", str(tmp_path))
+    monkeypatch.syspath_prepend(str(DAGS))
+    sys.modules.pop("sparse_to_dense", None)
+    with caplog.at_level("ERROR"):
+        bag = DagBag(dag_folder=str(DAGS))
+    assert sorted(bag.dags) == ["sparse_to_dense", "sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
+    assert list(bag.import_errors) == [str(DAGS / "sparse_to_dense_schedules.py")]  # no DAG lives in that file
+    error = bag.import_errors[str(DAGS / "sparse_to_dense_schedules.py")]
+    assert f"{len(bad)} schedule files not loaded" in error
+    for name, (_, why) in bad.items():
+        line = next(x for x in error.splitlines() if f"/{name}.y" in x)
+        assert why in line, (name, line)
+        assert f"{name}.y" in caplog.text  # and in the DAG processor's log
+    dag, weekly = bag.dags["sparse_to_dense"], bag.dags["sparse_to_dense__weekly"]
+    assert weekly.description == "Weekly retrain"
     assert type(weekly.timetable).__name__ == "CronTriggerTimetable" and weekly.timetable.expression == "0 3 * * 1"
     assert weekly.catchup is False and weekly.max_active_runs == 1
     values = weekly.params.validate()
@@ -661,13 +684,24 @@ def test_schedules_folder(monkeypatch, tmp_path, caplog):
     assert values["stages"] == dag.params["stages"]  # everything else: the form's defaults
     assert weekly.params.get_param("seed").schema["title"] == "Seed"  # the same form, other defaults
     assert set(weekly.task_ids) == set(dag.task_ids)
-    data = dags["sparse_to_dense__on-new-data"]
+    data = bag.dags["sparse_to_dense__on-new-data"]
     assert type(data.timetable).__name__ == "AssetTriggeredTimetable"
     assert "s3://s2d-data/arithmetic/latest" in str(data.timetable.asset_condition)
-    logged = caplog.text
-    for name, why in [("bad-cron", "61 3 * * 1"), ("bad-value", "-1"), ("bad-key", "steps"), ("refused", "loads code"),
-                      ("not-yaml", "")]:
-        assert f"{name}.yaml ignored" in logged and why in logged, name
+    assert data.description == "Scheduled retraining from on-new-data.yaml"
+
+
+def test_the_shipped_example_schedule(monkeypatch, tmp_path):
+    """dags/schedules/example.yaml.disabled is not read as shipped; copied to <name>.yaml it loads, every
+    key honoured."""
+    assert not list((DAGS / "schedules").glob("*.yaml"))  # nothing runs by default
+    (tmp_path / "nightly.yaml").write_text((DAGS / "schedules" / "example.yaml.disabled").read_text())
+    load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts no import error
+    import sparse_to_dense as m
+
+    nightly = m.scheduled_dags(tmp_path)["sparse_to_dense__nightly"]
+    assert nightly.description == "Nightly tiny retrain (example)" and nightly.timetable.expression == "0 2 * * *"
+    values = nightly.params.validate()
+    assert values["preset"] == "tiny" and values["teacher_rl_steps"] == 20 and values["seed"] == 1
 
 
 def test_no_surprise_run_for_the_last_missed_slot(monkeypatch, tmp_path):
