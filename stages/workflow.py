@@ -187,6 +187,8 @@ def open_parent(cfg: Config, root: str) -> str | None:
 
 
 def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
+    if mismatch := budget_mismatch(cfg):
+        print(mismatch, file=sys.stderr, flush=True)
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
     tracker.attach(parent)
@@ -311,10 +313,27 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
         if st.kind == "baseline":
             headline[f"{st.name}_avg"] = results[st.name]["metrics"].get(f"eval.avg@{k}")
             headline[f"{st.name}_steps"] = results[st.name].get("student_steps")
+            if "workflow_student_steps" in headline:  # the paper's comparison is at the same student budget
+                headline["equal_budgets"] = headline[f"{st.name}_steps"] == headline["workflow_student_steps"]
     headline["labeled_examples_workflow"] = sum(results[st.name].get("labeled_examples", 0) for st in done
                                                 if st.kind == "workflow" and st.labeled)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
             "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
+
+
+def budget_warning(baseline: int, workflow_steps: int) -> str:
+    """The line that says the headline compares unequal student budgets (``direct_grpo.steps`` set)."""
+    side = "the workflow" if baseline < workflow_steps else "the baseline"
+    return (f"WARNING: NOT AN EQUAL-BUDGET COMPARISON: direct GRPO trained {baseline} steps, the workflow's student "
+            f"{workflow_steps}; this favours {side} (direct_grpo.steps was set; unset, it equals the workflow's)")
+
+
+def budget_mismatch(cfg: Config) -> str | None:
+    """Before anything runs: the baseline's steps set apart from the workflow's student steps, or None."""
+    if not cfg.workflow.baseline or cfg.direct_grpo.steps is None:
+        return None
+    budget = cfg.student_step_budget()
+    return budget_warning(cfg.direct_grpo.steps, budget) if cfg.direct_grpo.steps != budget else None
 
 
 def format_table(summary: dict) -> str:
@@ -342,5 +361,7 @@ def format_table(summary: dict) -> str:
             f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
             f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)"
         )
+        if h.get("equal_budgets") is False:
+            lines.append(budget_warning(h["direct_grpo_steps"], h["workflow_student_steps"]))
     lines.append(f"Wall time of all stages: {summary['total_time_s']:.0f} s")
     return "\n".join(lines)

@@ -161,6 +161,9 @@ def test_dags_folder_loads_as_deployed_with_only_the_table(tmp_path):
     (site / "stages").mkdir(parents=True)
     for src in sources:
         shutil.copy(REPO / src, site / "stages")
+    configs = [x.split() for x in lines if x.startswith("COPY") and "stages/configs/" in x][0]
+    assert configs[-2:] == ["stages/configs/", f"{image_path}/stages/configs/"]  # the form shows the presets' budgets
+    shutil.copytree(REPO / "stages" / "configs", site / "stages" / "configs")
     shutil.copytree(DAGS, tmp_path / "opt/airflow/dags", ignore=shutil.ignore_patterns("__pycache__"))
     env = _airflow_env(tmp_path, tmp_path / "opt/airflow/dags", PYTHONPATH=str(site))
     code = f"""
@@ -170,13 +173,14 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder={str(tmp_path / 'opt/airflow/dags')!r})
 import stages
 print("RESULT " + json.dumps({{"errors": {{k: v[-300:] for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags),
-      "stages": stages.__file__, "files": sorted(bag.dagbag_stats and [s.file for s in bag.dagbag_stats])}}))
+      "stages": stages.__file__, "files": sorted(bag.dagbag_stats and [s.file for s in bag.dagbag_stats]),
+      "steps": bag.dags["sparse_to_dense"].params["teacher_rl_steps"]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["errors"] == {} and out["dags"] == ["sparse_to_dense"]
-    assert out["stages"] == str(site / "stages" / "__init__.py")
+    assert out["stages"] == str(site / "stages" / "__init__.py") and out["steps"] == 40
     # helpers are not DAG files; the schedule check is one (it defines no DAG: see test_schedules_folder)
     assert sorted(f.rsplit("/", 1)[-1] for f in out["files"]) == ["sparse_to_dense.py", "sparse_to_dense_schedules.py"]
 
@@ -263,6 +267,49 @@ def test_valid_params_pass(monkeypatch):
     assert policy.refusal(params, m.FORM) is None
     sets = contract.overrides(params)
     assert "teacher_rl.steps=10" in sets and not any(o.startswith("kl_warmup.steps") for o in sets)
+
+
+def test_the_form_shows_what_runs(monkeypatch, tmp_path):
+    """The step fields hold the form's preset's budgets (bootstrap's too), the others' in the help; the
+    baseline's stays equal to the workflow's unless set; the artifact root's help names the base folder.
+    A field left at the shown value with another preset is that preset's own, and the plan task says so."""
+    import yaml
+
+    base = tmp_path / "base"
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_BASE=str(base))
+    import s2d_contract as contract
+    import s2d_table as table
+
+    tiny = yaml.safe_load((REPO / "stages" / "configs" / "tiny.yaml").read_text())
+    qwen = yaml.safe_load((REPO / "stages" / "configs" / "qwen3-1.7b.yaml").read_text())
+    shown = {k: dag.params[k] for k in table.budget_fields()}
+    assert shown == {"bootstrap_teacher_steps": tiny["bootstrap"]["teacher_steps"],
+                     "bootstrap_student_steps": tiny["bootstrap"]["student_steps"],
+                     **{f"{n}_steps": tiny[n]["steps"] for n in table.STEP_STAGES}}
+    assert shown["teacher_rl_steps"] == 40 and shown["direct_grpo_steps"] is None and dag.params["preset"] == "tiny"
+    help_ = dag.params.get_param("teacher_rl_steps").description
+    assert "Shown: preset tiny's (tiny 40 · qwen3-1.7b 200 · llama3.1-8b 200)" in help_, help_
+    assert "equal to the workflow's student steps" in dag.params.get_param("direct_grpo_steps").description
+    assert f"`{base}/<dag_id>/<run_id>`" in dag.params.get_param("artifact_root").schema["description_md"]
+    assert dag.params.get_param("bootstrap_teacher_steps").schema["section"] == "Step budgets"
+
+    values = _with_conf(dag, {}).validate()  # the form as shown: the preset's budgets, set explicitly
+    assert contract.budgets(values) == {"bootstrap.teacher_steps": 500, "bootstrap.student_steps": 700, "teacher_rl.steps": 40,
+                                        "kl_warmup.steps": 30, "onpolicy_distill.steps": 30, "student_rl.steps": 20}
+    values = _with_conf(dag, {"bootstrap_student_steps": 9, "direct_grpo_steps": 5}).validate()
+    assert contract.budgets(values)["bootstrap.student_steps"] == 9 and contract.budgets(values)["direct_grpo.steps"] == 5
+    # another preset, the fields as shown: that preset's own budgets (a trigger naming only the preset runs it)
+    values = _with_conf(dag, {"preset": "qwen3-1.7b", "teacher_rl_steps": 10}).validate()
+    assert contract.budgets(values) == {"teacher_rl.steps": 10}
+    said = contract.kept_presets(values)
+    assert any(x.startswith("kl_warmup_steps=30 is the form's shown value (preset tiny's): preset qwen3-1.7b's own "
+                            f"{qwen['kl_warmup']['steps']} is used") for x in said), said
+    assert not any(x.startswith("teacher_rl_steps") for x in said)
+
+    # a deployment whose form shows another preset
+    dag = load_dag(monkeypatch, S2D_DEFAULT_PRESET="qwen3-1.7b")
+    assert dag.params["preset"] == "qwen3-1.7b" and dag.params["teacher_rl_steps"] == qwen["teacher_rl"]["steps"]
+    assert dag.params["bootstrap_teacher_steps"] is None  # it builds no models
 
 
 # ---------------------------------------------------------------- the trigger form is a security boundary

@@ -148,3 +148,27 @@ def test_parent_run_names_tell_dag_runs_apart(small_cfg, monkeypatch):
     assert names == {"tiny · 12-02 21:25:46 manual", "tiny · 12-02 21:40:01 manual", "tiny · 12-03 00:00:00 scheduled nightly",
                      "tiny · 12-03 01:02:03 asset", "tiny · my-own-id"}
     assert len({n[:20] for n in names}) == len(names)  # apart within the first 20 characters
+
+
+def test_unequal_baseline_budget_is_said_loudly(small_cfg, capsys):
+    """The baseline's steps equal the workflow's student steps unless set; set apart, the plan and the
+    headline say the comparison is not at equal budgets."""
+    assert workflow.budget_mismatch(small_cfg()) is None  # unset: equal
+    cfg = small_cfg("direct_grpo.steps=2")  # the workflow's student steps: 3 + 3 + 2
+    said = workflow.budget_mismatch(cfg)
+    assert said.startswith("WARNING: NOT AN EQUAL-BUDGET COMPARISON: direct GRPO trained 2 steps, the workflow's student 8")
+    assert "favours the workflow" in said
+    assert workflow.budget_mismatch(small_cfg("direct_grpo.steps=2", "workflow.baseline=false")) is None
+
+    def manifest(steps, avg):
+        return {"metrics": {"eval.avg@2": avg}, "student_steps": steps, "labeled_examples": 0, "wall_time_s": 1.0}
+
+    results = {"kl_warmup": manifest(3, 0.1), "onpolicy_distill": manifest(3, 0.2), "student_rl": manifest(2, 0.3),
+               "direct_grpo": manifest(2, 0.25)}
+    summary = workflow.summarize(cfg, results, "root/student_rl/model", "root/bootstrap/teacher")
+    assert summary["headline"]["equal_budgets"] is False
+    text = workflow.format_table(summary)
+    assert "(8 student steps) vs direct GRPO 0.250 (2 steps)\nWARNING: NOT AN EQUAL-BUDGET COMPARISON" in text, text
+    results["direct_grpo"] = manifest(8, 0.25)
+    summary = workflow.summarize(small_cfg(), results, "root/student_rl/model", "root/bootstrap/teacher")
+    assert summary["headline"]["equal_budgets"] is True and "WARNING" not in workflow.format_table(summary)
