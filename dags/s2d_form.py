@@ -36,7 +36,7 @@ def budget_params(default: str) -> dict[str, Param]:
                                            "the equal-budget comparison of the headline. A number sets it anyway: the "
                                            f"headline then says the budgets differ. {cap}")
             continue
-        per = " · ".join(f"{p} {every[p][field] if every[p][field] is not None else '-'}" for p in table.PRESETS)
+        per = " · ".join(f"{p} {every[p][field]}" if every[p][field] is not None else f"{p}: not used" for p in table.PRESETS)
         what = ("the built-in base models' supervised pretraining (presets that build their models)"
                 if field.startswith("bootstrap_") else "optimizer steps")
         out[field] = Param(shown[field], type=["null", "integer"], minimum=0, title=titles[field], section=BUDGETS,

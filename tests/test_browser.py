@@ -159,7 +159,7 @@ def _walk(page, stack, shots, token, typed_root):
 
     # the DAG list: the broken schedule file among the DAG import errors, the good schedule's DAG listed
     page.goto(stack["airflow"] + "/dags")
-    page.get_by_role("button", name=re.compile("Import Errors", re.I)).first.click()
+    page.get_by_role("button", name=re.compile(r"^Dag Import Errors?$")).first.click()  # the red badge by the DAG count
     errors = page.get_by_role("dialog")
     errors.get_by_text("sparse_to_dense_schedules.py").first.click()  # the file's entry opens its error
     page.wait_for_timeout(1000)
@@ -267,6 +267,11 @@ def _walk(page, stack, shots, token, typed_root):
     page.wait_for_timeout(4000)
     assert "workflowType=genai" in page.url and exp.tags["mlflow.experimentKind"] == "custom_model_development", page.url
     page.screenshot(path=shots / "7a-mlflow-genai-view.png")
+    got_it = page.get_by_role("button", name="Got it")  # the GenAI view's "Detect Issues" tip covers the page
+    if got_it.count() and got_it.first.is_visible():
+        got_it.first.click()
+    page.goto(f"{stack['mlflow']}/#/experiments")
+    page.wait_for_timeout(3000)
     page.get_by_text("Model training", exact=True).first.click()
     page.wait_for_timeout(1500)
     page.goto(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}")
@@ -309,10 +314,13 @@ def _walk(page, stack, shots, token, typed_root):
     od = child.info.run_id
     assert desc_links.get(parent_name, "").startswith(f"#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"), desc_links
     assert any(h.startswith(f"#/experiments/{exp.experiment_id}/runs/{od}") for h in desc_links.values()), desc_links
-    page.get_by_role("link", name="s2d-teacher version 1").click()
-    page.wait_for_timeout(3000)
-    assert "/models/s2d-teacher/versions/1" in page.url, page.url
-    page.screenshot(path=shots / "11-mlflow-teacher-version.png", full_page=True)
+    with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
+        page.get_by_role("link", name="s2d-teacher version 1").click()
+    tab = opened.value
+    tab.get_by_text("Version 1").first.wait_for()
+    tab.wait_for_timeout(2000)
+    assert "/models/s2d-teacher/versions/1" in tab.url and "The RL teacher of workflow run" in tab.inner_text("body"), tab.url
+    tab.screenshot(path=shots / "11-mlflow-teacher-version.png", full_page=True)
 
     # the docs' Python lineage snippet, as written, against this stack's MLflow
     out = run_docs_python("tracking.md", "## Seeing it", stack["mlflow"], stack["dir"])
