@@ -78,9 +78,11 @@ test: $(VENV)/.installed $(VLLM_VENV)/.installed real-model
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
-# one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve)
+# one MLflow store with `make demo`: the server serves the same sqlite file (an http URI: none to serve).
+# exec: the script is make's own child (make forwards TERM to it; it watches make for INT/HUP/QUIT), so
+# however make is stopped (Ctrl-C, TERM, INT, HUP, a closed terminal) nothing of the stack is left
 stack: $(AIRFLOW_HOME)/.ready
-	VENV=$(VENV) MLFLOW_BACKEND_STORE_URI=$(filter-out http%,$(MLFLOW_TRACKING_URI)) infra/local-stack.sh
+	exec env VENV=$(VENV) MLFLOW_BACKEND_STORE_URI=$(filter-out http%,$(MLFLOW_TRACKING_URI)) infra/local-stack.sh
 
 bench-paper: $(VENV)/.installed
 	$(VENV)/bin/python bench/paper_table.py --preset cpu --out bench/results

@@ -11,6 +11,7 @@ the KubeRay entrypoint (which KubeRay and Ray's job supervisor run through ``sh 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import s2d_policy as policy
@@ -23,22 +24,50 @@ ARGS_ENV = "S2D_ARGS_JSON"
 USER_ERROR = 2  # the stage command's exit code for bad input (one `error: ...` line on stderr)
 NOT_PLANNED = table.NOT_PLANNED
 FINAL_STUDENT_URI = "s2d://sparse_to_dense/final_student"
+log = logging.getLogger(__name__)
 XCOM_FILE = "/airflow/xcom/return.json"  # the pod runners' XCom sidecar file
 
 
 def overrides(params: dict) -> list[str]:
-    """The trigger form's values as ``--set`` overrides of the preset (one ``<stage>_steps`` field per
-    step budget)."""
+    """The trigger form's values as ``--set`` overrides of the preset (one field per step budget:
+    :func:`s2d_table.budget_fields`)."""
     out = [f"seed={int(params['seed'])}", f"workflow.stages=[{','.join(params['stages'])}]",
            f"workflow.baseline={str(bool(params['baseline'])).lower()}"]
     for role in ("teacher", "student"):
         if params.get(role):
             out.append(f"models.{role}.source={params[role]}")
-    for stage in table.STEP_STAGES:
-        if params.get(f"{stage}_steps") is not None:
-            out.append(f"{stage}.steps={int(params[f'{stage}_steps'])}")
+    out += [f"{key}={steps}" for key, steps in budgets(params).items()]
     out += list(params.get("overrides") or [])
     return out
+
+
+def budgets(params: dict) -> dict[str, int]:
+    """The step budgets a trigger sets, by config key. The form shows the default preset's budgets
+    (:func:`s2d_table.default_preset`); with another preset, a field still at that shown value is the chosen
+    preset's own, not an override (a trigger or schedule naming only ``preset`` runs that preset)."""
+    default = table.default_preset()
+    shown = table.preset_budgets(default) if params.get("preset") != default else {}
+    out = {}
+    for field, key in table.budget_fields().items():
+        steps = params.get(field)
+        if steps is None or (field in shown and steps == shown[field]):
+            continue
+        out[key] = int(steps)
+    return out
+
+
+def kept_presets(params: dict) -> list[str]:
+    """What :func:`budgets` read as the chosen preset's own, one line each (the plan task logs them)."""
+    default = table.default_preset()
+    if params.get("preset") == default:
+        return []
+    shown = table.preset_budgets(default)
+    own = table.preset_budgets(params["preset"])
+    return [f"{field}={params[field]} is the form's shown value (preset {default}'s): preset {params['preset']}'s own "
+            f"{own[field] if own[field] is not None else '(none: not used)'} is used; to force {params[field]}, set the "
+            f"override {key}={params[field]}"
+            for field, key in table.budget_fields().items()
+            if params.get(field) is not None and params.get(field) == shown[field] and own[field] != shown[field]]
 
 
 def artifact_root(params: dict, dag_id: str, run_id: str) -> str:
@@ -76,6 +105,9 @@ def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: s
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(f"error: {problem}")  # a refusal is not retried
+    if command == "plan":  # say which step fields mean the chosen preset's own (the task log)
+        for line in kept_presets(params):
+            log.warning("%s", line)
     if isinstance(plan, str):
         plan = last_json(plan)
     root = (plan or {}).get("root") or artifact_root(params, dag_id, run_id)

@@ -373,10 +373,10 @@ def refusal(params: dict, form: set[str]) -> str | None:
                 problem = f"{role} {shown(params[role])} is not a plain value (YAML reads it as something else)"
             if problem:
                 return problem
-    for stage in table.STEP_STAGES:
-        steps = params.get(f"{stage}_steps")
+    for field in table.budget_fields():
+        steps = params.get(field)
         if isinstance(steps, int) and steps > cap("max_steps"):
-            return f"{stage}_steps={steps} is above the cap {cap('max_steps')} (setting s2d_max_steps)"
+            return f"{field}={steps} is above the cap {cap('max_steps')} (setting s2d_max_steps)"
     items = params.get("overrides") or []
     if not isinstance(items, list):
         return "overrides: a list of key.path=value lines"

@@ -29,6 +29,44 @@ STEP_STAGES = tuple(n for n in TASKS if STAGES[n].trains)  # one step-budget fie
 BASE_ROLES = ("teacher", "student", "base_student")  # the checkpoints the setup stages make
 
 
+PRESETS = ("tiny", "qwen3-1.7b", "llama3.1-8b")  # stages/configs/<preset>.yaml
+# the form's step-budget fields besides <stage>_steps: bootstrap trains both base models (setup presets only)
+BOOTSTRAP_FIELDS = {"bootstrap_teacher_steps": "bootstrap.teacher_steps", "bootstrap_student_steps": "bootstrap.student_steps"}
+
+
+def default_preset() -> str:
+    """The form's preset, whose step budgets the form shows: ``S2D_DEFAULT_PRESET`` (environment only: the
+    form is built when the DAG is parsed, and the tasks must read the same value), default ``tiny``."""
+    preset = os.environ.get("S2D_DEFAULT_PRESET") or os.environ.get("AIRFLOW_VAR_S2D_DEFAULT_PRESET") or "tiny"
+    if preset not in PRESETS:
+        raise ValueError(f"S2D_DEFAULT_PRESET={preset!r}: one of {', '.join(PRESETS)}")
+    return preset
+
+
+def budget_fields() -> dict[str, str]:
+    """Every step-budget field of the form -> the config key it sets (``teacher_rl_steps`` -> ``teacher_rl.steps``)."""
+    return {**BOOTSTRAP_FIELDS, **{f"{n}_steps": f"{n}.steps" for n in STEP_STAGES}}
+
+
+def preset_budgets(preset: str) -> dict[str, int | None]:
+    """A preset's step budgets, by form field (``stages/configs/<preset>.yaml``, read as YAML: no stage code);
+    a key the preset leaves out is None, and so is every key when its file is not here."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.abspath(registry.__file__)), "configs", f"{preset}.yaml")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError:
+        cfg = {}
+    out = {}
+    for field, key in budget_fields().items():
+        section, _, name = key.partition(".")
+        value = (cfg.get(section) or {}).get(name)
+        out[field] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return out
+
+
 def title(name: str) -> str:
     """The form's name for a stage (its switch and its step budget)."""
     return STAGES[name].title or name

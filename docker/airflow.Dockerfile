@@ -21,5 +21,7 @@ RUN pip install --no-cache-dir \
       "apache-airflow-providers-docker==${PROVIDER_DOCKER}" \
       "apache-airflow-providers-cncf-kubernetes==${PROVIDER_KUBERNETES}"
 COPY --chown=airflow:0 stages/__init__.py stages/registry.py /opt/airflow/s2d/stages/
+# the presets' step budgets, which the trigger form shows (read as YAML; no stage code)
+COPY --chown=airflow:0 stages/configs/ /opt/airflow/s2d/stages/configs/
 ENV PYTHONPATH=/opt/airflow/s2d
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/

@@ -339,6 +339,8 @@ def _main(argv: list[str]) -> int:
 def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
+        if mismatch := workflow.budget_mismatch(cfg):
+            print(mismatch, file=sys.stderr, flush=True)
         emit(args, {"root": root, "parent_run_id": workflow.open_parent(cfg, root), "stages": [s["stage"] for s in steps]})
         return 0
     if args.command == "report":

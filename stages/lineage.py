@@ -20,6 +20,8 @@ log = logging.getLogger("stages.tracking")
 
 AIRFLOW_ENV = ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID", "AIRFLOW_CTX_TRY_NUMBER")
 # bounded HTTP requests for the stage process (MLflow's defaults retry one call for ~4 minutes)
+# the MLflow 3.17 UI's classic (model training) view: a URL's ?workflowType= chooses it, not the experiment's tags
+UI_VIEW = "workflowType=machine_learning"
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
 
@@ -275,6 +277,45 @@ def pinning_versions(c, root: str, stage_uri: str, digest: str) -> list:
         if (src == stage_uri or src.startswith(stage_uri + "/")) and mv.tags.get(MANIFEST_TAG, digest) == digest:
             out.append(mv)
     return out
+
+
+def run_href(exp_id: str, run_id: str) -> str:
+    """A link to a run page of the MLflow UI, relative to the page it is on (the UI routes after ``#``,
+    so it works under any host and prefix), opening in the classic view (``workflowType``)."""
+    return f"#/experiments/{exp_id}/runs/{run_id}?{UI_VIEW}"
+
+
+def version_href(name: str, version) -> str:
+    return f"#/models/{name}/versions/{version}?{UI_VIEW}"
+
+
+def describe_version(c, exp_id: str, mv, role: str) -> str:
+    """The version's description (markdown, rendered by the MLflow UI), from its lineage tags: links a
+    person can click to the run that trained it, the workflow's parent run and, for a student, the
+    teacher's registered version; the checkpoint URI. Set when it differs (a version registered by an
+    older release gets it on the next report)."""
+    from mlflow.exceptions import MlflowException
+
+    def name_of(run_id):
+        try:
+            return c.get_run(run_id).info.run_name or run_id
+        except MlflowException:
+            return run_id
+
+    what = {"teacher": "The RL teacher", "student": "The final student"}.get(role, role)
+    parent = mv.tags.get("s2d.parent_run")
+    lines = [f"{what} of workflow run [{name_of(parent)}]({run_href(exp_id, parent)})." if parent else f"{what}.", ""]
+    if mv.run_id:
+        lines.append(f"- Trained by run: [{name_of(mv.run_id)}]({run_href(exp_id, mv.run_id)})")
+    if "/" in mv.tags.get("s2d.teacher_version", ""):
+        name, version = mv.tags["s2d.teacher_version"].rsplit("/", 1)
+        lines.append(f"- Teacher: [{name} version {version}]({version_href(name, version)})")
+    if mv.tags.get("s2d.uri"):
+        lines.append(f"- Checkpoint: `{mv.tags['s2d.uri']}`")
+    text = "\n".join(lines)
+    if (mv.description or "") != text:
+        c.update_model_version(mv.name, mv.version, description=text)
+    return text
 
 
 def resolve_model_uri(uri: str) -> str:

@@ -38,7 +38,7 @@ from .config import Config, InputError, Optim
 from .plots import plot_history
 from .rollout import Rollouts, Sampler, concat
 from .task_contract import Problem
-from .tasks import data_digest, make_task, stage_splits
+from .tasks import make_task
 from .tracking import Tracker
 from .trainer import Trainer, full_weights, make_accelerator
 
@@ -124,12 +124,10 @@ class StageRun:
         self.rollout_maker = RolloutMaker(cfg, stage, self.accelerator, self.device, self.task)
 
     def _identity(self) -> str:
-        """The config hash that decides "already published": the stage's config section, its inputs (URI
-        and the digest of the manifest that published each), and the problems it reads (editing a data
-        file or a task plugin in place re-runs it)."""
-        ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
-        ident["task_data"] = data_digest(self.task, stage_splits(self.stage, self.cfg))
-        return self.cfg.stage_hash(self.stage, ident)
+        """The config hash that decides "already published" (:func:`stages.workflow.stage_identity`)."""
+        from .workflow import stage_identity
+
+        return stage_identity(self.cfg, self.stage, self.inputs, self.task)
 
     def recheck(self) -> None:
         """Decide "already published" again, now that this run holds the stage lock: a run that waited for
@@ -354,11 +352,6 @@ class StageRun:
         order = list(range(size))
         random.Random(seed_for(self.cfg.seed, self.stage, salt, epoch)).shuffle(order)
         return order
-
-
-def _input_digest(uri: str) -> str:
-    found = artifacts.find_manifest(uri)
-    return artifacts.manifest_digest(found[0]) if found else "external"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

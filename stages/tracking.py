@@ -38,7 +38,9 @@ PARENT_ENV = "S2D_PARENT_RUN_ID"
 RETRY_S = float(os.environ.get("S2D_MLFLOW_RETRY_S", "10"))  # probe interval while the server is away
 IDLE_S = 30.0  # an idle sender thread ends after this long (a new record starts another)
 MAX_BUFFERED = 100_000  # metric points kept while offline; the oldest go first (metrics.jsonl keeps all)
-# the MLflow 3 UI opens an experiment of this kind on its runs (the classic ML view), not on GenAI traces
+# the experiment's kind, as MLflow's own UI writes it when a person picks one. MLflow 3.17's UI does not
+# read it to choose the view: the sidebar's GenAI / Model training toggle (stored in the browser) or the
+# URL's ?workflowType=machine_learning (lineage.UI_VIEW) does; the links this project prints and writes carry it
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 

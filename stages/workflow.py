@@ -145,28 +145,77 @@ def guard_registered(cfg: Config, root: str, stage_uri: str) -> None:
             f"--overwrite-registered ({OVERWRITE_REGISTERED}=1) to replace it (the version then refuses to resolve)")
 
 
-def parent_name(cfg: Config, root: str) -> str:
-    """A readable parent-run name: the preset and the Airflow DAG run, else the root's last part."""
+def stage_identity(cfg: Config, stage: str, inputs: dict[str, str], task) -> str:
+    """The config hash that decides "already published": the stage's config section, its inputs (URI
+    and the digest of the manifest that published each), and the problems it reads (editing a data
+    file or a task plugin in place re-runs it)."""
+    from .tasks import data_digest, stage_splits
 
-    return f"{cfg.name} · {os.environ.get('AIRFLOW_CTX_DAG_RUN_ID') or root.rstrip('/').rsplit('/', 1)[-1]}"
+    ident = {k: f"{v}@{input_digest(v)}" for k, v in inputs.items()}
+    ident["task_data"] = data_digest(task, stage_splits(stage, cfg))
+    return cfg.stage_hash(stage, ident)
+
+
+def input_digest(uri: str) -> str:
+    found = artifacts.find_manifest(uri)
+    return artifacts.manifest_digest(found[0]) if found else "external"
+
+
+def all_published(cfg: Config, root: str) -> bool:
+    """Every planned stage is published with this config and these inputs: a run would skip them all."""
+    from .tasks import make_task
+
+    try:
+        task = make_task(cfg.task)
+        for step in plan(cfg, root):
+            m = artifacts.read_manifest(step["uri"])
+            if not m or m.get("config_hash") != stage_identity(cfg, step["stage"], step["inputs"], task):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - unreadable or damaged: the stages find out (and say why) when they run
+        return False
+
+
+def parent_name(cfg: Config, root: str) -> str:
+    """A parent-run name that tells DAG runs apart within the first characters the MLflow UI shows: the
+    preset, the run's date and time and its kind (``tiny · 12-02 21:25:46 manual``; a schedule DAG adds
+    its name), else the Airflow run id, else (outside Airflow) the root's last folder."""
+    from datetime import datetime
+
+    rid = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
+    if not rid:
+        return f"{cfg.name} · {root.rstrip('/').rsplit('/', 1)[-1]}"
+    kind, _, when = rid.partition("__")
+    try:
+        at = datetime.fromisoformat(when)
+    except ValueError:  # a run id given through the API: as it is
+        return f"{cfg.name} · {rid}"
+    schedule = os.environ.get("AIRFLOW_CTX_DAG_ID", "").partition("__")[2]
+    return f"{cfg.name} · {at:%m-%d %H:%M:%S} {kind.replace('_triggered', '')}{f' {schedule}' if schedule else ''}"
 
 
 def open_parent(cfg: Config, root: str) -> str | None:
     """The MLflow parent run for this workflow run: reused when one for the same root is still open
     (an Airflow retry, a re-trigger), else created. None when the server does not answer in time
-    (the stages then record their runs without a parent)."""
+    (the stages then record their runs without a parent), and when every stage is already published
+    and the store has the workflow run that published them: a run that skips everything adds no
+    empty parent run (the results stay on that run)."""
     tracker = Tracker(cfg.tracking)
     if not tracker.enabled:
         return None
-    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow' and attributes.status = 'RUNNING'"
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow'"
     found = tracker.call(
-        "find the open parent run",
-        lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1),
+        "find the parent run",
+        lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1, order_by=["attributes.start_time DESC"]),
         timeout=cfg.tracking.flush_timeout_s,
     )
-    if found:
-        return found[0].info.run_id
     if found is None:  # no answer: do not create a second parent later
+        return None
+    if found and found[0].info.status == "RUNNING":  # an Airflow retry, a re-trigger of an unfinished run
+        return found[0].info.run_id
+    if found and all_published(cfg, root):
+        print(f"every stage is already published: no new MLflow parent run (the results are on run "
+              f"{found[0].info.run_id}, {found[0].info.run_name!r})", file=sys.stderr, flush=True)
         return None
     rid = tracker.start(parent_name(cfg, root), tags={"s2d.root": root, "s2d.preset": cfg.name, "s2d.kind": "workflow"},
                         params={"preset": cfg.name, "root": root, "stages": ",".join(cfg.workflow.stages),
@@ -177,6 +226,8 @@ def open_parent(cfg: Config, root: str) -> str | None:
 
 
 def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
+    if mismatch := budget_mismatch(cfg):
+        print(mismatch, file=sys.stderr, flush=True)
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
     tracker.attach(parent)
@@ -255,6 +306,7 @@ def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, 
             mv = lineage.register(c, exp, names[role], uris[role], tags)
             if mv is not None:
                 out[role] = mv
+                lineage.describe_version(c, exp, mv, role)
         return out
 
     return tracker.call("register models", reg) or {}
@@ -308,10 +360,27 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
         if st.kind == "baseline":
             headline[f"{st.name}_avg"] = results[st.name]["metrics"].get(f"eval.avg@{k}")
             headline[f"{st.name}_steps"] = results[st.name].get("student_steps")
+            if "workflow_student_steps" in headline:  # the paper's comparison is at the same student budget
+                headline["equal_budgets"] = headline[f"{st.name}_steps"] == headline["workflow_student_steps"]
     headline["labeled_examples_workflow"] = sum(results[st.name].get("labeled_examples", 0) for st in done
                                                 if st.kind == "workflow" and st.labeled)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
             "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
+
+
+def budget_warning(baseline: int, workflow_steps: int) -> str:
+    """The line that says the headline compares unequal student budgets (``direct_grpo.steps`` set)."""
+    side = "the workflow" if baseline < workflow_steps else "the baseline"
+    return (f"WARNING: NOT AN EQUAL-BUDGET COMPARISON: direct GRPO trained {baseline} steps, the workflow's student "
+            f"{workflow_steps}; this favours {side} (direct_grpo.steps was set; unset, it equals the workflow's)")
+
+
+def budget_mismatch(cfg: Config) -> str | None:
+    """Before anything runs: the baseline's steps set apart from the workflow's student steps, or None."""
+    if not cfg.workflow.baseline or cfg.direct_grpo.steps is None:
+        return None
+    budget = cfg.student_step_budget()
+    return budget_warning(cfg.direct_grpo.steps, budget) if cfg.direct_grpo.steps != budget else None
 
 
 def format_table(summary: dict) -> str:
@@ -339,5 +408,7 @@ def format_table(summary: dict) -> str:
             f"Final student avg@{k} {fmt(h['final_student_avg'])} ({h['workflow_student_steps']} student steps) vs direct GRPO "
             f"{fmt(h['direct_grpo_avg'])} ({h['direct_grpo_steps']} steps)"
         )
+        if h.get("equal_budgets") is False:
+            lines.append(budget_warning(h["direct_grpo_steps"], h["workflow_student_steps"]))
     lines.append(f"Wall time of all stages: {summary['total_time_s']:.0f} s")
     return "\n".join(lines)

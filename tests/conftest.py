@@ -108,3 +108,25 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"s2d-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+def docs_python(page: str, heading: str) -> str:
+    """The first ```python block under ``heading`` of docs/<page>: what a reader copies, run as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    section = text[text.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def run_docs_python(page: str, heading: str, tracking_uri: str, cwd) -> str:
+    """Run that block in a fresh interpreter against ``tracking_uri``; its output (fails on an error)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    out = subprocess.run([sys.executable, "-c", docs_python(page, heading)], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout

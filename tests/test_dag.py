@@ -163,6 +163,9 @@ def test_dags_folder_loads_as_deployed_with_only_the_table(tmp_path):
     (site / "stages").mkdir(parents=True)
     for src in sources:
         shutil.copy(REPO / src, site / "stages")
+    configs = [x.split() for x in lines if x.startswith("COPY") and "stages/configs/" in x][0]
+    assert configs[-2:] == ["stages/configs/", f"{image_path}/stages/configs/"]  # the form shows the presets' budgets
+    shutil.copytree(REPO / "stages" / "configs", site / "stages" / "configs")
     shutil.copytree(DAGS, tmp_path / "opt/airflow/dags", ignore=shutil.ignore_patterns("__pycache__"))
     env = _airflow_env(tmp_path, tmp_path / "opt/airflow/dags", PYTHONPATH=str(site))
     code = f"""
@@ -172,14 +175,16 @@ from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder={str(tmp_path / 'opt/airflow/dags')!r})
 import stages
 print("RESULT " + json.dumps({{"errors": {{k: v[-300:] for k, v in bag.import_errors.items()}}, "dags": sorted(bag.dags),
-      "stages": stages.__file__, "files": sorted(bag.dagbag_stats and [s.file for s in bag.dagbag_stats])}}))
+      "stages": stages.__file__, "files": sorted(bag.dagbag_stats and [s.file for s in bag.dagbag_stats]),
+      "steps": bag.dags["sparse_to_dense"].params["teacher_rl_steps"]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["errors"] == {} and out["dags"] == ["sparse_to_dense"]
-    assert out["stages"] == str(site / "stages" / "__init__.py")
-    assert [f.rsplit("/", 1)[-1] for f in out["files"]] == ["sparse_to_dense.py"]  # helpers are not DAG files
+    assert out["stages"] == str(site / "stages" / "__init__.py") and out["steps"] == 40
+    # helpers are not DAG files; the schedule check is one (it defines no DAG: see test_schedules_folder)
+    assert sorted(f.rsplit("/", 1)[-1] for f in out["files"]) == ["sparse_to_dense.py", "sparse_to_dense_schedules.py"]
 
 
 def test_no_variable_is_read_while_parsing(monkeypatch):
@@ -264,6 +269,49 @@ def test_valid_params_pass(monkeypatch):
     assert policy.refusal(params, m.FORM) is None
     sets = contract.overrides(params)
     assert "teacher_rl.steps=10" in sets and not any(o.startswith("kl_warmup.steps") for o in sets)
+
+
+def test_the_form_shows_what_runs(monkeypatch, tmp_path):
+    """The step fields hold the form's preset's budgets (bootstrap's too), the others' in the help; the
+    baseline's stays equal to the workflow's unless set; the artifact root's help names the base folder.
+    A field left at the shown value with another preset is that preset's own, and the plan task says so."""
+    import yaml
+
+    base = tmp_path / "base"
+    dag = load_dag(monkeypatch, S2D_ARTIFACT_BASE=str(base))
+    import s2d_contract as contract
+    import s2d_table as table
+
+    tiny = yaml.safe_load((REPO / "stages" / "configs" / "tiny.yaml").read_text())
+    qwen = yaml.safe_load((REPO / "stages" / "configs" / "qwen3-1.7b.yaml").read_text())
+    shown = {k: dag.params[k] for k in table.budget_fields()}
+    assert shown == {"bootstrap_teacher_steps": tiny["bootstrap"]["teacher_steps"],
+                     "bootstrap_student_steps": tiny["bootstrap"]["student_steps"],
+                     **{f"{n}_steps": tiny[n]["steps"] for n in table.STEP_STAGES}}
+    assert shown["teacher_rl_steps"] == 40 and shown["direct_grpo_steps"] is None and dag.params["preset"] == "tiny"
+    help_ = dag.params.get_param("teacher_rl_steps").description
+    assert "Shown: preset tiny's (tiny 40 · qwen3-1.7b 200 · llama3.1-8b 200)" in help_, help_
+    assert "equal to the workflow's student steps" in dag.params.get_param("direct_grpo_steps").description
+    assert f"`{base}/<dag_id>/<run_id>`" in dag.params.get_param("artifact_root").schema["description_md"]
+    assert dag.params.get_param("bootstrap_teacher_steps").schema["section"] == "Step budgets"
+
+    values = _with_conf(dag, {}).validate()  # the form as shown: the preset's budgets, set explicitly
+    assert contract.budgets(values) == {"bootstrap.teacher_steps": 500, "bootstrap.student_steps": 700, "teacher_rl.steps": 40,
+                                        "kl_warmup.steps": 30, "onpolicy_distill.steps": 30, "student_rl.steps": 20}
+    values = _with_conf(dag, {"bootstrap_student_steps": 9, "direct_grpo_steps": 5}).validate()
+    assert contract.budgets(values)["bootstrap.student_steps"] == 9 and contract.budgets(values)["direct_grpo.steps"] == 5
+    # another preset, the fields as shown: that preset's own budgets (a trigger naming only the preset runs it)
+    values = _with_conf(dag, {"preset": "qwen3-1.7b", "teacher_rl_steps": 10}).validate()
+    assert contract.budgets(values) == {"teacher_rl.steps": 10}
+    said = contract.kept_presets(values)
+    assert any(x.startswith("kl_warmup_steps=30 is the form's shown value (preset tiny's): preset qwen3-1.7b's own "
+                            f"{qwen['kl_warmup']['steps']} is used") for x in said), said
+    assert not any(x.startswith("teacher_rl_steps") for x in said)
+
+    # a deployment whose form shows another preset
+    dag = load_dag(monkeypatch, S2D_DEFAULT_PRESET="qwen3-1.7b")
+    assert dag.params["preset"] == "qwen3-1.7b" and dag.params["teacher_rl_steps"] == qwen["teacher_rl"]["steps"]
+    assert dag.params["bootstrap_teacher_steps"] is None  # it builds no models
 
 
 # ---------------------------------------------------------------- the trigger form is a security boundary
@@ -639,23 +687,45 @@ def test_rendered_stage_pod_is_a_valid_kubernetes_pod(monkeypatch):
 
 
 def test_schedules_folder(monkeypatch, tmp_path, caplog):
-    """One DAG per schedule file, its conf the scheduled runs' values; a bad file is logged and
-    ignored while every other DAG still loads."""
-    (tmp_path / "weekly.yaml").write_text(
-        'cron: "0 3 * * 1"\nconf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
-    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
-    (tmp_path / "bad-cron.yaml").write_text('cron: "61 3 * * 1"\nconf: {}\n')
-    (tmp_path / "bad-value.yaml").write_text('cron: "0 3 * * 1"\nconf: {seed: -1}\n')
-    (tmp_path / "bad-key.yaml").write_text('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n')
-    (tmp_path / "refused.yaml").write_text('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n')
-    (tmp_path / "not-yaml.yaml").write_text("cron: [unclosed\n")
-    with caplog.at_level("ERROR"):
-        dag = load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts import_errors == {}
-    import sparse_to_dense as m
+    """One DAG per schedule file, its conf the scheduled runs' values, its description the file's; a file
+    that does not load has no DAG and is an import error of sparse_to_dense_schedules.py (what the UI's
+    "Dag Import Errors" shows), naming the file and why, while every other DAG loads from its own file."""
+    from airflow.dag_processing.dagbag import DagBag
 
-    dags = m.scheduled_dags(tmp_path)
-    assert sorted(dags) == ["sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
-    weekly = dags["sparse_to_dense__weekly"]
+    (tmp_path / "weekly.yaml").write_text(
+        'description: Weekly retrain\ncron: "0 3 * * 1"\n'
+        'conf: {preset: tiny, teacher_rl_steps: 40, seed: 7, overrides: ["task.seed=99"]}\n')
+    (tmp_path / "on-new-data.yaml").write_text("asset: s3://s2d-data/arithmetic/latest\nconf: {preset: tiny}\n")
+    (tmp_path / "off.yaml.disabled").write_text('cron: "61 3 * * 1"\n')  # not read
+    bad = {"bad-cron": ('cron: "61 3 * * 1"\nconf: {}\n', "cron '61 3 * * 1'"),
+           "bad-value": ('cron: "0 3 * * 1"\nconf: {seed: -1}\n', "conf: seed:"),
+           "bad-key": ('cron: "0 3 * * 1"\nconf: {steps: {teacher_rl: 3}}\n', "conf: steps not a parameter"),
+           "bad-file-key": ('cron: "0 3 * * 1"\npaused: false\n', "paused: not a key of a schedule file"),
+           "bad-description": ('cron: "0 3 * * 1"\ndescription: [a, b]\n', "description: a line of text"),
+           "both": ('cron: "0 3 * * 1"\nasset: s3://x/y\n', "one of cron"),
+           "refused": ('cron: "0 3 * * 1"\nconf: {overrides: ["models.teacher.trust_remote_code=true"]}\n', "loads code"),
+           "not-yaml": ("cron: [unclosed\n", "not YAML")}
+    for name, (text, _) in bad.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "short.yml").write_text('cron: "0 3 * * 1"\n')
+    bad["short"] = (None, "end in .yaml")
+    for k in ("S2D_ARTIFACT_ROOT", "S2D_ARTIFACT_BASE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("S2D_SCHEDULES", str(tmp_path))
+    monkeypatch.syspath_prepend(str(DAGS))
+    sys.modules.pop("sparse_to_dense", None)
+    with caplog.at_level("ERROR"):
+        bag = DagBag(dag_folder=str(DAGS))
+    assert sorted(bag.dags) == ["sparse_to_dense", "sparse_to_dense__on-new-data", "sparse_to_dense__weekly"]
+    assert list(bag.import_errors) == [str(DAGS / "sparse_to_dense_schedules.py")]  # no DAG lives in that file
+    error = bag.import_errors[str(DAGS / "sparse_to_dense_schedules.py")]
+    assert f"{len(bad)} schedule files not loaded" in error
+    for name, (_, why) in bad.items():
+        line = next(x for x in error.splitlines() if f"/{name}.y" in x)
+        assert why in line, (name, line)
+        assert f"{name}.y" in caplog.text  # and in the DAG processor's log
+    dag, weekly = bag.dags["sparse_to_dense"], bag.dags["sparse_to_dense__weekly"]
+    assert weekly.description == "Weekly retrain"
     assert type(weekly.timetable).__name__ == "CronTriggerTimetable" and weekly.timetable.expression == "0 3 * * 1"
     assert weekly.catchup is False and weekly.max_active_runs == 1
     values = weekly.params.validate()
@@ -663,13 +733,24 @@ def test_schedules_folder(monkeypatch, tmp_path, caplog):
     assert values["stages"] == dag.params["stages"]  # everything else: the form's defaults
     assert weekly.params.get_param("seed").schema["title"] == "Seed"  # the same form, other defaults
     assert set(weekly.task_ids) == set(dag.task_ids)
-    data = dags["sparse_to_dense__on-new-data"]
+    data = bag.dags["sparse_to_dense__on-new-data"]
     assert type(data.timetable).__name__ == "AssetTriggeredTimetable"
     assert "s3://s2d-data/arithmetic/latest" in str(data.timetable.asset_condition)
-    logged = caplog.text
-    for name, why in [("bad-cron", "61 3 * * 1"), ("bad-value", "-1"), ("bad-key", "steps"), ("refused", "loads code"),
-                      ("not-yaml", "")]:
-        assert f"{name}.yaml ignored" in logged and why in logged, name
+    assert data.description == "Scheduled retraining from on-new-data.yaml"
+
+
+def test_the_shipped_example_schedule(monkeypatch, tmp_path):
+    """dags/schedules/example.yaml.disabled is not read as shipped; copied to <name>.yaml it loads, every
+    key honoured."""
+    assert not list((DAGS / "schedules").glob("*.yaml"))  # nothing runs by default
+    (tmp_path / "nightly.yaml").write_text((DAGS / "schedules" / "example.yaml.disabled").read_text())
+    load_dag(monkeypatch, S2D_SCHEDULES=str(tmp_path))  # asserts no import error
+    import sparse_to_dense as m
+
+    nightly = m.scheduled_dags(tmp_path)["sparse_to_dense__nightly"]
+    assert nightly.description == "Nightly tiny retrain (example)" and nightly.timetable.expression == "0 2 * * *"
+    values = nightly.params.validate()
+    assert values["preset"] == "tiny" and values["teacher_rl_steps"] == 20 and values["seed"] == 1
 
 
 def test_no_surprise_run_for_the_last_missed_slot(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 holds one parent with a child per stage, and a re-run skips everything."""
 
 import json
+import os
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -85,6 +86,21 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     assert out.count("skipped") == len(stages)
     assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(stages)
     assert len(client.search_model_versions("name = 's2d-student'")) == 1
+    # ... and no empty parent run: the results stay on the run that published them
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")] == [parent]
+
+    # the version's description links the workflow run, the training run and the teacher's version
+    desc = client.get_model_version("s2d-student", "1").description
+    eid = exp.experiment_id
+    for link in (f"[tiny · run](#/experiments/{eid}/runs/{parent}?workflowType=machine_learning)",
+                 f"[student_rl](#/experiments/{eid}/runs/{by_name['student_rl'].info.run_id}?workflowType=machine_learning)",
+                 "[s2d-teacher version 1](#/models/s2d-teacher/versions/1?workflowType=machine_learning)"):
+        assert link in desc, desc
+    # the docs' Python lineage snippet runs as written against this store
+    from conftest import run_docs_python
+
+    out = run_docs_python("tracking.md", "## Seeing it", os.environ["MLFLOW_TRACKING_URI"], tmp_path)
+    assert f"{root}/student_rl/model" in out and f"{root}/teacher_rl/model" in out and "s2d.input.student" in out, out
 
     # a registered version is an input like any URI: resolved through the registry
     from stages.lineage import resolve_model_uri
@@ -114,3 +130,45 @@ def test_ablation_switches_skip_stages(small_cfg, tmp_path):
     ev = artifacts.read_manifest(f"{root}/evaluate/distilled")
     assert ev["inputs"] == {"model": f"{root}/onpolicy_distill/model"}
     assert 0.0 <= ev["metrics"]["eval.avg@2"] <= 1.0 and "eval.greedy" in ev["metrics"]
+
+
+def test_parent_run_names_tell_dag_runs_apart(small_cfg, monkeypatch):
+    cfg = small_cfg()
+    monkeypatch.delenv("AIRFLOW_CTX_DAG_RUN_ID", raising=False)
+    assert workflow.parent_name(cfg, "/runs/demo/") == "tiny · demo"
+    names = set()
+    for dag_id, run_id in [("sparse_to_dense", "manual__2026-12-02T21:25:46.123456+00:00"),
+                           ("sparse_to_dense", "manual__2026-12-02T21:40:01+00:00"),
+                           ("sparse_to_dense__nightly", "scheduled__2026-12-03T00:00:00+00:00"),
+                           ("sparse_to_dense", "asset_triggered__2026-12-03T01:02:03+00:00"),
+                           ("sparse_to_dense", "my-own-id")]:
+        monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", dag_id)
+        monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", run_id)
+        names.add(workflow.parent_name(cfg, "/runs/x"))
+    assert names == {"tiny · 12-02 21:25:46 manual", "tiny · 12-02 21:40:01 manual", "tiny · 12-03 00:00:00 scheduled nightly",
+                     "tiny · 12-03 01:02:03 asset", "tiny · my-own-id"}
+    assert len({n[:20] for n in names}) == len(names)  # apart within the first 20 characters
+
+
+def test_unequal_baseline_budget_is_said_loudly(small_cfg, capsys):
+    """The baseline's steps equal the workflow's student steps unless set; set apart, the plan and the
+    headline say the comparison is not at equal budgets."""
+    assert workflow.budget_mismatch(small_cfg()) is None  # unset: equal
+    cfg = small_cfg("direct_grpo.steps=2")  # the workflow's student steps: 3 + 3 + 2
+    said = workflow.budget_mismatch(cfg)
+    assert said.startswith("WARNING: NOT AN EQUAL-BUDGET COMPARISON: direct GRPO trained 2 steps, the workflow's student 8")
+    assert "favours the workflow" in said
+    assert workflow.budget_mismatch(small_cfg("direct_grpo.steps=2", "workflow.baseline=false")) is None
+
+    def manifest(steps, avg):
+        return {"metrics": {"eval.avg@2": avg}, "student_steps": steps, "labeled_examples": 0, "wall_time_s": 1.0}
+
+    results = {"kl_warmup": manifest(3, 0.1), "onpolicy_distill": manifest(3, 0.2), "student_rl": manifest(2, 0.3),
+               "direct_grpo": manifest(2, 0.25)}
+    summary = workflow.summarize(cfg, results, "root/student_rl/model", "root/bootstrap/teacher")
+    assert summary["headline"]["equal_budgets"] is False
+    text = workflow.format_table(summary)
+    assert "(8 student steps) vs direct GRPO 0.250 (2 steps)\nWARNING: NOT AN EQUAL-BUDGET COMPARISON" in text, text
+    results["direct_grpo"] = manifest(8, 0.25)
+    summary = workflow.summarize(small_cfg(), results, "root/student_rl/model", "root/bootstrap/teacher")
+    assert summary["headline"]["equal_budgets"] is True and "WARNING" not in workflow.format_table(summary)
