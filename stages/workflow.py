@@ -140,6 +140,19 @@ def open_parent(cfg: Config, root: str) -> str | None:
     return rid
 
 
+def find_parent(cfg: Config, root: str) -> str | None:
+    """The newest MLflow parent run of ``root``, open or not (a gate or an approval run after the workflow
+    ended records there); None without one or without an answer."""
+    tracker = Tracker(cfg.tracking)
+    if not tracker.enabled:
+        return None
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow'"
+    found = tracker.call("find the parent run", lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1,
+                                                                        order_by=["attributes.start_time DESC"]),
+                         timeout=cfg.tracking.flush_timeout_s)
+    return found[0].info.run_id if found else None
+
+
 def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     parent = parent_run_id or open_parent(cfg, root)
     tracker = Tracker(cfg.tracking)
@@ -392,6 +405,7 @@ def promote(cfg: Config, root: str, parent_run_id: str | None = None, model: str
     inputs = stage_inputs(cfg, root, "promote", {"final_student": model})
     name = registered_name(cfg)
     tracker = Tracker(cfg.tracking)
+    parent_run_id = parent_run_id or find_parent(cfg, root)
     if name:
         alias = cfg.promote.champion_alias
 
@@ -422,7 +436,7 @@ def approve(cfg: Config, root: str, approved: bool, by: str = "", note: str = ""
 
     gate.approve(cfg, root, approved, by, note)
     m = artifacts.read_manifest(storage.join(root, "promote"))
-    return record_promotion(cfg, root, parent_run_id, m["decision"])
+    return record_promotion(cfg, root, parent_run_id or find_parent(cfg, root), m["decision"])
 
 
 def record_promotion(cfg: Config, root: str, parent_run_id: str | None, decision: dict) -> dict:

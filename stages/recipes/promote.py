@@ -185,8 +185,9 @@ def apply(run: StageRun, name: str, d: dict) -> None:
             c.set_registered_model_alias(name, p.champion_alias, d["version"])
             if d["champion_before"]:
                 c.set_model_version_tag(name, d["champion_before"], "s2d.gate.replaced_by", f"{name}/{d['version']}")
-        for k, v in version_tags(d, name).items():
-            c.set_model_version_tag(name, d["version"], k, v[:5000])
+        if d["status"] != "already champion":  # the decision that made it champion stays on it
+            for k, v in version_tags(d, name).items():
+                c.set_model_version_tag(name, d["version"], k, v[:5000])
         return True
 
     if not run.tracker.call(f"apply the decision on {name}/{d['version']}", write):
