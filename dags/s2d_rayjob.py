@@ -10,9 +10,12 @@ happened, ignores a job already removed by its TTL). No Airflow 3 Ray provider i
 
 The RayJob: a head (CPU only, ``num-cpus: 0`` so no rank lands there) and one GPU worker group of
 ``rayjob_nodes`` pods x ``gpus_per_task`` GPUs; the image is the stage image with Ray installed
-(``ray_image``, default ``image``); the entrypoint is the one stage command (:data:`s2d_runners.ENTRYPOINT`
-+ the stage's arguments) with ``S2D_ENGINE=ray`` and ``S2D_RAY_WORKERS`` = nodes x GPUs, so the stage runs
-as a Ray Train job (stages/ray_train.py). Credentials come from the Secret (``envFrom``), never in the
+(``ray_image``, default ``image``); the entrypoint is the one stage command line, a constant
+(:func:`s2d_contract.stage_argv`: KubeRay's submitter and Ray's job supervisor run it through ``sh -c``),
+and the stage's arguments are data: ``S2D_ARGS_JSON`` in the pods' environment, which the job's driver
+inherits. ``S2D_ENGINE=ray`` and ``S2D_RAY_WORKERS`` = nodes x GPUs make the stage run as a Ray Train job
+(stages/ray_train.py). Nothing of the trigger's goes into ``entrypoint``, ``runtimeEnvYAML`` or ``metadata``
+(KubeRay quotes those into a shell line). Credentials come from the Secret (``envFrom``), never in the
 spec. Settings (env ``S2D_*`` / Variables ``s2d_*``): ``rayjob_nodes`` (2), ``rayjob_ttl_seconds`` (600),
 ``rayjob_backoff_limit`` (0: Ray Train already restarts lost workers), ``kueue_queue`` (optional
 ``kueue.x-k8s.io/queue-name`` label), ``stage_timeout_hours`` (the job's ``activeDeadlineSeconds``), and the
@@ -24,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import shlex
 from typing import Any
 
+import s2d_contract as c
 import s2d_runners as r
+import s2d_settings as s
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
 RAY_VERSION = "2.60.0"  # pyproject.toml extra "ray"; the image's Ray must match the cluster's
@@ -46,7 +50,7 @@ def _container(name: str, image: str, env: dict[str, str], resources: dict) -> d
         "image": image,
         "env": [{"name": k, "value": v} for k, v in env.items()],
         # credentials: from the Secret, resolved by the kubelet; never rendered into this spec
-        "envFrom": [{"secretRef": {"name": r.setting("k8s_secret", "s2d-credentials")}}],
+        "envFrom": [{"secretRef": {"name": s.setting("k8s_secret", "s2d-credentials")}}],
         "resources": resources,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
         "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
@@ -56,12 +60,12 @@ def _container(name: str, image: str, env: dict[str, str], resources: dict) -> d
 
 def _pod(container: dict, gpu: bool) -> dict:
     spec: dict[str, Any] = {
-        "serviceAccountName": r.setting("k8s_service_account", "s2d-stage"),
+        "serviceAccountName": s.setting("k8s_service_account", "s2d-stage"),
         "containers": [container],
         # Ray's object store and NCCL use shared memory; a container's default is 64 MiB
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": r.setting("k8s_shm", "16Gi")}}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": s.setting("k8s_shm", "16Gi")}}],
     }
-    pull = [{"name": s.strip()} for s in (r.setting("k8s_image_pull_secrets") or "").split(",") if s.strip()]
+    pull = [{"name": s.strip()} for s in (s.setting("k8s_image_pull_secrets") or "").split(",") if s.strip()]
     if pull:
         spec["imagePullSecrets"] = pull
     if gpu:
@@ -71,31 +75,31 @@ def _pod(container: dict, gpu: bool) -> dict:
 
 
 def rayjob_spec(stage: str, args: list[str], name: str) -> dict:
-    """The RayJob custom resource running ``python -m stages <args>`` as a Ray Train job."""
-    nodes = int(r.setting("rayjob_nodes", "2"))
-    gpus = r.gpu_count(stage)
-    image = r.setting("ray_image") or r.setting("image", r.DEFAULT_IMAGE)
-    env = {**r.plain_env(), **r.stage_env(stage), "S2D_ENGINE": "ray", "S2D_RAY_WORKERS": str(nodes * max(gpus, 1)),
-           "S2D_RAY_GPUS_PER_WORKER": "1" if gpus else "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    """The RayJob custom resource running ``python -m stages <args>`` as a Ray Train job (``args`` as data)."""
+    nodes = int(s.setting("rayjob_nodes", "2"))
+    gpus = c.gpu_count(stage)
+    image = s.setting("ray_image") or s.setting("image", r.DEFAULT_IMAGE)
+    env = {**r.plain_env(), **r.container_stage_env(stage), "S2D_ENGINE": "ray", "S2D_RAY_WORKERS": str(nodes * max(gpus, 1)),
+           "S2D_RAY_GPUS_PER_WORKER": "1" if gpus else "0", "RAY_USAGE_STATS_ENABLED": "0", **c.args_env(args)}
     env.pop("S2D_GPUS", None)  # Ray Train places the ranks; no accelerate relaunch inside a worker
-    memory = r.setting("k8s_memory", "64Gi")
+    memory = s.setting("k8s_memory", "64Gi")
     gpu_limits = {"nvidia.com/gpu": str(gpus)} if gpus else {}
-    worker = _container("ray-worker", image, env, {"requests": {"cpu": r.setting("k8s_cpu", "8"), "memory": memory, **gpu_limits},
+    worker = _container("ray-worker", image, env, {"requests": {"cpu": s.setting("k8s_cpu", "8"), "memory": memory, **gpu_limits},
                                                     "limits": {"memory": memory, **gpu_limits}})
     head = _container("ray-head", image, env, {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}})
     labels = {"app.kubernetes.io/part-of": "sparse-to-dense", "s2d/stage": stage}
-    if r.setting("kueue_queue"):
-        labels["kueue.x-k8s.io/queue-name"] = r.setting("kueue_queue")
+    if s.setting("kueue_queue"):
+        labels["kueue.x-k8s.io/queue-name"] = s.setting("kueue_queue")
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": r.setting("k8s_namespace", "s2d"), "labels": labels},
+        "metadata": {"name": name, "namespace": s.setting("k8s_namespace", "s2d"), "labels": labels},
         "spec": {
-            "entrypoint": shlex.join([*r.ENTRYPOINT, *args]),
+            "entrypoint": " ".join(c.stage_argv()),  # a constant: never a value of the trigger
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": int(r.setting("rayjob_ttl_seconds", "600")),
-            "activeDeadlineSeconds": int(float(r.setting("stage_timeout_hours", "24")) * 3600),
-            "backoffLimit": int(r.setting("rayjob_backoff_limit", "0")),
+            "ttlSecondsAfterFinished": int(s.setting("rayjob_ttl_seconds", "600")),
+            "activeDeadlineSeconds": int(float(s.setting("stage_timeout_hours", "24")) * 3600),
+            "backoffLimit": int(s.setting("rayjob_backoff_limit", "0")),
             "submissionMode": "K8sJobMode",
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
@@ -139,26 +143,28 @@ def _operators():
     from airflow.triggers.base import BaseTrigger, TriggerEvent
 
     class CreateRayJobOperator(KubernetesCreateResourceOperator):
-        """Renders the stage's RayJob from its (templated) arguments and creates it; returns its name.
-        A stage the run's plan switches off is skipped without starting a cluster."""
+        """Renders the stage's RayJob from the task's arguments (checked by the trigger policy when it
+        executes) and creates it; returns its name. A stage the run's plan switches off is skipped without
+        starting a cluster."""
 
-        template_fields = (*KubernetesCreateResourceOperator.template_fields, "arguments", "plan")
-
-        def __init__(self, *, stage: str, arguments, plan=None, **kw):
+        def __init__(self, *, stage: str, form: set[str], **kw):
             super().__init__(custom_resource_definition=True, yaml_conf="-", **kw)
-            self.stage, self.arguments, self.plan = stage, arguments, plan
+            self.stage, self.form = stage, frozenset(form)
 
         def execute(self, context) -> str:
             import yaml
 
-            plan = r.last_json(self.plan) if isinstance(self.plan, str) else (self.plan or {})
+            args = r.context_args(context, self.stage, self.form, "rayjob")
+            plan = context["ti"].xcom_pull(task_ids="plan")
+            plan = c.last_json(plan) if isinstance(plan, str) else (plan or {})
             if plan.get("stages") is not None and self.stage not in plan["stages"]:
                 from airflow.sdk.exceptions import AirflowSkipException
 
                 raise AirflowSkipException("switched off by this run's parameters")
+            r.credentials_in_uri_warning(self.log, s.setting("k8s_secret", "s2d-credentials"))
             dag_run = context["dag_run"]
             name = rayjob_name(dag_run.dag_id, dag_run.run_id, self.stage)
-            self.yaml_conf = yaml.safe_dump(rayjob_spec(self.stage, list(self.arguments), name), sort_keys=False)
+            self.yaml_conf = yaml.safe_dump(rayjob_spec(self.stage, args, name), sort_keys=False)
             super().execute(context)
             return name
 
@@ -254,14 +260,14 @@ def __getattr__(name: str):  # the triggerer imports s2d_rayjob.RayJobTrigger by
     raise AttributeError(name)
 
 
-def stage_group(group_id: str, stage: str, arguments: str, *, plan_template: str, **opts):
+def stage_group(group_id: str, stage: str, form: set[str], **opts):
     """``create -> wait -> delete`` (teardown) for one stage, in a task group ``group_id``; the same call
     shape as the container runners' operators (``s2d_runners.docker_operator``)."""
     from airflow.sdk import TaskGroup
 
     create_cls, sensor_cls, delete_cls, _ = _operators()
-    namespace = r.setting("k8s_namespace", "s2d")
-    conn = r.setting("k8s_conn_id", "kubernetes_default")
+    namespace = s.setting("k8s_namespace", "s2d")
+    conn = s.setting("k8s_conn_id", "kubernetes_default")
     # no Airflow retries (a re-created job would clash with its name; the RayJob's backoffLimit and Ray Train's
     # FailureConfig retry instead) and no Airflow GPU pool (Kubernetes / Kueue schedule the GPUs)
     opts = {k: v for k, v in opts.items() if k not in ("retries", "retry_delay", "retry_exponential_backoff", "max_retry_delay", "pool")}
@@ -270,7 +276,7 @@ def stage_group(group_id: str, stage: str, arguments: str, *, plan_template: str
     timeout = opts.pop("execution_timeout", None)
     with TaskGroup(group_id) as group:
         name = "{{ ti.xcom_pull(task_ids='%s.create') }}" % group_id
-        create = create_cls(task_id="create", stage=stage, arguments=arguments, plan=plan_template, namespace=namespace,
+        create = create_cls(task_id="create", stage=stage, form=form, namespace=namespace,
                             kubernetes_conn_id=conn, **({"trigger_rule": trigger_rule} if trigger_rule else {}), **opts)
         wait = sensor_cls(task_id="wait", name=name, namespace=namespace, kubernetes_conn_id=conn, outlets=outlets or [],
                           execution_timeout=timeout, **opts)

@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1.7
 # Airflow for this project: the official image, the provider versions CI tests with (pyproject.toml's
-# `airflow` extra) and the DAG baked in (dags/ -> /opt/airflow/dags). Used by infra/compose.yaml and by
-# the Helm chart (infra/k8s/airflow-values.yaml: images.airflow). Stages never run in this image.
+# `airflow` extra), the DAG baked in (dags/ -> /opt/airflow/dags) and the stage table it derives its
+# tasks and form from (stages/registry.py: no torch, no other stage code) on PYTHONPATH, so the DAG
+# folder also loads where only dags/ is synced (the Helm chart's gitSync subPath dags). Used by
+# infra/compose.yaml and by the Helm chart (infra/k8s/airflow-values.yaml: images.airflow). Stages never
+# run in this image.
 #
 #   docker build -f docker/airflow.Dockerfile -t ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0 .
 #   docker push ghcr.io/sparse-to-dense/airflow:3.3.2-0.1.0
@@ -17,4 +20,6 @@ RUN pip install --no-cache-dir \
       "apache-airflow-providers-standard==${PROVIDER_STANDARD}" \
       "apache-airflow-providers-docker==${PROVIDER_DOCKER}" \
       "apache-airflow-providers-cncf-kubernetes==${PROVIDER_KUBERNETES}"
+COPY --chown=airflow:0 stages/__init__.py stages/registry.py /opt/airflow/s2d/stages/
+ENV PYTHONPATH=/opt/airflow/s2d
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/

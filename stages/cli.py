@@ -15,21 +15,49 @@ The same command runs as a local subprocess, in Docker and in a Kubernetes pod. 
 when the stage's outputs are published; the last stdout line is a JSON summary (URIs, metrics).
 A user error (config, flag, input, data) is one line ``error: ...`` on stderr and exit code 2, found
 before any model loads; any other failure is one line and exit code 1; ``--debug`` adds the traceback.
+
+Orchestrators pass the arguments as data, never through a shell: ``python -m stages --args-env`` reads
+them as a JSON list of strings from the environment variable ``S2D_ARGS_JSON``, ``python -m stages
+--args-file PATH`` from a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-from .registry import STAGES
+from .registry import NOT_PLANNED, STAGES
 
-NOT_PLANNED = 99
 COMMANDS = (*STAGES, "workflow", "validate", "plan", "report", "close-runs")
+ARGS_ENV = "S2D_ARGS_JSON"
+
+
+def args_from_data(argv: list[str], env=os.environ) -> list[str]:
+    """``--args-env`` (the JSON list in ``S2D_ARGS_JSON``, taken out of the environment) or ``--args-file
+    PATH`` (a JSON list in a file) as the command's arguments; any other ``argv`` as it is."""
+    if argv == ["--args-env"]:
+        if ARGS_ENV not in env:
+            raise SystemExit(f"error: --args-env: {ARGS_ENV} is not set")
+        raw, where = env.pop(ARGS_ENV), ARGS_ENV
+    elif len(argv) == 2 and argv[0] == "--args-file":
+        try:
+            raw, where = Path(argv[1]).read_text(), argv[1]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: --args-file: cannot read {argv[1][:200]}: {type(e).__name__}") from None
+    else:
+        return argv
+    try:
+        args = json.loads(raw)
+    except ValueError:
+        args = None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or args[:1] in (["--args-env"], ["--args-file"]):
+        raise SystemExit(f"error: {where} must hold a JSON list of strings (the command's arguments)")
+    return args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,6 +166,7 @@ def main(argv=None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        argv = args_from_data(argv)
         return _main(argv)
     except (KeyboardInterrupt, Terminated) as e:
         print(f"error: {'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; nothing published "

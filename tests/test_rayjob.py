@@ -7,7 +7,6 @@ HTTP server speaking the Kubernetes API for ``rayjobs`` (a real cluster cannot r
 import asyncio
 import copy
 import json
-import shlex
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,8 +20,10 @@ DAGS = REPO / "dags"
 SCHEMA = REPO / "infra/k8s/schemas/ray.io_rayjob_v1.schema.json"
 sys.path.insert(0, str(DAGS))
 
+import s2d_contract as contract  # noqa: E402
 import s2d_rayjob as rj  # noqa: E402
-import s2d_runners as r  # noqa: E402
+import s2d_settings  # noqa: E402
+import s2d_table as table  # noqa: E402
 
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "sekrit-aws-value", "MLFLOW_TRACKING_PASSWORD": "sekrit-mlflow-value",
            "HF_TOKEN": "hf_sekrit_value"}
@@ -92,8 +93,10 @@ def test_rendered_rayjob_matches_the_crd_schema(settings, validator):
     assert s["shutdownAfterJobFinishes"] is True and s["ttlSecondsAfterFinished"] == 600
     assert s["activeDeadlineSeconds"] == 12 * 3600
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    # the one contract: the entrypoint is the stage command the other runners run
-    assert shlex.split(s["entrypoint"]) == [*r.ENTRYPOINT, *ARGS]
+    # the one contract: the entrypoint is the constant command line the other runners run; the arguments
+    # are data in the pods' environment (KubeRay and Ray run the entrypoint through `sh -c`)
+    assert s["entrypoint"] == " ".join(contract.stage_argv()) == "python -m stages --args-env"
+    assert "runtimeEnvYAML" not in s and "metadata" not in s
     head = s["rayClusterSpec"]["headGroupSpec"]
     group, = s["rayClusterSpec"]["workerGroupSpecs"]
     assert head["rayStartParams"] == {"num-cpus": "0"}  # no rank on the head
@@ -103,6 +106,9 @@ def test_rendered_rayjob_matches_the_crd_schema(settings, validator):
     env = {e["name"]: e["value"] for e in worker["env"]}
     assert env["S2D_ENGINE"] == "ray" and env["S2D_RAY_WORKERS"] == "16" and env["S2D_RAY_GPUS_PER_WORKER"] == "1"
     assert "S2D_GPUS" not in env and env["MLFLOW_TRACKING_URI"] == "http://mlflow.s2d:5000"
+    assert json.loads(env["S2D_ARGS_JSON"]) == ARGS
+    head_env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(head_env["S2D_ARGS_JSON"]) == ARGS  # the job's driver runs on the head
     assert all(isinstance(e["value"], str) for e in worker["env"])
     # credentials: from the Secret through envFrom on every pod, never a value in the spec
     for pod in (head["template"], group["template"]):
@@ -258,17 +264,38 @@ class _Run:
     dag_id, run_id = "sparse_to_dense", "manual__2026-11-27T08:00:00+00:00"
 
 
+PARAMS = {"preset": "llama3.1-8b", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup"], "baseline": False,
+          "seed": 0, "teacher_rl_steps": None, "kl_warmup_steps": None, "onpolicy_distill_steps": None, "student_rl_steps": None,
+          "direct_grpo_steps": None, "artifact_root": None, "overrides": []}
+FORM = set(PARAMS)
+
+
+class _TI:
+    def __init__(self, plan):
+        self.plan, self.dag_id, self.run_id, self.task_id, self.try_number = plan, _Run.dag_id, _Run.run_id, "create", 1
+
+    def xcom_pull(self, task_ids=None, **_):
+        return self.plan
+
+
+def _ctx(plan, params=PARAMS):
+    return {"dag_run": _Run(), "ti": _TI(plan), "params": params}
+
+
 def test_create_wait_delete_against_the_api(settings, api_for, validator):
     Create, Sensor, Delete, _ = rj._operators()
     api, kubeconfig = api_for([None, STATUS["running"], STATUS["succeeded"]])
-    create = Create(task_id="create", stage="teacher_rl", arguments=ARGS, plan={"stages": ["teacher_rl"]},
-                    namespace="s2d")
-    name = create.execute({"dag_run": _Run()})
+    create = Create(task_id="create", stage="teacher_rl", form=FORM, namespace="s2d")
+    plan = {"root": "s3://bucket/runs/x", "parent_run_id": "abc", "stages": ["teacher_rl"]}
+    name = create.execute(_ctx(plan))
     assert name == rj.rayjob_name(_Run.dag_id, _Run.run_id, "teacher_rl")
     (method, ns, body), = api.requests
     assert (method, ns) == ("POST", "s2d")
     validator.validate(body)  # what reached the API server is the schema-valid spec
-    assert shlex.split(body["spec"]["entrypoint"])[3:] == ARGS
+    assert body["spec"]["entrypoint"] == "python -m stages --args-env"
+    worker = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    assert json.loads(env["S2D_ARGS_JSON"]) == contract.stage_args("teacher_rl", PARAMS, "s3://bucket/runs/x", "abc")
 
     sensor = Sensor(task_id="wait", name=name, namespace="s2d", deferrable=False)
     assert sensor.poke({}) is False  # no status yet
@@ -321,9 +348,21 @@ def test_unplanned_stage_is_skipped_without_a_cluster(settings, api_for):
     Create, _, _, _ = rj._operators()
     api, kubeconfig = api_for([None])
     plan = json.dumps({"root": "s3://b/r", "parent_run_id": "p", "stages": ["bootstrap", "kl_warmup"]})
-    create = Create(task_id="create", stage="teacher_rl", arguments=ARGS, plan=plan, namespace="s2d")
+    create = Create(task_id="create", stage="teacher_rl", form=FORM, namespace="s2d")
     with pytest.raises(AirflowSkipException):
-        create.execute({"dag_run": _Run()})
+        create.execute(_ctx(plan))
+    assert api.requests == []
+
+
+def test_refused_trigger_creates_no_rayjob(settings, api_for):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    Create, _, _, _ = rj._operators()
+    api, kubeconfig = api_for([None])
+    create = Create(task_id="create", stage="teacher_rl", form=FORM, namespace="s2d")
+    hostile = {**PARAMS, "teacher": "Qwen/a;touch${IFS}/tmp/x;#"}
+    with pytest.raises(AirflowFailException, match="^error: teacher"):
+        create.execute(_ctx({"root": "s3://b/r", "stages": ["teacher_rl"]}, hostile))
     assert api.requests == []
 
 
@@ -337,7 +376,7 @@ def test_dag_parses_with_rayjob_runner_and_has_create_wait_delete_per_stage(monk
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
     t = bag.dags["sparse_to_dense"].task_dict
-    for stage in r.GPU_STAGES:
+    for stage in table.GPU_STAGES:
         create, wait, delete = t[f"{stage}.create"], t[f"{stage}.wait"], t[f"{stage}.delete"]
         assert type(create).__mro__[1].__name__ == "KubernetesCreateResourceOperator"
         assert wait.downstream_task_ids >= {f"{stage}.delete"} and f"{stage}.wait" in create.downstream_task_ids
@@ -362,7 +401,7 @@ def test_rbac_lets_the_airflow_workers_manage_rayjobs_and_nothing_else():
     assert all(rule["apiGroups"] == ["ray.io"] for rule in by["Role"]["rules"])
     stage_rbac = {d["kind"]: d for d in yaml.safe_load_all((REPO / "infra/k8s/manifests/10-stage-rbac.yaml").read_text()) if d}
     assert by["RoleBinding"]["subjects"] == stage_rbac["RoleBinding"]["subjects"]  # the same Airflow workers
-    assert by["Role"]["metadata"]["namespace"] == r.setting("k8s_namespace", "s2d")
+    assert by["Role"]["metadata"]["namespace"] == s2d_settings.setting("k8s_namespace", "s2d")
 
 
 def test_deferred_sensor_hands_the_wait_to_the_trigger(settings, api_for):
