@@ -41,8 +41,9 @@ def operator_class() -> type:
             if out.get("status") != "awaiting approval":
                 raise AirflowSkipException(f"nothing to approve: the gate's decision is {out.get('status') or 'none'}")
             self.subject = f"Make version {out.get('version')} of the student the champion?"
+            hours = timeout().total_seconds() / 3600
             self.body = ("The promotion gate passed; the champion moves only if you approve "
-                         f"(no answer in {timeout()} rejects).\n\n```\n{out.get('comparison', '')}\n```")
+                         f"(no answer in {hours:g} h rejects).\n\n```\n{out.get('comparison', '')}\n```")
             return super().execute(context)
 
         def execute_complete(self, context, event):

@@ -290,9 +290,11 @@ def _promote(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     else:
         summary = workflow.promote(cfg, root, args.parent_run_id, args.model and resolve_model_uri(args.model))
     d = summary["promotion"]
-    print(format_decision(d, d.get("approval")), flush=True)
+    text = format_decision(d, d.get("approval"))
+    print(text, flush=True)
+    # the comparison's text travels with the decision: the DAG's approval task shows it, alerts send it
     emit(args, {"stage": "promote", "status": (d.get("approval") or {}).get("verdict") or d["status"], "passed": d["passed"],
-                "version": d.get("version"), "champion": d.get("champion_now"), "uri": f"{root}/promote"})
+                "version": d.get("version"), "champion": d.get("champion_now"), "uri": f"{root}/promote", "comparison": text})
     return 0
 
 

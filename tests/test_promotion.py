@@ -227,7 +227,10 @@ def test_gate_registry_cost_and_reused_teacher_data(mlflow_server, tmp_path, mon
     assert kb["kl_warmup"].data.tags["s2d.input.teacher_data.run"] == kb["teacher_data"].info.run_id
     assert "| teacher_data (reused) |" in Path(b, "summary.md").read_text()
     # the same gate with a margin it meets: B's version takes the champion directly
+    capsys.readouterr()
     assert _cli(["promote"], b, b_sets + ["promote.margin=-1.0"]) == 0
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # what the DAG's tasks read
+    assert said["status"] == "promoted" and said["champion"] == "2" and "vs champion (version 1)" in said["comparison"]
     assert c.get_model_version_by_alias("s2d-student", "champion").version == "2"
     assert c.get_model_version("s2d-student", "1").tags["s2d.gate.replaced_by"] == "s2d-student/2"
 
