@@ -121,7 +121,8 @@ def main() -> None:
                 "S2D_DOCKER_URL": sock,
                 "S2D_DOCKER_NETWORK": "host",
                 "S2D_GPUS_PER_TASK": "0",
-                "S2D_ARTIFACT_ROOT": f"s3://{bucket}",
+                "S2D_ARTIFACT_BASE": f"s3://{bucket}",
+                "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment",
             }
             time.sleep(2)
             results = {r: dag_run(r, tmp, base_env, f"s3://{bucket}/{r}", args.small) for r in ("local", "docker")}

@@ -37,16 +37,17 @@ import s2d_table as table
 SHOWN = 80  # characters of a value an error message may quote
 
 # Override keys a trigger may set unless the deployment says otherwise (setting ``allowed_overrides``:
-# comma-separated key prefixes): training and sampling settings, every stage's own section.
+# comma-separated key prefixes; the word ``default`` stands for this list, e.g.
+# ``default,tracking.experiment``): training and sampling settings, every stage's own section.
 DEFAULT_ALLOWED_OVERRIDES = (
     "seed", "dtype", "torch_threads", "logprob_chunk", "train", "checkpoint_every",
     "task.seed", "task.min_digits", "task.max_digits", "task.ops", "task.sizes", "task.prompt_template",
     "models.teacher.source", "models.student.source", "models.teacher.arch", "models.student.arch",
-    "sampling", *table.TASKS, "eval", "workflow", "tracking.enabled", "tracking.experiment")
+    "sampling", *table.TASKS, "eval", "workflow")
 # Keys that load code, read files of the worker, send requests to a place of the trigger's choosing, or
 # redirect lineage: a trigger may set one only where an allow-list entry names it (or a key under it);
 # allowing a section (``task``) does not allow these keys inside it.
-CODE_KEYS = ("task.kind", "task.files", "task.data", "task.options", "teacher.url")
+CODE_KEYS = ("task.kind", "task.files", "task.data", "task.options", "teacher.url", "tracking")
 CODE_SEGMENTS = ("trust_remote_code",)  # at any depth (models.teacher.trust_remote_code, ...)
 # model sources a trigger may name (setting ``allowed_model_prefixes``), besides checkpoints under the
 # artifact base: the built-in tiny models, registered models, the presets' hub owners
@@ -85,6 +86,7 @@ HUB_ID = re.compile(r"(?!.*(\.\.|--))[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?/[A-Za-z
 # MLflow registered model: models:/<name>/<version> or models:/<name>@<alias>
 MODELS_URI = re.compile(r"models:/[A-Za-z0-9][\w.-]{0,255}(/[1-9][0-9]{0,9}|@[A-Za-z_][\w-]{0,255})", re.ASCII)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+PRESET = re.compile(r"(?!.*\.ya?ml$)[A-Za-z0-9][\w.-]{0,63}", re.ASCII)  # a name under stages/configs/, never a path
 VOCAB_ESTIMATE = 256  # the tiny models' char vocabulary, rounded up (for max_model_params)
 
 
@@ -280,7 +282,7 @@ def arch_params(arch: dict) -> int | None:
 def value_refusal(path: str, value) -> str | None:
     """What the schema cannot say about one key path's value: caps, model sources, the prompt template."""
     if path.startswith("models.") and path.endswith(".source") and path.count(".") == 2:
-        return model_refusal(value, f"overrides: {path}")
+        return model_refusal(value, f"overrides: {shown(path, quote=False)}")
     if path == "task.prompt_template":
         return template_refusal(value)
     name = cap_for(path)
@@ -289,11 +291,16 @@ def value_refusal(path: str, value) -> str | None:
     if name == "max_model_params":
         params = arch_params(value) if isinstance(value, dict) else None
         if params is not None and params > cap(name):
-            return (f"overrides: {path} builds a model of about {params:,} parameters; at most {cap(name):,} "
-                    f"(setting s2d_{name})")
+            return (f"overrides: {shown(path, quote=False)} builds a model of about {params:,} parameters; at most "
+                    f"{cap(name):,} (setting s2d_{name})")
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap(name):
-        return f"overrides: {path}={shown(value)} is above the cap {cap(name)} ({CAPS[name][2]}; setting s2d_{name})"
+    if value is None or isinstance(value, bool):
+        return None
+    if not isinstance(value, (int, float)):  # the schema would turn "99999" into a number: a capped key takes numbers only
+        return f"overrides: {shown(path, quote=False)}={shown(value)} must be a number ({CAPS[name][2]}; setting s2d_{name})"
+    if value > cap(name):
+        return (f"overrides: {shown(path, quote=False)}={shown(value)} is above the cap {cap(name)} ({CAPS[name][2]}; "
+                f"setting s2d_{name})")
     return None
 
 
@@ -310,13 +317,13 @@ def override_refusal(item, allowed: tuple[str, ...]) -> str | None:
         return f"overrides: {shown(item)} is not key.path=value"
     value, problem = parse_value(raw)
     if problem:
-        return f"overrides: {key}: the value is {problem}"
+        return f"overrides: {shown(key, quote=False)}: the value is {problem}"
     paths = list(leaves(key, value))
     if re.fullmatch(r"models\.[^.]+\.arch\..+", key):  # its size is known only from the whole arch
-        return f"overrides: {key}: set the whole arch (models.<role>.arch={{hidden_size: ..., layers: ..., ...}})"
+        return f"overrides: {shown(key, quote=False)}: set the whole arch (models.<role>.arch={{hidden_size: ..., layers: ...}})"
     for path, _ in paths:
         if "<" in path:
-            return f"overrides: {key}: {path.partition('<')[2][:-1]} is not a key name"
+            return f"overrides: {shown(key, quote=False)}: {path.partition('<')[2][:-1]} is not a key name"
         if code_key(path) and not any(_under(path, p) and code_key(p) for p in allowed):
             return f"overrides: {shown(item)} loads code or reaches beyond the run ({path}); only the deployment may " \
                    "allow it (setting s2d_allowed_overrides, naming the key)"
@@ -341,6 +348,15 @@ def refusal(params: dict, form: set[str]) -> str | None:
         return f"{shown(', '.join(map(str, unknown)), quote=False)}: not a parameter of this DAG (the form's fields: {', '.join(sorted(form))})"
     if not params.get("stages"):
         return "stages: choose at least one stage (leave stages out only for an ablation, never all of them)"
+    # the form's schema says these too; checked again because they are written into the stage's command line
+    if not isinstance(params.get("preset"), str) or not PRESET.fullmatch(params["preset"]):
+        return f"preset {shown(params.get('preset'))} is not a preset name (stages/configs/<name>.yaml)"
+    if not isinstance(params["stages"], list) or any(x not in table.WORKFLOW for x in params["stages"]):
+        return f"stages {shown(params['stages'])}: choose from {', '.join(table.WORKFLOW)}"
+    for name in ("seed", *(f"{n}_steps" for n in table.STEP_STAGES)):
+        value = params.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            return f"{name} {shown(value)} is not a whole number, 0 or more"
     if params.get("artifact_root"):
         root = params["artifact_root"]
         problem = confine(root.rstrip("/") or "/", "artifact_root") if isinstance(root, str) else "artifact_root: not a string"
@@ -348,7 +364,11 @@ def refusal(params: dict, form: set[str]) -> str | None:
             return problem
     for role in ("teacher", "student"):
         if params.get(role):
+            # the form's value becomes the override models.<role>.source=<value>, which the stage reads as YAML:
+            # what is checked must be what the stage reads
             problem = model_refusal(params[role], role)
+            if problem is None and parse_value(params[role]) != (params[role], None):
+                problem = f"{role} {shown(params[role])} is not a plain value (YAML reads it as something else)"
             if problem:
                 return problem
     for stage in table.STEP_STAGES:
@@ -360,12 +380,21 @@ def refusal(params: dict, form: set[str]) -> str | None:
         return "overrides: a list of key.path=value lines"
     if len(items) > MAX_OVERRIDES:
         return f"overrides: {len(items)} lines; at most {MAX_OVERRIDES}"
-    allowed = s.listed("allowed_overrides", DEFAULT_ALLOWED_OVERRIDES)
+    allowed = allowed_overrides()
     for item in items:
         problem = override_refusal(item, allowed)
         if problem:
             return problem
     return None
+
+
+def allowed_overrides() -> tuple[str, ...]:
+    """The deployment's allow-list of override keys (setting ``allowed_overrides``; ``default`` expands to
+    :data:`DEFAULT_ALLOWED_OVERRIDES`)."""
+    out: list[str] = []
+    for entry in s.listed("allowed_overrides", ("default",)):
+        out += DEFAULT_ALLOWED_OVERRIDES if entry == "default" else [entry]
+    return tuple(out)
 
 
 def caps_text() -> str:

@@ -95,6 +95,8 @@ env = {
     "MLFLOW_DB_PASSWORD": tok(), "MLFLOW_PORT": port(),
     # where the docker runner writes credential files (same path on the host and in the scheduler)
     "S2D_SECRETS_HOST_DIR": f"/tmp/{project}-secrets",
+    # the check run below names its MLflow experiment: a tracking key, allowed only where the deployment says
+    "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment",
 }
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 with os.fdopen(fd, "w") as f:

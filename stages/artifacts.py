@@ -12,12 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .storage import ArtifactError, CorruptManifest, StorageUnavailable, dumps, finite, join, log, sha256_file, store_for
+from .lock import LOCK, fence
+from .redact import redact_obj
+from .storage import (
+    ArtifactError,
+    CorruptManifest,
+    LockLost,
+    StorageUnavailable,
+    dumps,
+    finite,
+    join,
+    log,
+    sha256_file,
+    store_for,
+)
 
 MANIFEST = "manifest.json"
 RESUME = "_resume"
@@ -49,21 +63,68 @@ def manifest_digest(stage_uri: str) -> str | None:
     return hashlib.sha256(raw).hexdigest()[:16] if raw is not None else None
 
 
+def manifest_sha256(stage_uri: str) -> str | None:
+    """The full sha256 of the stage's manifest bytes: it pins every published file (the manifest lists each
+    file's sha256, and readers verify them), so a registered version tagged with it pins its checkpoint."""
+    raw = store_for(stage_uri).read_bytes(join(stage_uri, MANIFEST))
+    return hashlib.sha256(raw).hexdigest() if raw is not None else None
+
+
 def publish(work_dir: Path, stage_uri: str, manifest: dict) -> dict:
     """Upload every file of ``work_dir`` to ``stage_uri``, then write the manifest last.
 
-    An earlier manifest is removed first, so a stage being overwritten never looks finished.
+    An earlier manifest is removed first, so a stage being overwritten never looks finished. Files of an
+    earlier publish that the new manifest does not list (old shards, single-file weights next to a new
+    sharded index, a chat template the new tokenizer lacks) are deleted before the new manifest is written:
+    the folder holds what the manifest lists (plus ``.lock`` and ``_resume/``), so no reader globbing it finds
+    a stale file. Every write is fenced on the stage lock this process holds (:func:`stages.lock.fence`),
+    and the manifest is created only if absent (``If-None-Match`` / a hard link), so a run whose lock was
+    taken over never overwrites the new holder's manifest.
     """
     store = store_for(stage_uri)
+    stage_uri = stage_uri.rstrip("/")
+    fence(stage_uri)
     store.delete_prefix(join(stage_uri, MANIFEST))
     files = {}
     for path in sorted(p for p in work_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(work_dir).as_posix()
         files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        fence(stage_uri)
         store.put_file(path, join(stage_uri, rel))
-    manifest = {**manifest, "files": files, "published_at": datetime.now(timezone.utc).isoformat()}
-    store.write_bytes(join(stage_uri, MANIFEST), dumps(manifest, indent=2, sort_keys=True).encode())
+    stale = _unlisted(store, stage_uri, files)
+    if stale:
+        fence(stage_uri)
+        store.delete_many(stale)
+        log.info("%s: removed %d file(s) of an earlier publish that the new manifest does not list", stage_uri, len(stale))
+    # inputs, outputs, extras: a URI's userinfo or secret query value is never written down
+    manifest = {**redact_obj(manifest), "files": files, "published_at": datetime.now(timezone.utc).isoformat()}
+    fence(stage_uri)
+    uri = join(stage_uri, MANIFEST)
+    if not store.write_new(uri, dumps(manifest, indent=2, sort_keys=True).encode()):
+        raise LockLost(f"{uri}: another run published this stage while this one was writing it; this run's "
+                       "manifest is not written (the folder is the other run's)")
     return finite(manifest)
+
+
+def _unlisted(store, stage_uri: str, files: dict) -> list[str]:
+    """Objects under ``stage_uri`` that ``files`` does not list, except the lock, resume states and any nested
+    folder that is itself a published stage (has its own manifest)."""
+    found = store.list(stage_uri)
+    rels = {u: u[len(stage_uri) + 1 :] for u in found}
+    nested = {r.rsplit("/", 1)[0] + "/" for r in rels.values() if r.endswith("/" + MANIFEST)}
+    return [u for u, r in rels.items()
+            if r not in files and r != LOCK and r != MANIFEST and not r.startswith(RESUME + "/")
+            and not any(r.startswith(n) for n in nested)]
+
+
+def listed(uri: str) -> list[str]:
+    """The files the owning manifest lists under ``uri``, relative to ``uri`` (what a reader may read there)."""
+    found = find_manifest(uri)
+    if found is None:
+        raise ArtifactError(f"{uri}: no manifest.json here or one level up: the stage that writes it has not finished")
+    stage_uri, manifest = found
+    sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
+    return sorted(rel[len(sub) + 1 :] if sub else rel for rel in manifest["files"] if not sub or rel.startswith(sub + "/"))
 
 
 def find_manifest(uri: str) -> tuple[str, dict] | None:
@@ -141,31 +202,44 @@ def check_files(uri: str) -> None:
 
 
 def fetch(uri: str, cache_dir: Path | None = None, only=None) -> Path:
-    """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``).
+    """A verified local folder for an artifact folder URI (e.g. ``<root>/teacher_rl/model``) that holds
+    exactly the files the owning manifest lists there (``only``: a subset of them), so ``from_pretrained``
+    or a glob over it never picks up a file the manifest does not list.
 
     Files are checked against the owning stage's manifest; a missing manifest means the stage did
-    not finish, and any checksum mismatch is an error.
+    not finish, and any checksum mismatch is an error. A local stage folder is read in place when it holds
+    nothing else; otherwise (a file left by an older publish or put there by hand) the listed files are
+    linked into a cache folder and that is returned. S3 files are downloaded into a cache folder, from which
+    files the manifest does not list are removed.
     """
     found = find_manifest(uri)
     if found is None:
         raise ArtifactError(f"{uri}: no manifest.json here or one level up: the stage that writes it has not finished")
     stage_uri, manifest = found
     sub = uri.rstrip("/")[len(stage_uri) :].strip("/")
-    wanted = {rel: meta for rel, meta in manifest["files"].items() if not sub or rel.startswith(sub + "/")}
-    if only is not None:  # a subset, e.g. only a checkpoint's tokenizer files
-        wanted = {rel: meta for rel, meta in wanted.items() if only(rel)}
+    in_sub = {rel: meta for rel, meta in manifest["files"].items() if not sub or rel.startswith(sub + "/")}
+    wanted = in_sub if only is None else {rel: meta for rel, meta in in_sub.items() if only(rel)}  # e.g. tokenizer files
     if not wanted:
         raise ArtifactError(f"{uri}: the manifest of {stage_uri} lists no files under '{sub}'")
     store = store_for(uri)
     in_place = store.local_path(stage_uri)
+    cache = (cache_dir or Path(tempfile.gettempdir()) / "s2d-cache") / hashlib.sha256(stage_uri.encode()).hexdigest()[:16]
     if in_place is not None:
-        base = in_place
+        extra = _extra_files(in_place, sub, in_sub)
+        if extra:
+            log.warning("%s: %d file(s) there are not listed in its manifest (e.g. %s): reading a copy of the listed "
+                        "ones", join(stage_uri, sub) if sub else stage_uri, len(extra), extra[0])
+            base, link_from = cache, in_place
+        else:
+            base, link_from = in_place, None
     else:
-        base = (cache_dir or Path(tempfile.gettempdir()) / "s2d-cache") / hashlib.sha256(stage_uri.encode()).hexdigest()[:16]
+        base, link_from = cache, None
     for rel, meta in wanted.items():
         local = base / rel
         try:
-            if in_place is None and not (local.exists() and sha256_file(local) == meta["sha256"]):
+            if link_from is not None:
+                _link(link_from / rel, local, join(stage_uri, rel))
+            elif in_place is None and not (local.exists() and sha256_file(local) == meta["sha256"]):
                 store.get_file(join(stage_uri, rel), local)
             if not local.is_file():
                 raise ArtifactError(f"{join(stage_uri, rel)}: missing")
@@ -177,7 +251,39 @@ def fetch(uri: str, cache_dir: Path | None = None, only=None) -> Path:
             ) from None
         if sha256_file(local) != meta["sha256"]:
             raise ArtifactError(f"{join(stage_uri, rel)}: checksum mismatch with its manifest (corrupted or overwritten)")
+    if base == cache:  # a cache folder: nothing there that the manifest does not list
+        for rel in _extra_files(cache, sub, in_sub if only is None else manifest["files"]):
+            (cache / sub / rel if sub else cache / rel).unlink(missing_ok=True)
     return base / sub if sub else base
+
+
+def _extra_files(folder: Path, sub: str, listed_files: dict) -> list[str]:
+    """Files under ``folder/sub`` that ``listed_files`` (paths relative to ``folder``) does not list; the lock,
+    resume states and unfinished temporaries of a live writer are not counted."""
+    top = folder / sub if sub else folder
+    if not top.is_dir():
+        return []
+    out = []
+    for p in sorted(top.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_dir() or rel in listed_files or rel == LOCK or rel.startswith(RESUME + "/") or rel == MANIFEST:
+            continue
+        if ".tmp-" in p.name and p.name.startswith("."):
+            continue
+        out.append(p.relative_to(top).as_posix())
+    return out
+
+
+def _link(src: Path, dst: Path, uri: str) -> None:
+    """``dst`` is ``src``'s content: a hard link (no copy) where the file system allows it."""
+    if not src.is_file():
+        raise ArtifactError(f"{uri}: missing")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 # ---------------------------------------------------------------- resumable training state
@@ -196,6 +302,7 @@ def save_state(stage_uri: str, name: str, step: int, state_dir: Path, meta: dict
     for path in sorted(p for p in state_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(state_dir).as_posix()
         files[rel] = sha256_file(path)
+        fence(stage_uri)  # a run whose stage lock was taken over writes nothing (stages/lock.py)
         store.put_file(path, join(step_uri, rel))
     keep = {f"step-{step:08d}"}
     old = store.read_bytes(join(base, "latest.json"))
@@ -203,10 +310,13 @@ def save_state(stage_uri: str, name: str, step: int, state_dir: Path, meta: dict
         old_step = json.loads(old)["step"] if old is not None else None
     except (ValueError, KeyError, TypeError):
         old_step = None  # a corrupted pointer is not worth keeping
+    fence(stage_uri)
     if old_step is not None and old_step != step:
         store.write_bytes(join(base, "previous.json"), old)
         keep.add(f"step-{old_step:08d}")
+    fence(stage_uri)
     store.write_bytes(join(base, "latest.json"), dumps({"step": step, "files": files, **meta}).encode())
+    fence(stage_uri)
     for uri in store.list(base):  # states older than the previous one are garbage
         part = uri[len(base) + 1 :].split("/", 1)[0]
         if part.startswith("step-") and part not in keep:
@@ -250,4 +360,5 @@ def load_state(stage_uri: str, name: str, dest: Path, check=None) -> dict | None
 
 
 def clear_state(stage_uri: str) -> None:
+    fence(stage_uri)
     store_for(stage_uri).delete_prefix(join(stage_uri, RESUME))

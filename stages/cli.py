@@ -60,11 +60,27 @@ def args_from_data(argv: list[str], env=os.environ) -> list[str]:
     return args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (``error: ...``, exit 2) like every other user error, not the
+    usage block; ``--help`` still prints the full help."""
+
+    def error(self, message: str):
+        raise SystemExit(f"error: {message} (python -m stages --help lists the commands and flags)")
+
+
+def _command(value: str) -> str:
+    if value in COMMANDS:
+        return value
+    import difflib
+
+    close = difflib.get_close_matches(value, COMMANDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise argparse.ArgumentTypeError(f"unknown command '{value[:80]}': {hint}commands: {', '.join(COMMANDS)}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("command", choices=COMMANDS)
+    p = _Parser(prog="python -m stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", type=_command, metavar="command")
     p.add_argument("--config", default="tiny", help="preset name (stages/configs/) or YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set teacher_rl.steps=10 (repeatable)")
@@ -87,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
                    help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
+    p.add_argument("--overwrite-registered", action="store_true",
+                   help="let a stage overwrite a stage folder whose checkpoint a registered model version pins "
+                        "(env S2D_OVERWRITE_REGISTERED=1; an operator's decision, not a trigger parameter)")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
 
@@ -120,10 +139,49 @@ def check_input(uri: str, what: str, spec=None) -> None:
         raise InputError(f"{what}: {e}") from None
 
 
+def check_root(root: str, what: str = "--root") -> None:
+    """The artifact root names a place this project can write: a local folder, ``file://`` or ``s3://bucket/...``;
+    anything else (``gs://``, ``models:/``, a URL with a password in it) is an error blamed on the root itself,
+    before any input is looked at."""
+    from .config import InputError
+    from .redact import has_credentials, redact
+    from .storage import uri_kind
+
+    kind = uri_kind(root)
+    if kind in ("unsupported", "registry"):
+        scheme = root.split(":", 1)[0]
+        raise InputError(f"{what} {redact(root)[:300]}: unsupported URI scheme '{scheme[:20]}' for an artifact root "
+                         "(use a local folder, file:// or s3://bucket/prefix)")
+    if kind == "s3" and not root.removeprefix("s3://").split("/", 1)[0]:
+        raise InputError(f"{what} {root[:300]}: no bucket (use s3://bucket/prefix)")
+    if has_credentials(root):
+        raise InputError(f"{what} {redact(root)[:300]}: a credential inside the URI; credentials come from the "
+                         "environment (AWS_* / the pod's Secret), never from the root")
+
+
+def check_tokenizers(cfg, command: str, inputs: dict[str, str]) -> None:
+    """A teacher/student tokenizer mismatch, from the tokenizer and config files alone (no weights loaded):
+    for stages that read both roles with an in-process teacher. Files that cannot be read here (a hub id not
+    in the cache) are left to the stage's own loader."""
+    from .models import check_compatible, read_tokenizer
+    from .registry import get
+
+    spec = get(command)
+    roles = {spec.inputs[k]: uri for k, uri in inputs.items()}
+    # a served teacher is checked against the student through the server's /tokenize when the stage opens it
+    if not ({"teacher", "student"} <= set(roles)) or cfg.teacher.engine == "server":
+        return
+    t = read_tokenizer(roles["teacher"], cfg.models.teacher)
+    s = read_tokenizer(roles["student"], cfg.models.student)
+    if t is not None and s is not None:
+        check_compatible(t[0], s[0], vocab_rows=(t[1], s[1]), names=(roles["teacher"], roles["student"]))
+
+
 def emit(args, payload: dict) -> None:
+    from .redact import redact
     from .storage import dumps
 
-    line = dumps(payload)  # strict JSON: orchestrators parse this line
+    line = redact(dumps(payload))  # strict JSON: orchestrators parse this line (XCom: no URI password in it)
     if args.xcom_file:
         Path(args.xcom_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.xcom_file).write_text(line)
@@ -175,11 +233,13 @@ def main(argv=None) -> int:
     except (SystemExit, Exception) as e:  # noqa: BLE001 - the one place every error becomes one line
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise  # argparse's own exits (--help, usage errors) and plain exit codes
+        from .redact import redact
+
         if "--debug" in argv:
             import traceback
 
-            traceback.print_exc()
-        msg = str(e.code if isinstance(e, SystemExit) else e).removeprefix("error: ")
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        msg = redact(str(e.code if isinstance(e, SystemExit) else e)).removeprefix("error: ")
         msg = " ".join(msg.split()) or type(e).__name__
         user = isinstance(e, (SystemExit, InputError, NotWritable)) and not isinstance(e, LockHeld)
         if not user and not isinstance(e, ArtifactError):
@@ -224,6 +284,9 @@ def _main(argv: list[str]) -> int:
         return subprocess.call(relaunch)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .redact import install_log_filter, redact
+
+    install_log_filter()  # no log line carries the password inside a URI (MLflow, S3 endpoint, teacher URL)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .config import ConfigError, check_runtime, load_config
@@ -237,14 +300,14 @@ def _main(argv: list[str]) -> int:
     except ConfigError as e:
         if args.command != "validate" or not str(e).startswith("device"):
             raise
-        print(f"warning: {e}", file=sys.stderr)  # validating for another host is fine; running here is not
+        print(f"warning: {redact(str(e))}", file=sys.stderr)  # validating for another host is fine; running here is not
     warnings: list[str] = []
     if args.command not in ("report", "close-runs"):  # task data and plugin: before any model or MLflow run
         from .prompting import preflight
 
         warnings = preflight(cfg, allow_unavailable=args.command == "validate")
         for w in warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"warning: {redact(w)}", file=sys.stderr)
     if args.command == "validate":  # everything that needs no model: the config, this host, the task's data
         emit(args, {"valid": True, "name": cfg.name, "warnings": warnings})
         return 0
@@ -254,22 +317,25 @@ def _main(argv: list[str]) -> int:
     from .tracking import TrackingUnavailable, close_runs
 
     root = (args.root or f"{artifact_base()}/default").rstrip("/")
+    check_root(root, "--root" if args.root else "S2D_ARTIFACT_BASE")
+    if args.overwrite_registered:
+        os.environ["S2D_OVERWRITE_REGISTERED"] = "1"  # read by workflow.guard_registered (and forwarded to Ray workers)
     if args.command == "close-runs":  # the DAG's failure callback / teardown: no run stays RUNNING forever
         try:
             closed = close_runs(cfg.tracking, root, args.status)
         except TrackingUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(str(e))}", file=sys.stderr)
             return 1
         emit(args, {"root": root, "status": args.status, "closed": closed})
         return 0
     try:
         return _run(args, cfg, root, workflow, resolve_model_uri)
     except TrackingUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     except ValueError as e:
         if str(e).startswith("models:/"):  # a registry reference that does not resolve
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {redact(str(e))}", file=sys.stderr)
             return 2
         raise
 
@@ -324,13 +390,16 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
+    check_tokenizers(cfg, cmd, inputs)  # from the tokenizer files alone, before any model loads
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
     from .teacher import TeacherUnavailable
 
     try:
         manifest, skipped = workflow.run_stage(cfg, root, name, inputs, args.parent_run_id)
     except TeacherUnavailable as e:  # nothing published; the last saved state is kept for the rerun
-        print(f"error: {e} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
+        from .redact import redact
+
+        print(f"error: {redact(str(e))} (stage {cmd} stopped without publishing; rerun it to resume)", file=sys.stderr)
         return 1
     emit(args, {"stage": cmd, "skipped": skipped, "uri": f"{root}/{name}", "outputs": manifest["outputs"],
                 "metrics": manifest["metrics"], "mlflow_run_id": manifest.get("mlflow_run_id")})

@@ -49,11 +49,25 @@ def _files(src: DataSource, where: str) -> list[str] | None:
 
 
 def _check_file(path: str, where: str) -> None:
-    """Errors ``datasets`` reports poorly: an empty file, and JSON lines that do not parse (``file:line``)."""
+    """Errors ``datasets`` reports poorly: an empty file, JSON lines that do not parse (``file:line``), and
+    rows that are not objects (a JSON line or an element of a JSON array that is a number, string, list:
+    ``file`` and the row named)."""
     raw = Path(path).read_bytes()
     if not raw.strip():
         raise TaskError(f"{where}: {path}: empty file")
-    if Path(path).suffix.lower() in (".json", ".jsonl") and not raw.lstrip().startswith(b"["):
+    if Path(path).suffix.lower() == ".json" and raw.lstrip().startswith(b"["):
+        try:
+            rows = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TaskError(f"{where}: {path}: not JSON ({getattr(e, 'msg', e)}"
+                            + (f", line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ")")) from None
+        if not isinstance(rows, list):  # a document that starts with '[' parses to a list
+            raise TaskError(f"{where}: {path}: expected a JSON array of objects")
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise TaskError(f"{where}: {path}: row {n} of the JSON array must be an object, got {type(row).__name__}")
+        return
+    if Path(path).suffix.lower() in (".json", ".jsonl"):
         for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
@@ -154,7 +168,10 @@ class DatasetTask:
         out, skipped = [], 0
         for i, problem in enumerate(cols[src.problem_field]):
             row = i + (src.rows[0] if src.rows else 0)
-            if not isinstance(problem, str) or not problem.strip():
+            if problem is not None and not isinstance(problem, str):
+                raise TaskError(f"{where}: {src.path} row {row + 1}: '{src.problem_field}' is {type(problem).__name__}, "
+                                "not text")
+            if problem is None or not problem.strip():
                 raise TaskError(f"{where}: {src.path} row {row + 1}: empty '{src.problem_field}'")
             answer = None
             if labeled:

@@ -14,6 +14,7 @@ import os
 import time
 
 from . import artifacts, storage
+from .redact import redact
 
 log = logging.getLogger("stages.tracking")
 
@@ -106,8 +107,8 @@ def link_inputs(c, exp_id: str, rid: str, stage: str, root: str, inputs: dict) -
     tags, params, models = [], [], []
     for key, uri in inputs.items():
         role = role_of(stage, key)
-        tags.append(RunTag(f"s2d.input.{role}", short_uri(uri, root)))
-        params.append(Param(f"input.{role}", uri[:6000]))
+        tags.append(RunTag(f"s2d.input.{role}", redact(short_uri(uri, root))))
+        params.append(Param(f"input.{role}", redact(uri)[:6000]))
         prod_run, model_id = producer_of(c, exp_id, uri)
         if prod_run:
             tags.append(RunTag(f"s2d.input.{role}.run", prod_run))
@@ -137,12 +138,12 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
     if run is None:
         run = find_stage_run(c, exp_id, stage, manifest["config_hash"], root)
     if run is None:  # the server was away for the whole stage: make its run now
-        tags = {"mlflow.runName": stage, "s2d.stage": stage, "s2d.root": root, **airflow_tags()}
+        tags = {"mlflow.runName": stage, "s2d.stage": stage, "s2d.root": redact(root), **airflow_tags()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = c.create_run(exp_id, run_name=stage, tags=tags)
         c.log_batch(run.info.run_id, params=[Param("stage", stage), Param("config_hash", manifest["config_hash"]),
-                                             Param("root", root)])
+                                             Param("root", redact(root))])
     rid = run.info.run_id
     if run.data.tags.get("s2d.published") == manifest.get("published_at") and run.info.status == "FINISHED":
         return rid  # already recorded
@@ -173,7 +174,7 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
     # outputs: short tags, full URIs as params, each checkpoint a logged model pointing at its URI
     outputs = manifest.get("outputs", {})
     tags |= {f"s2d.output.{k}": short_uri(v, root) for k, v in outputs.items()}
-    out_params = [Param(f"output.{k}", v[:6000]) for k, v in outputs.items() if f"output.{k}" not in run.data.params]
+    out_params = [Param(f"output.{k}", redact(v)[:6000]) for k, v in outputs.items() if f"output.{k}" not in run.data.params]
     for out, uri in outputs.items():
         lm = find_logged_model(c, exp_id, uri)
         if lm is None or lm.source_run_id != rid or lm.tags.get("s2d.published") != manifest.get("published_at"):
@@ -204,7 +205,7 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
         tags |= {"s2d.reused_from": reused["from"], "s2d.reused.key": reused.get("key", ""),
                  **({"s2d.reused.run": reused["run"]} if reused.get("run") else {}),
                  **({"s2d.reused.root": reused["root"]} if reused.get("root") else {})}
-    c.log_batch(rid, params=out_params, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    c.log_batch(rid, params=out_params, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     if run.info.status != "FINISHED":
         c.set_terminated(rid, status="FINISHED")
     c.set_tag(rid, "s2d.published", manifest.get("published_at", ""))  # last: marks the run complete
@@ -229,10 +230,32 @@ def register(c, exp_id: str, name: str, uri: str, tags: dict) -> object | None:
     for mv in c.search_model_versions(f"name = '{quote(name)}'", max_results=1000):
         if mv.model_id == lm.model_id or mv.tags.get("s2d.model") == lm.model_id:
             return mv
-    tags = {"s2d.uri": uri, "s2d.model": lm.model_id, **tags}
+    found = artifacts.find_manifest(uri)
+    if found is None:
+        log.warning("MLflow: %s has no manifest: not registered as %s", uri, name)
+        return None
+    # the version pins the manifest (and through it every file's sha256): resolve_model_uri refuses it once the
+    # files behind the URI change, and a run refuses to overwrite them (workflow.guard_registered)
+    tags = {"s2d.uri": uri, "s2d.model": lm.model_id, "s2d.stage_uri": found[0],
+            MANIFEST_TAG: artifacts.manifest_sha256(found[0]), **tags}
     source = uri if "://" in uri and not uri.startswith("file://") else f"models:/{lm.model_id}"
     return c.create_model_version(name, source, run_id=lm.source_run_id, tags=tags, model_id=lm.model_id,
                                   await_creation_for=0)
+
+
+MANIFEST_TAG = "s2d.manifest_sha256"
+
+
+def pinning_versions(c, root: str, stage_uri: str, digest: str) -> list:
+    """Registered versions (of any model) whose checkpoint lies in ``stage_uri`` and that pin the manifest with
+    sha256 ``digest`` (versions registered before pinning, without the tag, count too: they cannot be told apart)."""
+    stage_uri = stage_uri.rstrip("/")
+    out = []
+    for mv in c.search_model_versions(f"tags.`s2d.root` = '{quote(root)}'", max_results=1000):
+        src = mv.tags.get("s2d.uri") or ""
+        if (src == stage_uri or src.startswith(stage_uri + "/")) and mv.tags.get(MANIFEST_TAG, digest) == digest:
+            out.append(mv)
+    return out
 
 
 def version_of(c, exp_id: str, name: str, uri: str):
@@ -275,7 +298,13 @@ def checkpoint_of(c, mv) -> str | None:
 
 def resolve_model_uri(uri: str) -> str:
     """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's checkpoint URI
-    (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged."""
+    (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged.
+
+    A version registered with a pinned manifest (``s2d.manifest_sha256``) resolves only while the manifest
+    behind the URI is still that one: files republished, deleted or rewritten since the registration are an
+    error (a ``ValueError`` starting with the ``models:/`` URI: one line, exit 2), never another model
+    silently served under the old version number. Each file is then checked against the manifest's sha256
+    when the stage reads it."""
     if storage.uri_kind(uri) != "registry":
         return uri
     for k, v in HTTP_DEFAULTS.items():
@@ -295,8 +324,20 @@ def resolve_model_uri(uri: str) -> str:
                 raise ValueError(f"{uri}: expected models:/<name>/<version> or models:/<name>@<alias>")
             mv = c.get_model_version(name, version)
     except MlflowException as e:
-        raise ValueError(f"{uri}: not found in the model registry at {c.tracking_uri} ({str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{uri}: not found in the model registry at {redact(c.tracking_uri)} "
+                         f"({redact(str(e)).splitlines()[0][:200]})") from None
     src = checkpoint_of(c, mv)
     if src is None:
         raise ValueError(f"{uri}: version {mv.version} of {mv.name} points at no checkpoint URI (no s2d.uri tag)")
+    pinned = mv.tags.get(MANIFEST_TAG)
+    if pinned is None:
+        log.warning("%s: version %s of %s was registered without a pinned manifest; its files are not checked "
+                    "against the registration", uri, mv.version, mv.name)
+        return src
+    found = artifacts.find_manifest(src)
+    now = artifacts.manifest_sha256(found[0]) if found else None
+    if now != pinned:
+        what = "has no manifest any more" if now is None else f"was republished (manifest sha256 {now[:12]}, pinned {pinned[:12]})"
+        raise ValueError(f"{uri}: {src} {what} since version {mv.version} of {mv.name} was registered: refusing to "
+                         "resolve it to other files; register the new checkpoint or use its URI")
     return src

@@ -6,6 +6,7 @@ prompt and padding. Log-probs are natural-log probabilities of the chosen tokens
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -116,6 +117,25 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
 
 
+# A teacher log-prob may be -inf (a token the teacher's processed distribution excludes), vLLM's -9999
+# sentinel for it (JSON has no -inf), or NaN from a broken server. Decision (issue 23, item 13): such a value
+# is FLOORED, never trusted and never fatal: log p_T(x_t) >= log p_S(x_t) + log(1e-8). The teacher then says
+# "1e8 times less likely than the student thinks", a per-token penalty of at most log(1e8) = 18.4 nats at
+# kl_coef = 1: the strongest signal a finite teacher gives, but bounded, so one such token cannot dominate the
+# batch's advantages (-9999 would) or make the loss inf (-inf would, and the Divergence check would then fail
+# the stage on every retry: the rollouts replay the same draws). Floored positions are counted
+# (``teacher_floored`` in the stage's metrics) so a server that sends many of them is visible.
+TEACHER_LOGP_FLOOR = math.log(1e-8)  # relative to the student's log-prob of the same token
+
+
+def floor_teacher_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher log-probs with every value below ``student_logp + log(1e-8)`` raised to it, the bool mask of
+    the raised positions). -inf, the -9999 sentinel and NaN are all raised (NaN compares false)."""
+    floor = student_logp.detach() + TEACHER_LOGP_FLOOR
+    low = ~(teacher_logp >= floor)
+    return torch.where(low, floor, teacher_logp), low
+
+
 def reverse_kl_advantages(
     teacher_logp: torch.Tensor,
     student_logp: torch.Tensor,
@@ -131,9 +151,14 @@ def reverse_kl_advantages(
 
     E_{x~p_S}[-d] with kl_coef = 1 is the reverse KL, so maximising A lowers KL(p_S || p_T).
     Inputs are detached: the gradient flows through the importance ratio in :func:`policy_loss`.
+
+    A teacher log-prob of -inf, vLLM's -9999 sentinel or NaN is floored at ``log p_S(x_t) + log(1e-8)``
+    (:func:`floor_teacher_logp`): d_t >= -18.4 - (kl_coef - 1) log p_S(x_t), finite, never the whole batch's
+    signal, never an inf loss that fails every retry. Masked positions are exactly 0 whatever they hold.
     """
     m = mask.to(teacher_logp.dtype)
-    d = (teacher_logp.detach() - kl_coef * student_logp.detach()) * m
+    t_lp, _ = floor_teacher_logp(teacher_logp.detach(), student_logp.detach())
+    d = torch.where(m > 0, t_lp - kl_coef * student_logp.detach(), torch.zeros_like(t_lp))
     if discount == 0.0:
         return d
     out = torch.zeros_like(d)
@@ -167,6 +192,13 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     teacher's tail mass is small).
     tail=False (verl ``forward_kl_topk``): the top-k terms only, sum_{i<=k} p_i (log p_i - log q_i).
 
+    The student's tail is computed exactly in log space: ``log q_tail`` is the logsumexp of the student's
+    log-probs over the COMPLEMENT of the teacher's ids (never ``log(1 - sum q_i)``, which in float32 rounds
+    to a constant once q_tail < ~1e-7 and has no gradient there: an absorbing state for a peaked student
+    under a broad teacher). Value and gradient match a float64 reference down to q_tail = 1e-12
+    (tests/test_losses.py). The teacher's tail comes from its served top-k log-probs,
+    ``log(-expm1(logsumexp(l)))``; a teacher tail below the rounding error of a k-term sum (k = V) is 0.
+
     ``teacher_logp`` are normalised log-probs (log softmax over the full vocabulary, as served); padded
     entries (fewer than k served) carry ``-inf`` and contribute 0.
     """
@@ -177,14 +209,20 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     kl = torch.where(p > 0, p * (t_logp - s_k), torch.zeros_like(p)).sum(-1)
     if not tail:
         return kl
-    # log of the remaining mass: log(1 - sum exp(l)) = log(-expm1(logsumexp(l))), accurate near 0 and 1
-    # A remaining mass below the rounding error of a k-term sum is noise (k = V): it counts as 0, and the
-    # student's remaining mass is floored at the dtype's tiny so a rounded-away tail never gives inf.
     floor = 4 * t_logp.shape[-1] * torch.finfo(s_logp.dtype).eps
     t_rest = _log1m_sum_exp(t_logp)
-    s_rest = _log1m_sum_exp(torch.where(p > 0, s_k, torch.full_like(s_k, -torch.inf)))
+    s_rest = _logsumexp_outside(s_logp, teacher_ids, (teacher_ids >= 0) & (p > 0))
     p_rest = t_rest.exp()
     return kl + torch.where(p_rest > floor, p_rest * (t_rest - s_rest), torch.zeros_like(p_rest))
+
+
+def _logsumexp_outside(logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log(sum_{v not in ids} exp(logp_v)) over the last dim, exactly: the complement's entries are summed,
+    never subtracted from 1. An empty complement (k = V) gives a huge negative finite number (not -inf, so
+    no NaN reaches the gradient; its term is weighted by a teacher tail of 0)."""
+    # scatter_add, not scatter: a padded entry (id -1 -> 0, not valid) must not unset a real id 0
+    member = torch.zeros_like(logp).scatter_add(-1, ids.clamp(min=0), valid.to(logp.dtype)) > 0
+    return torch.logsumexp(logp.masked_fill(member, torch.finfo(logp.dtype).min), dim=-1)
 
 
 def _log1m_sum_exp(logp: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ class ModelInputError(InputError):
     """A model input that cannot be loaded; the message names the role and the path or hub id."""
 
 
-class TokenizerMismatch(ValueError):
-    """Teacher and student do not share a tokenizer; per-token rewards would compare different tokens."""
+class TokenizerMismatch(InputError):
+    """Teacher and student do not share a tokenizer; per-token rewards would compare different tokens (a user
+    error: one line, exit 2; found from the tokenizer files before any model loads, see :func:`read_tokenizer`)."""
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -108,8 +109,44 @@ def save(model, tokenizer, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
 
 
-def check_compatible(teacher_tok, student_tok, teacher_model=None, student_model=None) -> None:
-    """Fail loudly unless both sides tokenize identically and index the same vocabulary."""
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+
+
+def read_tokenizer(uri: str, spec: ModelSpec | None = None):
+    """(tokenizer, output-vocabulary rows from config.json) of a checkpoint WITHOUT its weights: a published
+    artifact (only its non-weight files are fetched, checksums verified), a local folder, or a hub id in the
+    local cache. None when it cannot be read here (the stage's own loader reports why)."""
+    from transformers import AutoConfig
+
+    from . import artifacts, storage
+
+    try:
+        kind = storage.uri_kind(uri)
+        if kind in ("registry", "unsupported"):
+            return None
+        found = artifacts.find_manifest(uri) if kind != "hub" else None
+        if found:
+            path = str(artifacts.fetch(uri, only=lambda rel: not rel.endswith(WEIGHTS)))
+        elif kind == "s3":
+            return None
+        else:
+            path = uri.removeprefix("file://")
+        trust = bool(spec and spec.trust_remote_code)
+        kw = {"trust_remote_code": trust, **({"local_files_only": True} if kind == "hub" else {})}
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        mcfg = AutoConfig.from_pretrained(path, **kw)
+        rows = getattr(mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg, "vocab_size", None)
+        return tok, rows
+    except Exception:  # noqa: BLE001 - unreadable here: not a verdict; the loader names the problem later
+        return None
+
+
+def check_compatible(teacher_tok, student_tok, teacher_model=None, student_model=None,
+                     vocab_rows: tuple[int | None, int | None] | None = None, names: tuple[str, str] | None = None) -> None:
+    """Fail loudly unless both sides tokenize identically and index the same vocabulary (``vocab_rows``: the
+    output rows from each config.json, when checking before the models load; ``names``: the checkpoints)."""
     problems = []
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv != sv:
@@ -125,5 +162,8 @@ def check_compatible(teacher_tok, student_tok, teacher_model=None, student_model
         s_rows = student_model.get_output_embeddings().weight.shape[0]
         if t_rows != s_rows:
             problems.append(f"output vocab sizes differ: teacher {t_rows} vs student {s_rows}")
+    elif vocab_rows is not None and None not in vocab_rows and vocab_rows[0] != vocab_rows[1]:
+        problems.append(f"output vocab sizes (config.json vocab_size) differ: teacher {vocab_rows[0]} vs student {vocab_rows[1]}")
     if problems:
-        raise TokenizerMismatch("teacher and student must share one tokenizer: " + "; ".join(problems))
+        which = f" ({names[0]} vs {names[1]})" if names else ""
+        raise TokenizerMismatch(f"teacher and student must share one tokenizer{which}: " + "; ".join(problems))

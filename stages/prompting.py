@@ -84,16 +84,78 @@ def check_lengths(cfg: Config, task, tok, ctx: int, source: str) -> None:
                             f"= {n + gen} exceeds the context of {source} ({ctx}); shorten sampling.max_new_tokens")
 
 
+def check_representable(cfg: Config, task, tok, source: str) -> None:
+    """Refuse text the tokenizer cannot represent: a prompt (template included) or a gold answer that would be
+    turned into ``<unk>``. The models would train and be scored on a different problem than the data's (a
+    lost '×' or 'π'), and an answer with such a character can never be produced: a wrong result, not a
+    crash, so it is an error before any model loads; the fix is in the data or the tokenizer. Tokenizers
+    without an unknown token (byte-level BPE: Qwen, Llama) represent every text and are not checked."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or unk in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id):
+        return
+    splits = dict.fromkeys(s for ss in needed_splits(cfg).values() for s in ss)
+    for split in splits:
+        try:
+            problems = task.problems(split)
+        except KeyError:
+            continue
+        bad = []
+        for p in problems:
+            for text in (p.prompt, p.answer) if p.answer else (p.prompt,):
+                lost = _unknown(tok, text, unk)
+                if lost:
+                    bad.append((p, lost))
+                    break
+        if bad:
+            p, lost = bad[0]
+            chars = ", ".join(repr(c) for c in lost[:5]) + (", ..." if len(lost) > 5 else "")
+            raise TaskError(f"task: split '{split}' problem {p.id}: the tokenizer of {source} cannot represent {chars} "
+                            f"(it would become {tok.unk_token}; {len(bad)} of {len(problems)} problems in the split): "
+                            "clean the data or use a tokenizer that covers it")
+
+
+def _unknown(tok, text: str, unk: int) -> list[str]:
+    """The distinct pieces of ``text`` that encode to the unknown token."""
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        pieces = [text[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+    else:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        pieces = [c for c in dict.fromkeys(text) if unk in tok(c, add_special_tokens=False)["input_ids"]] if unk in ids else []
+    return list(dict.fromkeys(pieces))
+
+
+def eval_size_warnings(cfg: Config, task) -> list[str]:
+    """``eval.problems`` is a cap on each evaluated split (the stages' ``eval`` and every ``eval.sets`` entry);
+    a split with fewer problems is scored on all it has. A warning, not an error: one cap serves sets of
+    different sizes (AIME 2024 has 30 problems, MATH-500 500), so a cap above a small set is normal, but the
+    number the metrics average over must not be a surprise."""
+    out = []
+    for split in dict.fromkeys(["eval", *cfg.eval.sets]):
+        try:
+            n = len(task.problems(split))
+        except KeyError:
+            continue
+        if n < cfg.eval.problems:
+            out.append(f"eval.problems is {cfg.eval.problems} but split '{split}' has {n} problems: avg@{cfg.eval.samples} "
+                       f"and pass@{cfg.eval.samples} there are over {n} problems")
+    return out
+
+
 def preflight(cfg: Config, allow_unavailable: bool = False) -> list[str]:
     """Everything about the task that can be checked without a model: the plugin imports, every split the
-    stages read loads and is well formed, every prompt fits the context. Raises TaskError; returns warnings.
+    stages read loads and is well formed, every prompt and answer is text the tokenizer represents (no
+    ``<unk>``), every prompt fits the context, ``eval.problems`` against the evaluated splits (a warning).
+    Raises TaskError; returns warnings.
     ``allow_unavailable`` (validate): data this machine cannot read (hub datasets offline) is a warning."""
     task, warnings = check_task(cfg, allow_unavailable)
     if any("not checked here" in w for w in warnings):
         return warnings
+    warnings += eval_size_warnings(cfg, task)
     found = context_window(cfg)
     if found is None:
         return warnings + [f"prompt lengths not checked: the tokenizer/config of {cfg.models.student.source} "
                            "cannot be read here"]
+    check_representable(cfg, task, found[0], found[2])
     check_lengths(cfg, task, *found)
     return warnings

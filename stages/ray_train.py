@@ -38,7 +38,8 @@ log = logging.getLogger("stages.ray")
 
 ENGINE = "S2D_ENGINE"
 INSIDE = "S2D_RAY_RANK"  # set in each worker: the stage command there runs the stage, never Ray again
-FORWARD_PREFIXES = ("S2D_", "MLFLOW_", "AWS_", "HF_", "TQDM_", "TOKENIZERS_", "OMP_", "PYTHONPATH", "DS_ACCELERATOR")
+FORWARD_PREFIXES = ("S2D_", "MLFLOW_", "AWS_", "HF_", "TQDM_", "TOKENIZERS_", "OMP_", "PYTHONPATH", "DS_ACCELERATOR",
+                    "AIRFLOW_CTX_")
 SECRET_WORDS = ("KEY", "TOKEN", "PASSWORD", "SECRET", "CREDENTIAL")
 
 
@@ -75,9 +76,24 @@ def scaling(env, device: str) -> dict:
 
 
 def forwarded_env(env=os.environ) -> dict[str, str]:
-    """What the workers get from the driver's environment: settings, never credentials."""
+    """What the workers get from the driver's environment: settings and the Airflow try identity
+    (``AIRFLOW_CTX_*``: a Ray Train restart of rank 0 is then a retry of the same task, which waits out the
+    stage lock of the group Ray just tore down instead of failing with LockHeld), never credentials: neither
+    variables named like secrets nor values that carry one inside a URI (``http://user:pass@host``), which
+    the workers must get from their own environment (the pods' Secret) like the other credentials."""
+    from .redact import has_credentials
+
     return {k: v for k, v in env.items()
-            if k.startswith(FORWARD_PREFIXES) and not any(w in k for w in SECRET_WORDS) and k != INSIDE}
+            if k.startswith(FORWARD_PREFIXES) and not any(w in k for w in SECRET_WORDS) and k != INSIDE
+            and not has_credentials(v)}
+
+
+def withheld_env(env=os.environ) -> list[str]:
+    """Settings NOT forwarded because their value carries a credential inside a URI (names only)."""
+    from .redact import has_credentials
+
+    return sorted(k for k, v in env.items() if k.startswith(FORWARD_PREFIXES) and not any(w in k for w in SECRET_WORDS)
+                  and has_credentials(v))
 
 
 def run(argv: list[str], parse_args, entry, env=os.environ) -> int:
@@ -93,6 +109,11 @@ def run(argv: list[str], parse_args, entry, env=os.environ) -> int:
         return 2
     kw = scaling(env, cfg.device)
     max_failures = _int(env, "S2D_RAY_MAX_FAILURES", 2)
+
+    withheld = withheld_env(env)
+    if withheld:
+        print(f"warning: not forwarded to the Ray workers (a credential inside the value): {', '.join(withheld)}; "
+              "the workers read them from their own environment", file=sys.stderr, flush=True)
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -116,7 +137,9 @@ def run(argv: list[str], parse_args, entry, env=os.environ) -> int:
             result = trainer.fit()
         except Exception as e:  # the worker group failed more than max_failures times
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: {args.command} failed on Ray Train: {why}", file=sys.stderr)
+            from .redact import redact
+
+            print(f"error: {args.command} failed on Ray Train: {redact(why)}", file=sys.stderr)
             return 1
     finally:
         ray.shutdown()

@@ -116,8 +116,8 @@ class StageRun:
         self.started = time.perf_counter()
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
-        gpus = self.accelerator.num_processes if cfg.device.startswith("cuda") else 0
-        self.meter = None if self.finished else cost.Meter(self.device, gpus)  # what the stage costs (cost.py)
+        self._gpus = self.accelerator.num_processes if cfg.device.startswith("cuda") else 0
+        self.meter = None if self.finished else cost.Meter(self.device, self._gpus)  # what the stage costs (cost.py)
         self.tracker = None if self.finished else self._tracker()
         if not self.finished:
             self.check_splits()
@@ -131,6 +131,21 @@ class StageRun:
         ident = {k: f"{v}@{_input_digest(v)}" for k, v in self.inputs.items()}
         ident["task_data"] = data_digest(self.task, stage_splits(self.stage, self.cfg))
         return self.cfg.stage_hash(self.stage, ident)
+
+    def recheck(self) -> None:
+        """Decide "already published" again, now that this run holds the stage lock: a run that waited for
+        the lock (``S2D_LOCK_WAIT_S``, an Airflow retry waiting out its previous try) finds what the holder
+        published meanwhile and skips instead of training and republishing it."""
+        finished = self._published()
+        if finished is not None and self.finished is None:
+            self.close()  # nothing to write: the scratch folder goes
+            self.work, self._cleanup, self.tracker = None, None, None
+        elif finished is None and self.finished is not None:  # removed or changed meanwhile: run it after all
+            self.work, self._cleanup = self._make_scratch()
+            self.tracker = self._tracker()
+            self.check_splits()
+            self.meter = cost.Meter(self.device, self._gpus)
+        self.finished = finished
 
     def _published(self) -> dict | None:
         """The stage's manifest when it was published with this config hash, else None."""
@@ -148,6 +163,9 @@ class StageRun:
         if self.finished:
             storage.sweep_scratch()
             return None, None
+        return self._make_scratch()
+
+    def _make_scratch(self):
         work = storage.make_scratch(self.stage)
         return work, weakref.finalize(self, shutil.rmtree, str(work), True)
 

@@ -49,6 +49,11 @@ class LockHeld(ArtifactError):
     """Another live run holds the stage folder's lock."""
 
 
+class LockLost(ArtifactError):
+    """This run's stage lock is no longer its own (its lease lapsed and another run took it over, or it cannot be
+    confirmed): the run must not write anything more into the stage folder."""
+
+
 def finite(obj):
     """``obj`` with every NaN/inf float replaced by None (JSON has no such numbers)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -173,6 +178,14 @@ class Store(ABC):
     @abstractmethod
     def delete_prefix(self, prefix: str) -> None: ...
 
+    @abstractmethod
+    def delete_many(self, uris: list[str]) -> None:
+        """Delete these objects (missing ones are fine)."""
+
+    @abstractmethod
+    def write_new(self, uri: str, data: bytes) -> bool:
+        """Create ``uri`` atomically only if it does not exist; False (nothing written) when it does."""
+
     def local_path(self, uri: str) -> Path | None:
         """A path readable in place, for backends that have one (no copy needed)."""
         return None
@@ -230,6 +243,27 @@ class LocalStore(Store):
         elif p.exists():
             p.unlink()
 
+    def delete_many(self, uris: list[str]) -> None:
+        for uri in uris:
+            self._p(uri).unlink(missing_ok=True)
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        dst = self._p(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(tmp_name(dst.name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, dst)  # atomic, and fails when dst exists (a rename would replace it)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def local_path(self, uri: str) -> Path | None:
         return self._p(uri)
 
@@ -264,6 +298,9 @@ class S3Store(Store):
                      connect_timeout=self.timeout_s, read_timeout=self.timeout_s)
         self.client = boto3.client("s3", endpoint_url=self.endpoint, config=cfg)
         self.endpoint = self.client.meta.endpoint_url
+        from .redact import redact
+
+        self.shown = redact(self.endpoint)  # what messages name: never the userinfo of an endpoint URL
         # botocore has no deadline over retries: before each attempt, give up once the call's time is spent
         self.client.meta.events.register("before-send.s3", self._check_deadline)
         self.transfer = TransferConfig(multipart_threshold=multipart_mb << 20, multipart_chunksize=multipart_mb << 20,
@@ -281,6 +318,8 @@ class S3Store(Store):
         from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
+        from .redact import redact
+
         try:
             yield
         except ArtifactError:
@@ -288,12 +327,12 @@ class S3Store(Store):
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchBucket",):
-                raise ArtifactError(f"{uri}: bucket '{self._split(uri)[0]}' does not exist (endpoint {self.endpoint})") from None
+                raise ArtifactError(f"{uri}: bucket '{self._split(uri)[0]}' does not exist (endpoint {self.shown})") from None
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise ArtifactError(f"{uri}: missing (endpoint {self.endpoint})") from None
-            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {code or e}") from e
+                raise ArtifactError(f"{uri}: missing (endpoint {self.shown})") from None
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.shown}: {code or redact(str(e))}") from e
         except (BotoCoreError, RetriesExceededError, S3TransferFailedError, S3UploadFailedError, TimeoutError, OSError) as e:
-            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.endpoint}: {e} "
+            raise StorageUnavailable(f"{uri}: S3 {what} failed at {self.shown}: {redact(str(e))} "
                                 f"(timeouts: S2D_S3_TIMEOUT_S={self.timeout_s:g}, S2D_S3_DEADLINE_S={self.deadline_s:g})") from e
 
     @staticmethod
@@ -352,6 +391,34 @@ class S3Store(Store):
                 pass
             for i in range(0, len(keys), 1000):
                 self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+    def delete_many(self, uris: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for u in uris:
+            b, k = self._split(u)
+            by_bucket.setdefault(b, []).append(k)
+        for bucket, keys in by_bucket.items():
+            with self._errors(f"s3://{bucket}/{keys[0]}", "delete"):
+                for i in range(0, len(keys), 1000):
+                    self.client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+    def write_new(self, uri: str, data: bytes) -> bool:
+        """A conditional PUT (``If-None-Match: *``); after a 412 the object is re-read: our own bytes there mean an
+        earlier attempt of this call landed (its answer was lost) and count as written. An endpoint without
+        conditional writes gets a plain PUT, with a warning."""
+        bucket, key = self._split(uri)
+        try:
+            with self._errors(uri, "conditional write"):
+                self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ArtifactError as e:
+            if precondition_failed(e):
+                return self.read_bytes(uri) == data
+            if "NotImplemented" not in str(e):
+                raise
+        log.warning("%s: the endpoint does not support conditional writes; written unconditionally", uri)
+        self.write_bytes(uri, data)
+        return True
 
     # ---- lock objects: conditional PUTs (If-None-Match / If-Match) make acquire and renew compare-and-swap
     def create_if_absent(self, uri: str, data: bytes) -> str | None:

@@ -32,6 +32,7 @@ from urllib3.util.retry import Retry
 
 from . import cost
 from .losses import topk_logprobs
+from .redact import redact
 from .rollout import Rollouts, chosen_logprobs, hidden_states, token_logprobs
 
 log = logging.getLogger("stages")
@@ -98,6 +99,7 @@ class ServerTeacher(Teacher):
     def __init__(self, url: str, model: str | None = None, *, sequences_per_request: int = 8, concurrency: int = 4,
                  timeout_s: float = 300.0, retries: int = 3, backoff_s: float = 0.5):
         self.url = url.rstrip("/")
+        self.shown = redact(self.url)  # messages and records name it without a password inside the URL
         self.per_request, self.timeout = sequences_per_request, timeout_s
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
         self.http = requests.Session()
@@ -113,16 +115,16 @@ class ServerTeacher(Teacher):
         try:
             r = self.http.request(method, self.url + path, timeout=self.timeout, **kw)
         except requests.RequestException as e:
-            raise TeacherUnavailable(f"teacher server {self.url} did not answer {path}: {e}") from None
+            raise TeacherUnavailable(f"teacher server {self.shown} did not answer {path}: {redact(str(e))}") from None
         if r.status_code != 200:
-            raise TeacherUnavailable(f"teacher server {self.url}{path} answered {r.status_code}: {r.text[:300]}")
+            raise TeacherUnavailable(f"teacher server {self.shown}{path} answered {r.status_code}: {r.text[:300]}")
         self.bytes_received += len(r.content)
         return r.json()
 
     def _served_model(self) -> str:
         names = [m["id"] for m in self._request("GET", "/v1/models")["data"]]
         if len(names) != 1:
-            raise TeacherUnavailable(f"teacher server {self.url} serves {names}: set teacher.model to one of them")
+            raise TeacherUnavailable(f"teacher server {self.shown} serves {names}: set teacher.model to one of them")
         return names[0]
 
     def check_tokenizer(self, tok, probes: list[str] | None = None) -> None:
@@ -136,7 +138,7 @@ class ServerTeacher(Teacher):
                                                                "add_special_tokens": False})["tokens"]
             ours = tok(text, add_special_tokens=False)["input_ids"]
             if theirs != ours:
-                raise TokenizerMismatch(f"teacher server {self.url} ({self.model}) tokenizes {text!r} as {theirs[:12]}..., "
+                raise TokenizerMismatch(f"teacher server {self.shown} ({self.model}) tokenizes {text!r} as {theirs[:12]}..., "
                                         f"the student as {ours[:12]}...: they must share one tokenizer")
 
     def prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list[dict | None]]:
@@ -153,10 +155,10 @@ class ServerTeacher(Teacher):
         body = {"model": self.model, "prompt": seqs, "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k}
         choices = sorted(self._request("POST", "/v1/completions", json=body)["choices"], key=lambda c: c["index"])
         if len(choices) != len(seqs):
-            raise TeacherUnavailable(f"teacher server {self.url} answered {len(choices)} choices for {len(seqs)} prompts")
+            raise TeacherUnavailable(f"teacher server {self.shown} answered {len(choices)} choices for {len(seqs)} prompts")
         for c, s in zip(choices, seqs):
             if c.get("prompt_logprobs") is None or len(c["prompt_logprobs"]) != len(s):
-                raise TeacherUnavailable(f"teacher server {self.url} returned no prompt_logprobs per position "
+                raise TeacherUnavailable(f"teacher server {self.shown} returned no prompt_logprobs per position "
                                          "(is it vLLM, started with --max-logprobs >= k?)")
         return [c["prompt_logprobs"] for c in choices]
 
@@ -259,8 +261,9 @@ def sampled_c2(rollouts, student, tok, teacher: Teacher, prompts, label: str = "
     student rollouts, mean of log p_S(x) - log p_T(x) (what a served teacher allows: no full vocabulary).
     Same rollouts as :func:`stages.scoring.student_teacher_kl`; an unbiased estimate of its value.
     ``rollouts``: the stage's :class:`stages.runtime.RolloutMaker`."""
-    from .losses import sampled_reverse_kl
+    from .losses import floor_teacher_logp, sampled_reverse_kl
 
     ro = rollouts.sample(student, tok, prompts[: rollouts.cfg.eval.c2_prompts], step=0, salt=label)
     m = ro.completion.float()
-    return float((sampled_reverse_kl(ro.logprobs, teacher.logprobs(ro)) * m).sum() / m.sum().clamp(min=1))
+    t_lp = floor_teacher_logp(teacher.logprobs(ro), ro.logprobs)[0]  # -inf / -9999: floored as in the loss
+    return float(torch.where(m > 0, sampled_reverse_kl(ro.logprobs, t_lp), 0.0).sum() / m.sum().clamp(min=1))

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from . import lineage
 from .config import Tracking
 from .lineage import HTTP_DEFAULTS, airflow_tags, metric_name, quote, transient
+from .redact import redact
 
 log = logging.getLogger("stages.tracking")
 
@@ -55,7 +56,7 @@ def probe(uri: str, timeout: float = 3.0) -> str | None:
         requests.get(uri.rstrip("/") + "/health", timeout=(timeout, timeout))
         return None
     except requests.RequestException as e:
-        return f"{type(e).__name__}: {str(e)[:200]}"
+        return f"{type(e).__name__}: {redact(str(e))[:200]}"
 
 
 class Tracker:
@@ -78,6 +79,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.tracking_uri = mlflow.get_tracking_uri()
+        self.shown_uri = redact(self.tracking_uri)  # for messages: never a password inside the URI
         self.client = MlflowClient(self.tracking_uri)
         self.lost: list[str] = []  # records the server refused (logged as warnings)
         self.dropped = 0  # metric points dropped from a full outbox
@@ -90,11 +92,11 @@ class Tracker:
         self.error = probe(self.tracking_uri)
         if self.error:
             if cfg.required:
-                raise TrackingUnavailable(f"MLflow tracking server {self.tracking_uri} is unreachable ({self.error}); "
+                raise TrackingUnavailable(f"MLflow tracking server {self.shown_uri} is unreachable ({self.error}); "
                                           "start it, fix MLFLOW_TRACKING_URI, or set tracking.required=false to train "
                                           "without it (records are sent when it is back)")
             log.warning("MLflow at %s is unreachable (%s): training goes on, records are kept and sent when it is back",
-                        self.tracking_uri, self.error)
+                        self.shown_uri, self.error)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ the outbox
@@ -131,7 +133,7 @@ class Tracker:
                     self.error = why
                     continue
                 if self.error:
-                    log.warning("MLflow at %s is back: sending %d buffered records", self.tracking_uri, len(self._ops))
+                    log.warning("MLflow at %s is back: sending %d buffered records", self.shown_uri, len(self._ops))
                 self.error = None
                 fn(self.client)
                 tries = 0
@@ -142,11 +144,11 @@ class Tracker:
                 if transient(e) and tries < 5:
                     if not self.error:
                         log.warning("MLflow at %s stopped answering (%s): training goes on, records are kept",
-                                    self.tracking_uri, str(e)[:300])
-                    self.error = str(e)[:300] or type(e).__name__
+                                    self.shown_uri, redact(str(e))[:300])
+                    self.error = redact(str(e))[:300] or type(e).__name__
                 else:
-                    log.warning("MLflow refused %s: %s", desc, str(e)[:300])
-                    self.lost.append(f"{desc}: {str(e)[:200]}")
+                    log.warning("MLflow refused %s: %s", desc, redact(str(e))[:300])
+                    self.lost.append(f"{desc}: {redact(str(e))[:200]}")
                     tries = 0
                     with self._cv:
                         self._points -= self._ops.popleft()[2]
@@ -213,7 +215,7 @@ class Tracker:
             self.run_id = resume_run_id
             self._put("reopen run", lambda c: c.update_run(resume_run_id, status="RUNNING"))
             return resume_run_id
-        all_tags = {"mlflow.runName": name, **airflow_tags(), **(tags or {})}
+        all_tags = {k: redact(str(v)) for k, v in {"mlflow.runName": name, **airflow_tags(), **(tags or {})}.items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
 
@@ -232,7 +234,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]  # a URI's password is never a param
         for i in range(0, len(items), 100):
             self._put("params", lambda c, batch=items[i : i + 100]: self.run_id and c.log_batch(self.run_id, params=batch))
 
@@ -252,7 +254,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        tags = [RunTag(k, str(v)) for k, v in values.items()]
+        tags = [RunTag(k, redact(str(v))) for k, v in values.items()]
         self._put("tags", lambda c: self.run_id and c.log_batch(self.run_id, tags=tags))
 
     def dataset(self, name: str, digest: str, source: str, rows: int, context: str) -> None:
@@ -318,7 +320,7 @@ class Tracker:
             log.warning(
                 "MLflow at %s did not record %s of stage %s (%s)%s; it is published, and the next run of "
                 "the stage (a skip) records them",
-                self.tracking_uri,
+                self.shown_uri,
                 ", ".join(dict.fromkeys(left)) or "nothing",
                 manifest["stage"],
                 self.error or "no answer in time",
@@ -343,6 +345,6 @@ def close_runs(cfg: Tracking, root: str, status: str) -> list[str]:
     out = t.call(f"close runs of {root}", close)
     if out is None:
         raise TrackingUnavailable(
-            f"MLflow tracking server {t.tracking_uri} did not answer ({t.error}): runs of {root} not closed"
+            f"MLflow tracking server {t.shown_uri} did not answer ({t.error}): runs of {root} not closed"
         )
     return out

@@ -15,7 +15,7 @@ import sys
 from contextlib import nullcontext
 
 from . import artifacts, cost, lineage, lock, storage
-from .config import Config
+from .config import Config, InputError
 from .lineage import quote, short_uri
 from .registry import STAGES, get
 from .tracking import Tracker
@@ -99,6 +99,12 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
         # launchers do not all set RANK) before any model loads or MLflow run starts, so it is also the
         # up-front check that the artifact root is writable
         with lock.StageLock(r.uri) if r.is_main else nullcontext():
+            # decided again under the lock (every rank, after the main one holds it): a run that waited for the
+            # lock skips what the holder just published instead of training and republishing it
+            r.accelerator.wait_for_everyone()
+            r.recheck()
+            if not r.finished and r.is_main:
+                guard_registered(cfg, root, r.uri)
             if r.finished:
                 if r.is_main:  # a kill between manifest and cleanup leaves the training state behind
                     artifacts.clear_state(r.uri)
@@ -107,6 +113,39 @@ def run_stage(cfg: Config, root: str, stage: str, inputs: dict, parent_run_id: s
                     Tracker(cfg.tracking).reconcile(r.finished, r.uri, root, parent_run_id)
                 return r.finished, True
             return get(stage).fn()(r, *inputs.values()), False
+
+
+OVERWRITE_REGISTERED = "S2D_OVERWRITE_REGISTERED"
+
+
+class RegisteredOverwrite(InputError):
+    """Running the stage would overwrite files a registered model version pins."""
+
+
+def guard_registered(cfg: Config, root: str, stage_uri: str) -> None:
+    """Before a stage that will train and republish ``stage_uri``: refuse when a registered model version pins
+    the files there (its lineage points at them), unless the operator asks (``--overwrite-registered`` or
+    ``S2D_OVERWRITE_REGISTERED=1``: a deployment setting, never a trigger parameter). Nothing published there,
+    or tracking off: nothing to check. A tracking server that does not answer: a warning (training never
+    waits for MLflow); ``tracking.required`` makes that an error earlier."""
+    if os.environ.get(OVERWRITE_REGISTERED, "").lower() in ("1", "true", "yes") or not cfg.tracking.enabled:
+        return
+    digest = artifacts.manifest_sha256(stage_uri)
+    if digest is None:
+        return
+    tracker = Tracker(cfg.tracking)
+    found = tracker.call("check registered versions", lambda c: lineage.pinning_versions(c, root, stage_uri, digest),
+                         timeout=cfg.tracking.flush_timeout_s)
+    if found is None:
+        print(f"warning: MLflow at {tracker.shown_uri} did not answer: not checked whether a registered model version "
+              f"pins {stage_uri}", file=sys.stderr, flush=True)
+        return
+    if found:
+        names = ", ".join(f"{mv.name}/{mv.version}" for mv in found)
+        raise RegisteredOverwrite(
+            f"{stage_uri} holds the checkpoint of registered model version{'s' * (len(found) > 1)} {names}; running "
+            f"{stage_uri.rsplit('/', 1)[-1]} again with another config would overwrite it: use another --root, or pass "
+            f"--overwrite-registered ({OVERWRITE_REGISTERED}=1) to replace it (the version then refuses to resolve)")
 
 
 def parent_name(cfg: Config, root: str) -> str:
@@ -202,7 +241,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
                 tracker.end("FINISHED")
         left = tracker.flush()
         if left:
-            print(f"warning: MLflow at {tracker.tracking_uri} did not record {', '.join(dict.fromkeys(left))} "
+            print(f"warning: MLflow at {tracker.shown_uri} did not record {', '.join(dict.fromkeys(left))} "
                   f"({tracker.error or 'no answer in time'})", file=sys.stderr, flush=True)
     return summary
 

@@ -64,6 +64,7 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "MLFLOW_TRACKING_URI": mlflow_server,
            "S2D_RUNNER": "local", "S2D_STAGE_PYTHON": sys.executable, "S2D_WORKDIR": str(tmp_path),
            "S2D_ARTIFACT_BASE": f"s3://{s3_bucket}/runs",  # the base: the form's root must be under it
+           "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment",  # lineage keys: only where the deployment names them
            "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     assert airflow(["db", "migrate"], env, timeout=300).returncode == 0
     assert airflow(["pools", "set", "gpu", "1", "GPU slots"], env, timeout=120).returncode == 0

@@ -142,6 +142,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"), "MLFLOW_TRACKING_URI": mlflow_server,
            "S2D_ARTIFACT_ROOT": f"s3://{s3_bucket}/runs",  # the base: the form's root must be under it
+           "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment",  # the run names its MLflow experiment
            "S2D_RUNNER": "docker", "S2D_IMAGE": image, "S2D_DOCKER_URL": docker_url, "S2D_DOCKER_NETWORK": "host",
            "S2D_DOCKER_AUTO_REMOVE": "never", "S2D_GPUS_PER_TASK": "0", "S2D_RETRY_DELAY_S": "5",
            "PYTHONPATH": str(REPO)}

@@ -100,8 +100,8 @@ def test_a_new_stage_is_a_row_and_a_module(tmp_path):
     text = registry.read_text()
     assert text.count('    Stage("student_rl"') == 1
     registry.write_text(text.replace('    Stage("student_rl"', THROWAWAY_ROW + '    Stage("student_rl"'))
-    (tmp_path / "stages" / "self_distill.py").write_text('"""A throwaway stage."""\n\n\ndef run(run, teacher, student):\n'
-                                                         '    raise NotImplementedError\n')
+    (tmp_path / "stages" / "recipes" / "self_distill.py").write_text(
+        '"""A throwaway stage."""\n\n\ndef main(run, teacher, student):\n    raise NotImplementedError\n')
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=str(tmp_path), AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW_HOME=str(tmp_path / "airflow"))
 

@@ -167,6 +167,305 @@ def test_a_retry_waits_out_its_own_killed_try_but_not_a_live_one_or_another_run(
         assert 2 < time.monotonic() - t0 < 1.25 * 6 + 5 + 3
 
 
+# ------------------------------------------------------------------ issue 23 item 5: a lost lock is acted on (fencing)
+
+_STALLED = """
+import sys, time
+from pathlib import Path
+from stages import artifacts
+from stages.lock import StageLock
+stage, work, lease = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+with StageLock(stage, lease_s=lease):
+    print("held", flush=True)
+    sys.stdin.readline()  # the test stops this process here (SIGSTOP), takes the lock over, then lets it go on
+    try:
+        artifacts.save_state(stage, "policy", 2, work / "state", {"config_hash": "stalled"})
+        artifacts.publish(work / "out", stage, {"stage": "stalled"})
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}", flush=True)
+        sys.exit(3)
+print("published", flush=True)
+"""
+
+
+def _work(folder: Path, tag: str) -> Path:
+    """An output folder (same file names for every tag, different bytes) and a resume state."""
+    for sub in ("out/model", "state"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "out" / "model" / "model.safetensors").write_bytes(tag.encode() * 5000)
+    (folder / "out" / "model" / "config.json").write_text(json_dumps({"tag": tag}))
+    (folder / "state" / "optimizer.pt").write_bytes(tag.encode() * 100)
+    return folder
+
+
+def json_dumps(obj) -> str:
+    return json.dumps(obj)
+
+
+def test_a_holder_stalled_past_its_lease_fails_after_a_takeover_and_publishes_nothing(s3_bucket, tmp_path):
+    """Real S3 server, real processes: the holder is SIGSTOPped past its lease, another run takes the lock
+    over and publishes, the holder is SIGCONTed with a save_state and a publish to do: both are refused
+    (LockLost) before any byte is written, and the new holder's manifest and files are intact."""
+    stage = f"s3://{s3_bucket}/runs/fence/teacher_rl"
+    lease = 6.0
+    old = subprocess.Popen([sys.executable, "-c", _STALLED, stage, str(_work(tmp_path / "old", "old")), str(lease)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert old.stdout.readline().strip() == "held"
+        os.kill(old.pid, signal.SIGSTOP)
+        time.sleep(lease + 3)  # past the lease on the server's clock (1 s resolution)
+        with StageLock(stage, lease_s=lease) as new:  # the stalled holder's lock is taken over
+            artifacts.publish(_work(tmp_path / "new", "new") / "out", stage, {"stage": "new"})
+            old.stdin.write("go\n")  # its next instruction is queued before it runs again: the race is real
+            old.stdin.flush()
+            os.kill(old.pid, signal.SIGCONT)
+            out, _ = old.communicate(timeout=60)
+            assert old.returncode == 3 and out.startswith("LockLost: ") and "lost its stage lock" in out, out
+            assert not new.lost
+            new.check()  # still ours
+        m = _check_published(stage)  # the new holder's files, checksums verified
+        assert m["stage"] == "new"
+        assert json.loads(storage.store_for(stage).read_bytes(f"{stage}/model/config.json")) == {"tag": "new"}
+        assert storage.store_for(stage).list(f"{stage}/_resume") == []  # the stalled one saved no state either
+    finally:
+        if old.poll() is None:
+            os.kill(old.pid, signal.SIGCONT)
+            old.kill()
+            old.wait()
+
+
+def test_a_real_stage_stalled_past_its_lease_fails_and_the_new_run_publishes(base_models, s3_bucket, tmp_path, stage_env):
+    """The same through two real stage commands on one S3 root: the first is SIGSTOPped mid-training past its
+    lease, a second run takes over, trains and publishes; the first, continued, exits 1 with one line and the
+    published stage is the second's, complete and verified."""
+    root = f"s3://{s3_bucket}/runs/stall"
+    env = {**stage_env, "S2D_LOCK_LEASE_S": "12"}
+    first = _stage(root, base_models, "teacher_rl.steps=12", "checkpoint_every=1", env=env, wait=False)
+    store = storage.store_for(root)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        os.kill(first.pid, signal.SIGSTOP)
+        time.sleep(12 + 3)
+        second = _stage(root, base_models, "teacher_rl.steps=12", "checkpoint_every=1", env=env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "taking over the lock of pid" in second.stderr
+        published = _check_published(f"{root}/teacher_rl")
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+            first.communicate()
+    line = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert first.returncode == 1 and len(line) == 1 and "lost its stage lock" in line[0], err[-3000:]
+    assert _check_published(f"{root}/teacher_rl") == published  # untouched by the stalled run
+    assert store.list(f"{root}/teacher_rl/_resume") == []
+
+
+def test_the_heartbeat_marks_the_lock_lost_on_any_error_and_every_write_is_then_refused(s3_bucket, tmp_path):
+    stage = f"s3://{s3_bucket}/runs/hb/teacher_rl"
+    lock = StageLock(stage, lease_s=3).acquire()
+    try:
+        def broken(*a, **kw):
+            raise RuntimeError("not a storage error")
+
+        lock._store.replace_if = broken
+        deadline = time.time() + 10
+        while time.time() < deadline and not lock.lost:
+            time.sleep(0.1)
+        assert lock.lost and "RuntimeError: not a storage error" in lock.lost_why
+        time.sleep(0.5)
+        assert not lock._thread.is_alive()  # ended, loudly (the lock is marked lost), never silently
+        work = _work(tmp_path / "w", "x")
+        for write in (lambda: artifacts.publish(work / "out", stage, {"stage": "x"}),
+                      lambda: artifacts.save_state(stage, "policy", 1, work / "state", {}),
+                      lambda: artifacts.clear_state(stage)):
+            with pytest.raises(storage.LockLost, match="lost its stage lock"):
+                write()
+        assert storage.store_for(stage).list(stage) == [f"{stage}/.lock"]  # nothing written
+    finally:
+        lock.release()
+
+
+def test_a_renewal_whose_answer_was_lost_is_recognised_as_our_own(s3_bucket):
+    """A conditional PUT that landed but whose answer never came back (a timeout): the next renewal gets 412;
+    the lock is re-read and our own owner id there keeps it (before: "lost"). The same at acquisition. A lock
+    object with another owner is a loss."""
+    import boto3
+    from botocore.exceptions import ReadTimeoutError
+
+    stage = f"s3://{s3_bucket}/runs/own/teacher_rl"
+    lock = StageLock(stage, lease_s=3).acquire()
+    try:
+        dropped = {"n": 0}
+
+        def drop_answer(http_response, parsed, model, **kw):  # after the server applied the PUT
+            if model.name == "PutObject" and not dropped["n"]:
+                dropped["n"] += 1
+                raise ReadTimeoutError(endpoint_url="lost answer")
+
+        lock._store.client.meta.events.register("after-call.s3.PutObject", drop_answer)
+        time.sleep(3)  # two heartbeats: the one whose answer is lost, the one answered 412
+        assert dropped["n"] == 1 and not lock.lost
+        etag = boto3.client("s3").head_object(Bucket=s3_bucket, Key="runs/own/teacher_rl/.lock")["ETag"]
+        assert lock._etag == etag
+        lock.check()
+    finally:
+        lock.release()
+    # acquisition: our create landed, its answer was lost (simulated: our own body is already there)
+    mine = StageLock(stage, lease_s=3)
+    storage.store_for(stage).write_bytes(f"{stage}/.lock", mine._body())
+    with mine:
+        with pytest.raises(storage.LockHeld):
+            StageLock(stage, lease_s=3).acquire()
+        # another owner's body in place of ours: the next renewal is a loss
+        other = StageLock(stage, lease_s=3)
+        storage.store_for(stage).write_bytes(f"{stage}/.lock", other._body())
+        mine._renew()
+        assert mine.lost and "taken over" in mine.lost_why
+        with pytest.raises(storage.LockLost):
+            mine.check()
+
+
+def test_one_lock_call_is_bounded_well_inside_the_heartbeat_margin(stalled_endpoint, caplog):
+    """A renewal against an endpoint that never answers ends within a third of the lease (the next renewal
+    is due then), as one attempt: never the data store's retries and 60 s deadline."""
+    from stages.lock import lock_store
+
+    for lease in (6.0, 12.0, 120.0, 600.0):
+        st = lock_store(lease)
+        assert st.timeout_s * 2 <= lease / 3 and st.client.meta.config.retries["total_max_attempts"] == 1
+    lock = StageLock("s3://bucket/runs/x/teacher_rl", lease_s=12)
+    lock._store, lock._etag, lock._renewed, lock._thread = lock_store(12), '"x"', time.monotonic(), object()
+    t0 = time.monotonic()
+    lock._renew()
+    took = time.monotonic() - t0
+    assert took < 12 / 3 and not lock.lost and "lock heartbeat failed" in caplog.text, took
+    lock._renewed = time.monotonic() - 13  # no renewal confirmed for a whole lease: lost, and writes refused
+    lock._renew()
+    assert lock.lost and "no renewal confirmed" in lock.lost_why
+
+
+# ------------------------------------------------------------------ issue 23 item 10: decided again under the lock
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_run_that_waited_for_the_lock_skips_what_the_holder_just_published(backend, base_models, tmp_path, stage_env, request):
+    """Two real stage commands, one real lock: the second starts while the first trains and waits for the lock
+    (S2D_LOCK_WAIT_S); once it holds it, it re-reads the manifest and skips (no second training, the first
+    run's manifest untouched) instead of retraining and republishing."""
+    root = f"s3://{request.getfixturevalue('s3_bucket')}/runs/wait" if backend == "s3" else str(tmp_path / "root")
+    stage_env = {**stage_env, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}  # s3_bucket's, set later
+    store = storage.store_for(root)
+    first = _stage(root, base_models, "teacher_rl.steps=8", env=stage_env, wait=False)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        second = _stage(root, base_models, "teacher_rl.steps=8", env={**stage_env, "S2D_LOCK_WAIT_S": "600"}, wait=False)
+        out1, err1 = first.communicate(timeout=600)
+        out2, err2 = second.communicate(timeout=600)
+    finally:
+        for p in (first, second) if "second" in locals() else (first,):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert first.returncode == 0 and second.returncode == 0, (err1[-2000:], err2[-2000:])
+    a, b = json.loads(out1.strip().splitlines()[-1]), json.loads(out2.strip().splitlines()[-1])
+    assert a["skipped"] is False and b["skipped"] is True, err2[-3000:]
+    m = _check_published(f"{root}/teacher_rl")
+    assert b["metrics"] == a["metrics"] == m["metrics"]
+    assert "resumed" not in err2 and "teacher_rl:policy" not in err2  # it never trained
+    assert store.list(f"{root}/teacher_rl/_resume") == []
+
+
+# ------------------------------------------------------------------ issue 23 item 11: credentials inside URIs
+
+
+def test_redact_masks_userinfo_and_secret_query_values_only():
+    from stages.redact import has_credentials, redact, redact_obj
+
+    cases = {
+        "http://user:pa55@mlflow:5000/api": "http://***@mlflow:5000/api",
+        "at https://TOKEN123@host/x, then s3://bucket/key@v2": "at https://***@host/x, then s3://bucket/key@v2",
+        "https://h/o?X-Amz-Signature=abc&part=1&access_token=zz": "https://h/o?X-Amz-Signature=***&part=1&access_token=***",
+        "s3://bucket/runs/x": "s3://bucket/runs/x",
+        "Qwen/Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+        "mail me: a@b.c": "mail me: a@b.c",
+    }
+    for raw, want in cases.items():
+        assert redact(raw) == want and has_credentials(raw) == (raw != want)
+    assert redact_obj({"inputs": ["http://u:p@h/x"], "n": 3}) == {"inputs": ["http://***@h/x"], "n": 3}
+
+
+def test_no_credential_inside_a_uri_reaches_output_logs_or_stored_files(base_models, tmp_path, stage_env, s3_server):
+    """The real stage command with a password inside MLFLOW_TRACKING_URI, inside the S3 endpoint URL and inside
+    a teacher URL: stdout, stderr (warnings, log lines, the error line, --debug's traceback) and every file the
+    stage writes name the URIs with ``***`` in place of the userinfo."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+    port = dead.getsockname()[1]
+    env = {**stage_env, "MLFLOW_TRACKING_URI": f"http://mluser:SECRET-ML-1@127.0.0.1:{port}",
+           "S2D_TEACHER_URL": "http://tuser:SECRET-T-2@127.0.0.1:1"}
+    root = tmp_path / "root"
+    try:
+        p = _stage(root, base_models, "teacher_rl.steps=2", "tracking.enabled=true", "tracking.flush_timeout_s=1", env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"MLflow at http://***@127.0.0.1:{port} is unreachable" in p.stderr
+        required = _stage(root / "b", base_models, "tracking.enabled=true", "tracking.required=true", env=env)
+        assert required.returncode == 2 and f"http://***@127.0.0.1:{port}" in _error_line(required)
+        s3 = {**env, "AWS_ENDPOINT_URL": s3_server.replace("http://", "http://ak:SECRET-S3-3@"),
+              "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        bad = _stage("s3://bucket/runs/x", base_models, "teacher_rl.steps=2", env=s3)
+        assert bad.returncode == 1 and "http://***@127.0.0.1" in _error_line(bad), bad.stderr[-2000:]
+        debug = subprocess.run(
+            [sys.executable, "-m", "stages", "teacher_rl", "--config", "tiny", "--root", "s3://bucket/runs/x", "--teacher",
+             base_models, "--debug", "--set", "tracking.enabled=false"], env=s3, capture_output=True, text=True, timeout=300)
+        assert debug.returncode == 1 and "Traceback" in debug.stderr
+    finally:
+        dead.close()
+    for out in (p, required, bad, debug):
+        for secret in ("SECRET-ML-1", "SECRET-T-2", "SECRET-S3-3"):
+            assert secret not in out.stdout + out.stderr, (secret, (out.stdout + out.stderr)[-2000:])
+    written = [f for f in root.rglob("*") if f.is_file()]
+    assert any(f.name == "manifest.json" for f in written)
+    for f in written:
+        assert b"SECRET" not in f.read_bytes(), f
+
+
+def test_manifests_and_mlflow_records_never_hold_a_uri_password(tmp_path):
+    """What the stage stores (a manifest's inputs and extras, MLflow params and tags through the Tracker)
+    carries URIs with the userinfo masked; the URI the client USES is unchanged."""
+    from mlflow import MlflowClient
+
+    from stages.config import Tracking
+    from stages.tracking import Tracker
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "f.txt").write_text("x")
+    m = artifacts.publish(work, str(tmp_path / "root" / "teacher_data"),
+                          {"stage": "teacher_data", "inputs": {"teacher": "http://u:SECRET-A@teacher:8000"},
+                           "teacher_url": "https://SECRET-B@vllm/v1?api_key=SECRET-C"})
+    raw = (tmp_path / "root" / "teacher_data" / "manifest.json").read_text()
+    assert "SECRET" not in raw and m["inputs"]["teacher"] == "http://***@teacher:8000"
+    t = Tracker(Tracking(experiment="redact"))
+    rid = t.start("teacher_data", tags={"s2d.source": "http://u:SECRET-D@h/x"},
+                  params={"teacher.url": "http://u:SECRET-E@h:1", "root": str(tmp_path)})
+    t.tags({"s2d.teacher": "https://tok:SECRET-F@h"})
+    t.end()
+    assert not t.flush(30)
+    run = MlflowClient().get_run(rid)
+    stored = json.dumps({**run.data.params, **run.data.tags})
+    assert "SECRET" not in stored and "http://***@h:1" in stored and "https://***@h" in stored
+
+
 # ------------------------------------------------------------------ kill -9 leftovers are swept
 
 
@@ -370,6 +669,49 @@ def _bad_input_case(case: str, tmp: Path, pub: Path, monkeypatch) -> tuple[list[
         return stage + ["--teacher", str(tmp / "nope" / "model")], f"policy {tmp / 'nope' / 'model'} does not exist"
     if case == "unpublished_s3":
         return stage + ["--teacher", "s3://{bucket}/runs/x/teacher_rl/model"], "not a published artifact"
+    # issue 23, "bad inputs still not clean"
+    if case == "tokenizer_mismatch":  # decided from the tokenizer files: no model may load first
+        from stages import models
+        from stages.config import TinyArch
+
+        tok = models.char_tokenizer()
+        tok.add_tokens(["<think>"])
+        d = tmp / "other_student"
+        models.save(models.tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0),
+                    tok, d)
+
+        def no_load(*a, **kw):
+            raise AssertionError("a model was loaded before the tokenizer check")
+
+        monkeypatch.setattr(models, "load", no_load)
+        return (["kl_warmup", "--config", "tiny", "--root", str(tmp / "root"), "--set", "tracking.enabled=false",
+                 "--teacher", str(pub / "stage" / "model"), "--student", str(d)],
+                f"teacher and student must share one tokenizer ({pub / 'stage' / 'model'} vs {d}): vocabularies differ")
+    if case in ("data_not_objects", "data_not_objects_mixed"):
+        f = tmp / "rows.json"
+        f.write_text("[1, 2, 3]" if case == "data_not_objects" else '[{"problem": "1+1", "answer": "2"}, ["1+2", "3"]]')
+        n, got = (1, "int") if case == "data_not_objects" else (2, "list")
+        return (["validate", "--set", "task.kind=dataset", "--set",
+                 f"task.data={{teacher_rl: {{path: {f}}}, prompts: {{path: {f}}}, eval: {{path: {f}}}}}"],
+                f"{f}: row {n} of the JSON array must be an object, got {got}")
+    if case == "root_scheme":
+        return (["teacher_rl", "--config", "tiny", "--root", "gs://bucket/runs/x", "--set", "tracking.enabled=false"],
+                "--root gs://bucket/runs/x: unsupported URI scheme 'gs' for an artifact root")
+    if case == "root_userinfo":
+        return (["plan", "--root", "s3://key:secret@bucket/runs/x", "--set", "tracking.enabled=false"],
+                "--root s3://***@bucket/runs/x: a credential inside the URI")
+    if case == "stage_typo":
+        return ["teacher_lr", "--config", "tiny"], "unknown command 'teacher_lr': did you mean 'teacher_rl'? commands: bootstrap,"
+    if case == "unk_text":
+        f = tmp / "unicode.jsonl"
+        f.write_text("\n".join(json.dumps(r) for r in [{"problem": "What is 2+3?", "answer": "5"},
+                                                        {"problem": "What is 6 × 7?", "answer": "42"},
+                                                        {"problem": "Café bill: 3+4?", "answer": "7"}]) + "\n")
+        return (["validate", "--set", "task.kind=dataset", "--set",
+                 f"task.data={{bootstrap: {{path: {f}}}, teacher_rl: {{path: {f}}}, prompts: {{path: {f}, answer_field: null}}, "
+                 f"student_rl: {{path: {f}}}, eval: {{path: {f}}}}}"],
+                "task: split 'bootstrap' problem bootstrap-1: the tokenizer of bootstrap cannot represent '×' "
+                "(it would become <unk>; 2 of 3 problems in the split)")
     raise AssertionError(case)
 
 
@@ -395,6 +737,13 @@ BAD_INPUTS = [
     "published_file_missing",
     "input_missing",
     "unpublished_s3",
+    "tokenizer_mismatch",
+    "data_not_objects",
+    "data_not_objects_mixed",
+    "root_scheme",
+    "root_userinfo",
+    "stage_typo",
+    "unk_text",
 ]
 
 
@@ -423,6 +772,22 @@ def test_bad_input_through_the_real_command_and_debug_traceback(tmp_path):
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and not p.stdout
     p = subprocess.run(cmd + ["--debug"], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_a_mistyped_command_is_one_line_and_eval_problems_above_the_split_is_a_warning(tmp_path):
+    """The real command: a mistyped stage name prints ONE line (not argparse's usage block) and exits 2;
+    eval.problems larger than the eval split is accepted with a warning naming both numbers (a cap on every
+    evaluated set, so a small set under a large cap is normal; the number averaged over must be visible)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "stages", "kl_warmpu", "--config", "tiny"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and not p.stdout, p.stderr
+    assert p.stderr.startswith("error: argument command: unknown command 'kl_warmpu': did you mean 'kl_warmup'?")
+    p = subprocess.run([sys.executable, "-m", "stages", "validate", "--config", "tiny", "--set", "eval.problems=500",
+                        "--set", "task.sizes.eval=40"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "warning: eval.problems is 500 but split 'eval' has 40 problems: avg@8 and pass@8 there are over 40" in p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["valid"] is True
 
 
 # ------------------------------------------------------------------ whole stages: the real command, real faults

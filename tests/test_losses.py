@@ -307,3 +307,119 @@ def test_topk_logprobs_ranks_and_temperature():
     ref = [v / 2 for v in z[0].tolist()]
     lse = math.log(sum(math.exp(v) for v in ref))
     assert lp[0].tolist() == pytest.approx([ref[1] - lse, ref[2] - lse], abs=1e-12)
+
+
+# ------------------------------------------------------------------ issue 23 item 12: the tail bucket, exactly
+
+
+def _tail_case(mass: float, V: int = 64, k: int = 8, seed: int = 0):
+    """A broad teacher (most of its mass outside its top-k) and a peaked student whose mass outside the
+    teacher's top-k is exactly ``mass`` (float64 logits)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(3, V, generator=g, dtype=torch.float64) * 0.5
+    ids, lp = topk_logprobs(t, k)
+    s = torch.randn(3, V, generator=g, dtype=torch.float64)
+    inside = torch.zeros(3, V, dtype=torch.bool).scatter(-1, ids, True)
+    # shift the complement's logits so that its share of the student's mass is `mass`
+    lse_in = torch.logsumexp(s.masked_fill(~inside, -math.inf), -1, keepdim=True)
+    lse_out = torch.logsumexp(s.masked_fill(inside, -math.inf), -1, keepdim=True)
+    s = torch.where(inside, s, s - lse_out + lse_in + math.log(mass / (1 - mass)))
+    return s, ids, lp
+
+
+def _ref_tail_kl(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """float64 reference: the coarsened KL with each tail SUMMED over the complement of the teacher's ids
+    (never 1 - sum of the top-k), so it is exact at any tail mass."""
+    q = torch.softmax(s, -1)
+    p = lp.exp()
+    inside = torch.zeros_like(s, dtype=torch.bool).scatter(-1, ids, True)
+    q_tail = (q * ~inside).sum(-1)
+    p_tail = 1 - p.sum(-1)
+    return (p * (lp - torch.log(q.gather(-1, ids)))).sum(-1) + p_tail * (torch.log(p_tail) - torch.log(q_tail))
+
+
+@pytest.mark.parametrize("mass", [1e-3, 1e-5, 1e-7, 1e-9, 1e-12])
+def test_topk_tail_value_and_gradient_match_float64_at_tiny_student_tail_mass(mass):
+    """float32 student logits, as the trainer has them: the tail bucket's value AND gradient stay those of
+    the float64 reference when the student's tail mass is far below float32's resolution of 1 - sum(q)."""
+    s64, ids, lp64 = _tail_case(mass)
+    assert torch.softmax(s64, -1).mul(torch.ones_like(s64).scatter(-1, ids, 0)).sum(-1).allclose(
+        torch.full((3,), mass, dtype=torch.float64), rtol=1e-6)
+    ref_s = s64.clone().requires_grad_(True)
+    ref = _ref_tail_kl(ref_s, ids, lp64)
+    (ref_g,) = torch.autograd.grad(ref.sum(), ref_s)
+    s32 = s64.float().requires_grad_(True)
+    got = topk_forward_kl(s32, ids, lp64.float())
+    (got_g,) = torch.autograd.grad(got.sum(), s32)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), ref.detach(), rtol=1e-5, atol=1e-5), (got, ref)
+    # the tail's gradient pulls mass back into the complement (the old form's gradient there was 0)
+    outside = torch.ones_like(s64, dtype=torch.bool).scatter(-1, ids, False)
+    assert (ref_g[outside] < 0).all()
+    assert torch.allclose(got_g.double(), ref_g, rtol=1e-4, atol=1e-6 * ref_g.abs().max().item())
+
+
+def test_topk_tail_keeps_growing_as_the_student_tail_vanishes():
+    """No plateau: the loss is p_tail * log(1 / q_tail) + const, so each decade of student tail mass adds
+    p_tail * log(10) (the fp32 1 - sum form jumped to a constant below ~2e-7)."""
+    vals = []
+    for mass in (1e-6, 1e-8, 1e-10, 1e-12):
+        s, ids, lp = _tail_case(mass)
+        vals.append(topk_forward_kl(s.float(), ids, lp.float()).double())
+    p_tail = 1 - lp.exp().sum(-1)
+    for a, b in zip(vals, vals[1:]):
+        assert torch.allclose(b - a, p_tail * 2 * math.log(10), rtol=1e-4)
+
+
+def test_topk_tail_padding_never_unsets_a_real_id_0():
+    """A padded entry's id -1 is clamped to 0 for the gather; the complement must still exclude a real id 0."""
+    s = torch.randn(1, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    lp = torch.log(torch.tensor([[0.5, 0.2]], dtype=torch.float64))
+    ids = torch.tensor([[0, 3]])
+    padded_ids, padded_lp = torch.cat([ids, torch.tensor([[-1, -1]])], -1), torch.cat([lp, torch.full((1, 2), -math.inf)], -1)
+    ref = _ref_tail_kl(s, ids, lp)
+    assert torch.allclose(topk_forward_kl(s, padded_ids, padded_lp), ref, atol=1e-12)
+    assert torch.allclose(topk_forward_kl(s, ids, lp), ref, atol=1e-12)
+
+
+# ------------------------------------------------------------------ issue 23 item 13: -inf / -9999 teacher log-probs
+from stages.losses import TEACHER_LOGP_FLOOR, floor_teacher_logp  # noqa: E402
+
+
+@pytest.mark.parametrize("bad", [-math.inf, -9999.0, math.nan])
+def test_a_non_finite_or_sentinel_teacher_logprob_is_floored_relative_to_the_student(bad):
+    """Decision: log p_T(x_t) is raised to log p_S(x_t) + log(1e-8): d_t = -18.42 at kl_coef 1, finite and
+    bounded; the other positions, the loss and its gradient are those of the same batch without it."""
+    g = torch.Generator().manual_seed(7)
+    s_lp = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    t_lp = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.float64)
+    hurt = t_lp.clone()
+    hurt[0, 2] = bad
+    hurt[1, 0] = -math.inf  # a masked (prompt) position: 0 whatever it holds, never NaN from -inf * 0
+    adv = reverse_kl_advantages(hurt, s_lp, mask)
+    assert torch.isfinite(adv).all()
+    assert TEACHER_LOGP_FLOOR == pytest.approx(math.log(1e-8))
+    assert adv[0, 2].item() == pytest.approx(TEACHER_LOGP_FLOOR, abs=1e-12)
+    assert adv[1, 0].item() == 0.0
+    keep = torch.ones_like(mask, dtype=torch.bool)
+    keep[0, 2] = False
+    assert torch.equal(adv[keep], reverse_kl_advantages(t_lp, s_lp, mask)[keep])
+    floored, low = floor_teacher_logp(hurt, s_lp)
+    assert low.tolist() == [[False, False, True, False, False], [True, False, False, False, False]]
+    # through the policy loss: finite value and gradient, the floored token bounded like any other
+    logp = s_lp.clone().requires_grad_(True)
+    loss, _ = policy_loss(logp, s_lp, adv, mask)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
+    assert grad.abs().max().item() <= -TEACHER_LOGP_FLOOR / mask.sum().item() + 1e-9
+    # with discount: the floored value propagates as a number, not as inf
+    assert torch.isfinite(reverse_kl_advantages(hurt, s_lp, mask, discount=0.9)).all()
+
+
+def test_a_teacher_logprob_above_the_floor_is_left_alone():
+    s_lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64)
+    t_lp = torch.tensor([[-1.0 + TEACHER_LOGP_FLOOR + 1e-9, -30.0]], dtype=torch.float64)
+    floored, low = floor_teacher_logp(t_lp, s_lp)
+    assert low.tolist() == [[False, True]] and floored[0, 0] == t_lp[0, 0]
+    assert floored[0, 1].item() == pytest.approx(-2.0 + math.log(1e-8))

@@ -273,3 +273,72 @@ def test_missing_input_under_ray_is_a_one_line_error_not_retried(cluster, tmp_pa
     assert f"error: policy {tmp_path / 'nope'} does not exist (has the stage that writes it finished?)" in out.stderr.splitlines()
     assert len(_worker_pids(out.stderr, 1)) == 1  # final: the group was not restarted
     assert not (tmp_path / "root").exists()
+
+
+# ------------------------------------------------------------------ issue 23 item 8: the Airflow try identity on the workers
+AIRFLOW_TRY = {"AIRFLOW_CTX_DAG_ID": "sparse_to_dense", "AIRFLOW_CTX_DAG_RUN_ID": "manual__ray", "AIRFLOW_CTX_TASK_ID": "teacher_rl",
+               "AIRFLOW_CTX_TRY_NUMBER": "1"}
+
+
+def test_workers_get_the_airflow_try_identity_but_no_credential_inside_a_uri():
+    env = {**AIRFLOW_TRY, "MLFLOW_TRACKING_URI": "http://user:pw@mlflow:5000", "S2D_LOCK_LEASE_S": "120",
+           "AWS_ENDPOINT_URL": "http://minio:9000"}
+    fwd = ray_train.forwarded_env(env)
+    assert {k: fwd[k] for k in AIRFLOW_TRY} == AIRFLOW_TRY
+    assert "MLFLOW_TRACKING_URI" not in fwd and fwd["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert ray_train.withheld_env(env) == ["MLFLOW_TRACKING_URI"]
+
+
+def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(cluster, tmp_path, s3_bucket):
+    """An S3 root (a leased lock): a worker is SIGKILLed after the first resume state; Ray restarts the group
+    and the new rank 0 finds the lock of the group Ray tore down, whose lease has not lapsed. With the Airflow
+    try identity forwarded it is the same task: it waits the lease out, takes the lock over and resumes."""
+    from stages import artifacts, storage
+    from stages.config import load_config
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    boot = str(tmp_path / "boot")
+    bootstrap.main(StageRun("bootstrap", load_config("tiny", TEST_OVERRIDES + ["tracking.enabled=false"]), boot))
+    # the workers read S3 credentials from their own environment, never from the driver: a config file here
+    aws = tmp_path / "aws-config"
+    aws.write_text("[default]\naws_access_key_id = testing\naws_secret_access_key = testing\nregion = us-east-1\n")
+    root = f"s3://{s3_bucket}/runs/ray"
+    env = _ray_env(cluster, tmp_path / "mlflow.db")
+    env.update(AIRFLOW_TRY, S2D_LOCK_LEASE_S="10", AWS_CONFIG_FILE=str(aws), AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(k, None)
+    cmd = [*_cmd(root), "--teacher", f"{boot}/bootstrap/teacher", "--set", "tracking.enabled=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = storage.store_for(root)
+    import threading
+
+    import psutil
+
+    err_lines: list[str] = []  # read as they come: the workers announce their pids there
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "".join(err_lines)[-4000:]
+        pids = {int(p) for p in _worker_pids("".join(err_lines), 1)}
+        victims = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+        assert len(victims) == 1 and "RayTrainWorker" in " ".join(victims[0].cmdline()), pids
+        victims[0].send_signal(signal.SIGKILL)  # rank 1 of this job (a lost node): Ray restarts the whole group
+        stdout = proc.stdout.read()
+        proc.wait(timeout=600)
+        reader.join(timeout=30)
+        stderr = "".join(err_lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    logs = stdout + stderr
+    assert proc.returncode == 0, logs[-4000:]
+    assert "is being written by another run" not in logs
+    assert "try 1 of this task" in logs and "taking over the lock of pid" in logs  # waited its own lease out
+    assert "teacher_rl: resumed policy from step 2" in logs
+    assert json.loads(stdout.strip().splitlines()[-1])["skipped"] is False
+    assert artifacts.read_manifest(f"{root}/teacher_rl")["steps"] == 4
+    artifacts.fetch(f"{root}/teacher_rl/model", cache_dir=tmp_path / "cache")

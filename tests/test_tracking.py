@@ -245,3 +245,64 @@ def test_outbox_is_bounded_while_the_server_is_away(monkeypatch):
     left = t.flush(5)
     assert left[0] == "create run stage" and left[-1] == "tags"
     assert t.dropped == 150 and sum(d.startswith("metrics") for d in left) == 25
+
+
+# ------------------------------------------------------------------ issue 23 item 7: registered versions pin their files
+
+
+def test_a_registered_version_pins_its_files_and_its_stage_folder_is_not_overwritten_unasked(tmp_path, capsys, monkeypatch):
+    """A version registered for <root>/teacher_rl/model pins that stage's manifest: it resolves while the files
+    are the registered ones; a run that would retrain that stage into the same root refuses (one line, exit 2)
+    unless the operator passes --overwrite-registered; once overwritten, models:/ refuses to resolve the
+    version (one line, exit 2) instead of handing out the new weights under the old version number."""
+    from mlflow import MlflowClient
+
+    from stages import artifacts, lineage
+    from stages.cli import main
+    from stages.config import TinyArch, Tracking
+    from stages.models import char_tokenizer, save, tiny_qwen3
+    from stages.tracking import Tracker
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    root = str(tmp_path / "root")
+    tok = char_tokenizer()
+    base = tmp_path / "base"
+    save(tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 0), tok, base)
+    work = tmp_path / "work"
+    save(tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, 1), tok, work / "model")
+    stage, uri = f"{root}/teacher_rl", f"{root}/teacher_rl/model"
+    manifest = artifacts.publish(work, stage, {"stage": "teacher_rl", "config_hash": "registered", "outputs": {"model": uri}})
+    t = Tracker(Tracking(experiment="pin"))
+    t.reconcile(manifest, stage, root)
+    mv = t.call("register", lambda c: lineage.register(c, t.experiment(c), "s2d-teacher", uri, {"s2d.root": root}))
+    assert mv is not None and mv.tags[lineage.MANIFEST_TAG] == artifacts.manifest_sha256(stage)
+    assert lineage.resolve_model_uri("models:/s2d-teacher/1") == uri
+
+    sets = [a for o in ["tracking.experiment=pin", "teacher_rl.steps=2", "teacher_rl.prompts_per_step=2",
+                        "teacher_rl.group_size=2", "eval.problems=4", "eval.samples=1", "eval.greedy=false",
+                        "task.sizes={teacher_rl: 50, eval: 10, prompts: 10, bootstrap: 10, student_rl: 10}",
+                        "checkpoint_every=100"] for a in ("--set", o)]
+    cmd = ["teacher_rl", "--config", "tiny", "--root", root, "--teacher", str(base), *sets]
+    rc = main(cmd)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"{stage} holds the checkpoint of registered model version s2d-teacher/1" in lines[0]
+    assert "--overwrite-registered" in lines[0] and "Loading" not in err
+    assert artifacts.manifest_sha256(stage) == mv.tags[lineage.MANIFEST_TAG]  # untouched
+    runs = MlflowClient().search_runs([t.experiment_id], "tags.`s2d.stage` = 'teacher_rl'")
+    assert len(runs) == 1  # the registered one: the refused run started none
+
+    monkeypatch.delenv("S2D_OVERWRITE_REGISTERED", raising=False)
+    rc = main([*cmd, "--overwrite-registered"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert artifacts.read_manifest(stage)["config_hash"] != "registered"
+    with pytest.raises(ValueError, match=r"^models:/s2d-teacher/1: .*teacher_rl/model was republished .* refusing"):
+        lineage.resolve_model_uri("models:/s2d-teacher/1")
+    monkeypatch.delenv("S2D_OVERWRITE_REGISTERED", raising=False)
+    rc = main(["kl_warmup", "--config", "tiny", "--root", str(tmp_path / "r2"), "--teacher", "models:/s2d-teacher/1",
+               "--student", str(base), "--set", "tracking.experiment=pin"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: models:/s2d-teacher/1: "), err[-2000:]
+    assert "was republished" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 same result as an uninterrupted run; a finished stage is skipped."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -137,3 +138,32 @@ def test_killed_stage_resumes_to_the_same_result(boot_root, tmp_path):
     # and a third run is a no-op
     out = subprocess.run(_stage_cmd(boot_root), env=env, check=True, capture_output=True, text=True, timeout=300)
     assert json.loads(out.stdout.strip().splitlines()[-1])["skipped"] is True
+
+
+def test_onpolicy_distill_with_inf_and_sentinel_teacher_logprobs_publishes_finite_numbers(boot_root, small_cfg, monkeypatch):
+    """Issue 23 item 13, through the real stage: a teacher that answers -inf and vLLM's -9999 for some
+    sampled tokens neither fails the stage (an inf loss would, on every retry) nor dominates it: the values
+    are floored (losses.floor_teacher_logp), counted in the metrics and the manifest, and every number
+    published is finite."""
+    from stages.recipes import onpolicy_distill
+    from stages.teacher import LocalTeacher
+
+    real = LocalTeacher.logprobs
+
+    def broken(self, ro):
+        out = real(self, ro).clone()
+        comp = ro.completion.bool()
+        rows, cols = comp.nonzero(as_tuple=True)
+        out[rows[::3], cols[::3]] = -torch.inf  # every third completion token: -inf
+        out[rows[1::3], cols[1::3]] = -9999.0  # and the server's sentinel
+        return out
+
+    monkeypatch.setattr(LocalTeacher, "logprobs", broken)
+    t, s = f"{boot_root}/bootstrap/teacher", f"{boot_root}/bootstrap/student"
+    run = StageRun("onpolicy_distill", small_cfg("onpolicy_distill.steps=2", "onpolicy_distill.form=sampled"), boot_root, inputs={"teacher": t, "student": s})
+    m = onpolicy_distill.main(run, t, s)
+    history = [json.loads(r) for r in (Path(boot_root) / "onpolicy_distill" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(h["teacher_floored"] > 0 for h in history)
+    assert all(v is not None for h in history for v in h.values()), history  # null = a non-finite number
+    assert m["teacher_logp_floored"] == sum(h["teacher_floored"] for h in history)
+    assert all(abs(h["kl"]) < -math.log(1e-8) + 10 and math.isfinite(h["loss"]) for h in history)

@@ -19,7 +19,7 @@ import time
 import torch.nn.functional as F
 
 from .. import cost
-from ..losses import aggregate, policy_loss, reverse_kl, reverse_kl_advantages
+from ..losses import aggregate, floor_teacher_logp, policy_loss, reverse_kl, reverse_kl_advantages
 from ..rollout import chosen_logprobs, decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
 from ..scoring import eval_metrics, student_teacher_kl
@@ -48,10 +48,15 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         if d.form == "sampled":
             t_lp = scorer.logprobs(ro)  # one log-prob per position: prompt_logprobs=0 when served
             adv = reverse_kl_advantages(t_lp, ro.logprobs, mask, d.kl_coef, d.discount)
+            # -inf / vLLM's -9999 / NaN: floored (losses.floor_teacher_logp), counted, never fatal
+            t_lp, low = floor_teacher_logp(t_lp, ro.logprobs)
+            floored = int((low & mask.bool()).sum())
+            trainer.state["teacher_floored"] = trainer.state.get("teacher_floored", 0) + floored
             logp = token_logprobs(student, ro, chunk)
             loss, stats = policy_loss(logp, ro.logprobs, adv, mask, d.clip_low, d.clip_high, d.aggregation,
                                       max_len=cfg.sampling.max_new_tokens)
         else:
+            floored = 0
             # The KL runs on completion positions only (P-1 .. L-2 predict tokens P .. L-1): prompt positions
             # are masked out of every aggregation anyway. The teacher's hidden states of that one forward
             # also give its log-probs for the metrics below.
@@ -70,6 +75,7 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
             "kl": float(((ro.logprobs - t_lp) * mask).sum() / n_tok),
             "teacher_logp": float((t_lp * mask).sum() / n_tok),
             "entropy": float((ro.entropy * mask).sum() / n_tok),
+            "teacher_floored": floored,
             "completion_len": float(n_tok) / len(ro),
             "samples_per_s": len(ro) / (time.perf_counter() - t0),
             **stats,
@@ -82,5 +88,6 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         metrics = {f"eval.{k}": v for k, v in eval_metrics(run.rollout_maker, student, tok, run.task.problems("eval")).items()}
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
         extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
-                 "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled"}
+                 "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled",
+                 "teacher_logp_floored": trainer.state.get("teacher_floored", 0)}
         return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)

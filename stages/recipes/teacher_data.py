@@ -175,7 +175,7 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None, entry: di
                      for f in shards.glob("*.parquet"))
         metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
         extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
-                 **({"served_model": teacher.model, "teacher_url": teacher.url} if teacher.engine == "server" else {})}
+                 **({"served_model": teacher.model, "teacher_url": teacher.shown} if teacher.engine == "server" else {})}
         if entry is None:
             return run.publish({}, tok, metrics=metrics, extra=extra, outputs={"data": DATA})
         stored = store(run, entry, shards, {"stage": "teacher_data", "key": entry["key"], "parts": entry["parts"],
@@ -237,8 +237,10 @@ def load(uri: str) -> list[dict]:
     """The rows of a published teacher_data stage (checksums verified by :func:`artifacts.fetch`)."""
     uri = uri.rstrip("/")
     # the stage's manifest may point at the shared store's entry (reused, or published there)
-    folder = artifacts.fetch(artifacts.located(uri if uri.endswith("/" + DATA) else storage.join(uri, DATA)))
-    files = sorted(folder.glob("*.parquet"))
+    uri = artifacts.located(uri if uri.endswith("/" + DATA) else storage.join(uri, DATA))
+    folder = artifacts.fetch(uri)
+    # the shards the manifest lists, never a glob: a file an earlier publish left there is not this teacher's
+    files = [folder / rel for rel in artifacts.listed(uri) if rel.endswith(".parquet")]
     if not files:
         raise storage.ArtifactError(f"{uri}: no Parquet shards")
     return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files]).to_pylist()
