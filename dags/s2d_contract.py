@@ -42,7 +42,7 @@ def overrides(params: dict) -> list[str]:
     out += list(params.get("overrides") or [])
     # deployment and form settings that change no stage's outputs (not in any stage's hash): the gate holds
     # a passing version for approval; the cost table prices accelerator hours
-    if params.get("approval"):
+    if params.get("approval") is True:
         out.append("promote.approval=true")
     price = s.setting("usd_per_accelerator_hour")
     if price:

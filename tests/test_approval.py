@@ -38,6 +38,7 @@ def stack(tmp_path_factory):
            "AIRFLOW_HOME": str(d / "airflow"), "AIRFLOW_PORT": str(ap), "MLFLOW_PORT": str(mp),
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{d}/mlflow.db", "MLFLOW_ARTIFACTS": str(d / "mlruns"),
            "S2D_ARTIFACT_BASE": str(d / "runs"), "S2D_WORKDIR": str(d), "PYTHONPATH": str(REPO), "S2D_RETRY_DELAY_S": "5",
+           "S2D_ALLOWED_OVERRIDES": "default,tracking.experiment",  # the runs name their MLflow experiment
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.monotonic()
     proc = subprocess.Popen([str(REPO / "infra" / "local-stack.sh")], env=env, stdout=open(d / "stack.log", "w"),
