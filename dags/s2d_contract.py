@@ -26,6 +26,8 @@ NOT_PLANNED = table.NOT_PLANNED
 FINAL_STUDENT_URI = "s2d://sparse_to_dense/final_student"
 log = logging.getLogger(__name__)
 XCOM_FILE = "/airflow/xcom/return.json"  # the pod runners' XCom sidecar file
+# the approval's two outcomes (s2d_approval): task id -> the flag of `python -m stages promote`
+VERDICTS = {"promote_approved": "--approve", "promote_rejected": "--reject"}
 
 
 def overrides(params: dict) -> list[str]:
@@ -38,6 +40,13 @@ def overrides(params: dict) -> list[str]:
             out.append(f"models.{role}.source={params[role]}")
     out += [f"{key}={steps}" for key, steps in budgets(params).items()]
     out += list(params.get("overrides") or [])
+    # deployment and form settings that change no stage's outputs (not in any stage's hash): the gate holds
+    # a passing version for approval; the cost table prices accelerator hours
+    if params.get("approval") is True:
+        out.append("promote.approval=true")
+    price = s.setting("usd_per_accelerator_hour")
+    if price:
+        out.append(f"cost.usd_per_accelerator_hour={float(price)}")
     return out
 
 
@@ -79,9 +88,13 @@ def artifact_root(params: dict, dag_id: str, run_id: str) -> str:
     return f"{s.artifact_base()}/{dag_id}/{safe}"
 
 
-def stage_args(command: str, params: dict, root: str, parent_run_id: str | None = None) -> list[str]:
-    """Arguments of ``python -m stages``: identical for every runner (tested)."""
-    args = [command, "--config", params["preset"], "--root", root]
+def stage_args(command: str, params: dict, root: str, parent_run_id: str | None = None, by: str | None = None) -> list[str]:
+    """Arguments of ``python -m stages``: identical for every runner (tested). A verdict task (:data:`VERDICTS`)
+    is ``promote --approve`` / ``--reject`` ``--by <who answered>``."""
+    verdict = VERDICTS.get(command)
+    args = ["promote" if verdict else command, "--config", params["preset"], "--root", root]
+    if verdict:
+        args += [verdict, "--by", by or "unknown"]
     for o in overrides(params):
         args += ["--set", o]
     if parent_run_id:
@@ -92,7 +105,7 @@ def stage_args(command: str, params: dict, root: str, parent_run_id: str | None 
 
 
 def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: str, plan=None,
-              runner: str = "local") -> list[str]:
+              runner: str = "local", by: str | None = None) -> list[str]:
     """What every runner sends for one task of one DAG run: the trigger's values checked
     (:func:`s2d_policy.refusal`), the root and MLflow parent run from ``plan``'s XCom (``plan`` itself
     computes the root)."""
@@ -111,9 +124,17 @@ def task_args(command: str, params: dict, form: set[str], dag_id: str, run_id: s
     if isinstance(plan, str):
         plan = last_json(plan)
     root = (plan or {}).get("root") or artifact_root(params, dag_id, run_id)
-    args = stage_args(command, params, root, (plan or {}).get("parent_run_id"))
+    args = stage_args(command, params, root, (plan or {}).get("parent_run_id"), by)
     pod = runner == "kubernetes" or runner == "rayjob" and command not in table.GPU_STAGES  # XCom through the sidecar
     return args + (["--xcom-file", XCOM_FILE] if pod else [])
+
+
+def verdict_by(command: str, ti) -> str | None:
+    """Who answered the approval (a verdict task's ``--by``): the approval task's XCom ``response``."""
+    if command not in VERDICTS:
+        return None
+    response = ti.xcom_pull(task_ids="approval", key="response") or {}
+    return str(response.get("by") or "unknown")[:100]
 
 
 def stage_argv(python: str | None = None) -> list[str]:

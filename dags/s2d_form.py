@@ -9,8 +9,8 @@ import s2d_settings as s
 import s2d_table as table
 from airflow.sdk import Param
 
-RUN, BUDGETS, MODELS, WHERE, ADVANCED = ("What to run", "Step budgets", "Models", "Where the artifacts go",
-                                         "Config overrides (advanced)")
+RUN, BUDGETS, MODELS, WHERE, PROMOTION, ADVANCED = ("What to run", "Step budgets", "Models", "Where the artifacts go",
+                                                    "Promotion", "Config overrides (advanced)")
 PRESET_DISPLAY = {"tiny": "tiny: built-in models, runs on a CPU in minutes",
                   "qwen3-1.7b": "qwen3-1.7b: Qwen3-8B teacher, Qwen3-1.7B student (GPUs)",
                   "llama3.1-8b": "llama3.1-8b: Llama-3.3-70B teacher, Llama-3.1-8B student (GPUs)"}
@@ -76,6 +76,11 @@ def form_params() -> dict[str, Param]:
                                               f"artifact base `{s.artifact_base()}` (setting `S2D_ARTIFACT_BASE`; or "
                                               "`s3://<allowed bucket>/<prefix>/...`); reuse a root to resume or skip "
                                               "finished stages"),
+        "approval": Param(s.setting("approval", "false") == "true", type="boolean", section=PROMOTION,
+                          title="A person approves the promotion",
+                          description_md="when the gate passes, the new version becomes `@champion` only after someone "
+                                         "approves it in this run's **Required actions** (no answer in "
+                                         f"{s.setting('approval_timeout_hours', '72')} h: rejected)"),
         "overrides": Param([], type=["array", "null"], items={"type": "string", "maxLength": policy.MAX_OVERRIDE_CHARS},
                            maxItems=policy.MAX_OVERRIDES, title="Config overrides", section=ADVANCED,
                            description_md="one `key.path=value` per line, checked against the config schema by `plan` "

@@ -355,6 +355,8 @@ def refusal(params: dict, form: set[str]) -> str | None:
         return f"preset {shown(params.get('preset'))} is not a preset name (stages/configs/<name>.yaml)"
     if not isinstance(params["stages"], list) or any(x not in table.WORKFLOW for x in params["stages"]):
         return f"stages {shown(params['stages'])}: choose from {', '.join(table.WORKFLOW)}"
+    if params.get("approval") is not None and not isinstance(params["approval"], bool):
+        return f"approval {shown(params['approval'])} is not true or false"
     for name in ("seed", *(f"{n}_steps" for n in table.STEP_STAGES)):
         value = params.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

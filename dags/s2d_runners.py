@@ -134,7 +134,8 @@ def context_args(context, command: str, form: set[str], runner: str) -> list[str
     """The task's arguments, computed when it executes (:func:`s2d_contract.task_args`)."""
     dag_run = context["dag_run"]
     plan = None if command == "plan" else context["ti"].xcom_pull(task_ids="plan")
-    return c.task_args(command, context["params"], form, dag_run.dag_id, dag_run.run_id, plan, runner)
+    return c.task_args(command, context["params"], form, dag_run.dag_id, dag_run.run_id, plan, runner,
+                       c.verdict_by(command, context["ti"]))
 
 
 def retry() -> dict:
@@ -188,12 +189,14 @@ def local_task(command: str, form: set[str], **opts):
     def run(plan: dict | None = None) -> dict:
         ctx = get_current_context()
         dag_run = ctx["dag_run"]
-        args = c.task_args(command, ctx["params"], form, dag_run.dag_id, dag_run.run_id, plan)
+        args = c.task_args(command, ctx["params"], form, dag_run.dag_id, dag_run.run_id, plan,
+                           by=c.verdict_by(command, ctx["ti"]))
         out = run_local(args, airflow_ctx_env(ctx["ti"]))
         if command == "plan":
             return {"root": out.get("root"), "parent_run_id": out.get("parent_run_id"), "stages": out.get("stages")}
-        # URIs and ids, never checkpoints or metrics tables
-        keep = ("stage", "skipped", "uri", "outputs", "mlflow_run_id", "final_student", "teacher")
+        # URIs and ids, never checkpoints or metrics tables (the gate: its decision and the comparison's text)
+        keep = ("stage", "skipped", "uri", "outputs", "mlflow_run_id", "final_student", "teacher",
+                "status", "passed", "version", "champion", "comparison")
         return {k: out[k] for k in keep if k in out}
 
     return run

@@ -131,6 +131,9 @@ def skip_missed_slot(context) -> None:
     slot = dag_run.run_after or dag_run.logical_date
     late = datetime.datetime.now(datetime.timezone.utc) - slot
     if late > timedelta(minutes=float(s.setting("missed_slot_grace_minutes", "60"))):
+        import s2d_alerts
         from airflow.sdk.exceptions import AirflowSkipException
 
-        raise AirflowSkipException(f"missed slot {slot.isoformat()} ({late} late): not run late; the next slot runs")
+        why = f"missed slot {slot.isoformat()} ({late} late): not run late; the next slot runs"
+        s2d_alerts.missed_slot(context, why)
+        raise AirflowSkipException(why)

@@ -2,6 +2,13 @@
 
     plan -> bootstrap -> teacher_rl -> teacher_data -> kl_warmup -> onpolicy_distill -> student_rl -> report
                     \\-> direct_grpo (baseline) -----------------------------------------------------/
+    report -> promote -> approval -> promote_approved | promote_rejected
+
+After the report, the promotion gate (``promote``, the table's ``gate`` rows) evaluates the final student
+against the baseline and the registered ``@champion`` and moves the aliases (docs/promotion.md); with the
+form's ``approval`` on, a passing version waits for a person (``s2d_approval``). Alerts (``s2d_alerts``): a
+failed run, a refused trigger, a kept champion, a pending approval and a missed schedule slot go to the
+e-mail addresses and/or the webhook the deployment configures.
 
 Trigger it from the UI (the form is built from ``params`` below) or from the command line:
 
@@ -24,7 +31,9 @@ Deployment settings (env ``S2D_*``; while a task runs also Airflow Variables ``s
 (local | docker | kubernetes | rayjob: four runners), ``artifact_base`` (the BASE folder of every run's
 root; formerly ``artifact_root``), ``allowed_overrides``, ``allowed_model_prefixes``, ``allowed_buckets``,
 the caps ``max_*`` (``s2d_policy.CAPS``), ``schedules``, ``missed_slot_grace_minutes``, ``stage_python``,
-``stage_env_passthrough``, ``image``, ``gpu_pool``, ``stage_timeout_hours``.
+``stage_env_passthrough``, ``image``, ``gpu_pool``, ``stage_timeout_hours``; the gate's ``approval`` (the form's
+default), ``approval_timeout_hours``, ``approvers``, ``usd_per_accelerator_hour``; alerts ``alert_emails``,
+``alert_smtp_conn_id``, ``alert_webhook``, ``alert_events``, ``alert_timeout_s``.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import pendulum  # noqa: E402
+import s2d_alerts as alerts  # noqa: E402
+import s2d_approval  # noqa: E402
 import s2d_contract as contract  # noqa: E402
 import s2d_form as form  # noqa: E402
 import s2d_runners as r  # noqa: E402
@@ -67,10 +78,12 @@ def stage_task(command: str, runner: str, **kw):
         opts["pre_execute"] = s2d_schedules.skip_missed_slot
     if command == "report":
         opts["post_execute"] = r.final_student_event  # every runner: the asset event names the final student
+    if command == "promote":
+        opts["post_execute"] = alerts.gate_outcome  # a kept champion or a pending approval reaches a person
     if runner == "local":
         return r.local_task(command, FORM, **opts)
     make = r.docker_operator if runner == "docker" else r.kubernetes_operator
-    if runner == "rayjob" and gpu:  # a KubeRay RayJob per training stage: create -> wait -> delete (s2d_rayjob)
+    if runner == "rayjob" and gpu and command in table.TASKS:  # a KubeRay RayJob per training stage (s2d_rayjob)
         import s2d_rayjob
 
         make = s2d_rayjob.stage_group
@@ -103,6 +116,7 @@ def sparse_to_dense(dag_id: str = DAG_ID, schedule=None, form: dict | None = Non
         render_template_as_native_obj=True,
         doc_md=__doc__,
         tags=["post-training", "distillation", "grpo"] + (["scheduled"] if schedule else []),
+        on_failure_callback=alerts.run_failed,  # a failed run or a refused trigger reaches a person
     ) as dag:
         # none_failed_min_one_success: a stage switched off (skipped) does not stop the stages after it (its
         # input passes through); every stage also waits for plan, so a skipped plan (a missed schedule
@@ -117,8 +131,16 @@ def sparse_to_dense(dag_id: str = DAG_ID, schedule=None, form: dict | None = Non
                 tasks[before] >> tasks[name]
         report = stage_task("report", runner, trigger_rule=after, outlets=[Asset(contract.FINAL_STUDENT_URI)])(plan)
         [tasks[n] for n in table.last_stages()] >> report
+        # the gates after the report (promote), then the optional approval and its two verdicts
+        last = report
+        for name in table.GATES:
+            gate = stage_task(name, runner)(plan)
+            last >> gate
+            last = gate
+        approval = s2d_approval.approval_task()
+        last >> approval >> [stage_task(t, runner)(plan) for t in s2d_approval.BRANCHES.values()]
         # teardown: a failed or killed run leaves none of its MLflow runs RUNNING (nothing to do after success)
-        report >> stage_task("close-runs", runner)(plan).as_teardown()
+        [report, last] >> stage_task("close-runs", runner)(plan).as_teardown()
     return dag
 
 

@@ -47,6 +47,8 @@ GUIDES = {
     "student_rl": ("The math", "../math.md#losses"),
     "direct_grpo": ("Running stages: ablations", "../running-stages.md#ablations"),
     "eval": ("Tasks: the paper's evaluation protocol", "../tasks.md#the-papers-evaluation-protocol"),
+    "promote": ("From a run to a deployed student", "../promotion.md#the-gate"),
+    "cost": ("What a stage cost", "../promotion.md#what-a-stage-cost"),
     "workflow": ("Running stages: ablations", "../running-stages.md#ablations"),
     "tracking": ("Tracking", "../tracking.md"),
     "train": ("GPU path: training efficiency", "../gpu.md#training-efficiency"),

@@ -136,6 +136,51 @@ def find_manifest(uri: str) -> tuple[str, dict] | None:
     return None
 
 
+def located(uri: str) -> str:
+    """Where the files of output ``uri`` (``<stage>/<name>``) are: the URI its manifest's ``outputs`` names
+    for it, which is elsewhere when the stage took it from the content-addressed store (``teacher_data``
+    reused); ``uri`` itself otherwise."""
+    found = find_manifest(uri)
+    if found is None:
+        return uri
+    stage_uri, m = found
+    name = uri.rstrip("/")[len(stage_uri):].strip("/")
+    there = m.get("outputs", {}).get(name) if name else None
+    return there if there and there.rstrip("/") != uri.rstrip("/") else uri
+
+
+def content_digest(uri: str) -> str | None:
+    """A digest of what a published output holds (its files' relative paths and sha256 from the owning
+    manifest), independent of where and when it was published; None when no manifest owns ``uri``."""
+    uri = located(uri)
+    found = find_manifest(uri)
+    if found is None:
+        return None
+    stage_uri, m = found
+    sub = uri.rstrip("/")[len(stage_uri):].strip("/")
+    files = sorted((rel[len(sub) + 1:] if sub else rel, meta["sha256"]) for rel, meta in m["files"].items()
+                   if not sub or rel.startswith(sub + "/"))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:24] if files else None
+
+
+def shared_store(root: str, configured: str | None = None) -> str:
+    """The content-addressed store work is shared through across runs (``<store>/<stage>/<key>/``):
+    ``configured``, else env ``S2D_SHARED_STORE``, else ``<S2D_ARTIFACT_BASE>/_shared`` for a root under
+    that base, else ``_shared`` next to the root (the CLI's ``runs/default`` -> ``runs/_shared``)."""
+    import os
+
+    if configured or os.environ.get("S2D_SHARED_STORE"):
+        return (configured or os.environ["S2D_SHARED_STORE"]).rstrip("/")
+    root = root.rstrip("/")
+    base = (os.environ.get("S2D_ARTIFACT_BASE") or os.environ.get("S2D_ARTIFACT_ROOT") or "").rstrip("/")
+    if base and root.startswith(base + "/"):
+        return join(base, "_shared")
+    parent, _, last = root.rpartition("/")
+    if not parent or parent.endswith(":/") or not last:  # a bare folder name, or a bucket itself
+        return join(root, "_shared")
+    return join(parent, "_shared")
+
+
 def check_files(uri: str) -> None:
     """Cheap, before any download: every file the owning manifest lists under ``uri`` exists with its size
     (local) or exists (S3). Checksums are verified by :func:`fetch`."""

@@ -96,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MLflow parent run to attach the stage's child run to (env S2D_PARENT_RUN_ID)")
     p.add_argument("--if-planned", action="store_true",
                    help=f"exit {NOT_PLANNED} (orchestrators: 'skipped') when the config switches this stage off")
+    p.add_argument("--approve", action="store_true", help="promote: a held promotion (promote.approval) goes through")
+    p.add_argument("--reject", action="store_true", help="promote: a held promotion is refused (the champion stays)")
+    p.add_argument("--by", default=os.environ.get("USER", ""), help="promote --approve/--reject: who decided")
+    p.add_argument("--note", default="", help="promote --approve/--reject: why (kept on the version)")
     p.add_argument("--status", default="FAILED", choices=("FAILED", "KILLED", "FINISHED"),
                    help="close-runs: the status given to the root's runs still RUNNING")
     p.add_argument("--xcom-file", help="also write the JSON summary here (Kubernetes: /airflow/xcom/return.json)")
@@ -108,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_input(uri: str, what: str, spec=None) -> None:
     """Fail before any model loads when an input is missing, unfinished, unreadable or unreachable."""
-    from .artifacts import check_files, find_manifest
+    from .artifacts import check_files, find_manifest, located
     from .config import InputError
     from .models import check_source
     from .storage import ArtifactError, CorruptManifest, StorageUnavailable, uri_kind
@@ -128,7 +132,7 @@ def check_input(uri: str, what: str, spec=None) -> None:
         outputs = ", ".join(found[1].get("outputs", {}).values()) or "none"
         raise InputError(f"{what} {uri}: a stage folder, not a model; pass one of its outputs: {outputs}")
     try:
-        check_files(uri)
+        check_files(located(uri))  # an output taken from the shared store: its files are there
     except StorageUnavailable:
         raise
     except ArtifactError as e:
@@ -198,7 +202,7 @@ def relaunch_command(argv: list[str], env=os.environ) -> list[str] | None:
         gpus = int(env.get("S2D_GPUS", "1"))
     except ValueError:
         raise SystemExit(f"error: S2D_GPUS must be an integer, got {env.get('S2D_GPUS')!r}") from None
-    if gpus <= 1 or any(k in env for k in LAUNCHED_ENV) or (argv and argv[0] in ("validate", "plan", "report")):
+    if gpus <= 1 or any(k in env for k in LAUNCHED_ENV) or (argv and argv[0] in ("validate", "plan", "report", "promote")):
         return None
     cfg = env.get("S2D_ACCELERATE_CONFIG") or str(Path(__file__).resolve().parents[1] / "infra/accelerate/deepspeed_zero3.yaml")
     if not Path(cfg).exists():
@@ -336,6 +340,30 @@ def _main(argv: list[str]) -> int:
         raise
 
 
+def _promote(args, cfg, root: str, workflow, resolve_model_uri) -> int:
+    """The promotion gate (``--if-planned``: only when it is on and there is a registry), or a verdict on a
+    promotion held for approval (``--approve`` / ``--reject``)."""
+    from .recipes.promote import format_decision
+
+    if args.approve and args.reject:
+        raise SystemExit("error: --approve and --reject exclude each other")
+    if args.approve or args.reject:
+        summary = workflow.approve(cfg, root, args.approve, args.by, args.note, args.parent_run_id)
+    elif args.if_planned and not workflow.gate_planned(cfg):
+        why = "promote.enabled is false" if not cfg.promote.enabled else "no model registry (tracking off or no student name)"
+        emit(args, {"stage": "promote", "skipped": why})
+        return NOT_PLANNED
+    else:
+        summary = workflow.promote(cfg, root, args.parent_run_id, args.model and resolve_model_uri(args.model))
+    d = summary["promotion"]
+    text = format_decision(d, d.get("approval"))
+    print(text, flush=True)
+    # the comparison's text travels with the decision: the DAG's approval task shows it, alerts send it
+    emit(args, {"stage": "promote", "status": (d.get("approval") or {}).get("verdict") or d["status"], "passed": d["passed"],
+                "version": d.get("version"), "champion": d.get("champion_now"), "uri": f"{root}/promote", "comparison": text})
+    return 0
+
+
 def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
@@ -347,6 +375,8 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
         summary = workflow.report(cfg, root, args.parent_run_id)
         emit(args, {"final_student": summary["final_student"], "teacher": summary["teacher"], "headline": summary["headline"]})
         return 0
+    if args.command == "promote":
+        return _promote(args, cfg, root, workflow, resolve_model_uri)
     if args.command == "workflow":
         pairs = [s for s in workflow.plan(cfg, root) if {"teacher", "student"} <= set(STAGES[s["stage"]].inputs.values())]
         if pairs:  # the base models' tokenizers (a setup stage's output that does not exist yet is not read)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .registry import STAGES, WORKFLOW
 
 PRESETS = Path(__file__).parent / "configs"
+# section keys that change where or whether work is shared or applied, never a stage's outputs
+NOT_HASHED = {"teacher_data": {"reuse", "store"}, "promote": {"approval", "champion_alias", "challenger_alias"}}
 TEMPLATE_FIELDS = {"problem"}
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
 
@@ -284,6 +286,12 @@ class TeacherDataConfig(Strict):
     top_k: int = Field(64, gt=0, description="teacher log-probs kept per position (the server needs --max-logprobs >= k)")
     prompts: int | None = Field(None, gt=0, description="first N problems of the prompts split; default: all")
     rows_per_shard: int = Field(256, gt=0, description="rollouts per Parquet shard (the unit of resume)")
+    reuse: bool = Field(
+        True, description="keep the data in a content-addressed store and reuse it when a run needs the same teacher "
+                          "data (same teacher weights, tokenizer, encoded prompts, top_k, sampling settings and seed)")
+    store: str | None = Field(
+        None, description="the content-addressed store (<store>/teacher_data/<key>/); null: env S2D_SHARED_STORE, else "
+                          "<S2D_ARTIFACT_BASE>/_shared for a root under it, else _shared next to the run's root")
 
 
 class Sampling(Strict):
@@ -422,6 +430,39 @@ class EvalConfig(Strict):
     c2_prompts: int = Field(64, gt=0, description="student rollouts used to measure KL(student||teacher)")
 
 
+class CostConfig(Strict):
+    """What a stage cost (``stages/cost.py``): measured for every stage; this only prices it."""
+
+    usd_per_accelerator_hour: float | None = Field(
+        None, ge=0, description="price of one accelerator (GPU) hour: the cost table gets a $ column (null: none)")
+
+
+class PromoteConfig(Strict):
+    """The promotion gate after ``report`` (stage ``promote``, docs/promotion.md): the final student is evaluated
+    with the evaluation protocol (``eval``) against the same run's direct-GRPO baseline and the version holding
+    the ``champion`` alias, paired on the same problems; it always gets ``challenger`` and takes ``champion``
+    only when the lower end of the interval of (new - champion) avg@k exceeds ``margin``."""
+
+    enabled: bool = Field(True, description="run the gate after report (the workflow command; the DAG's promote task)")
+    margin: float = Field(
+        0.0, ge=-1, le=1, description="avg@k (0..1) the new version must beat the champion by: the lower end of the "
+                                      "interval of the paired difference must exceed it")
+    baseline_margin: float | None = Field(
+        None, ge=-1, le=1, description="also require the lower end of (new - direct GRPO) to exceed this (null: the "
+                                       "baseline comparison is recorded, not required)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="coverage of the confidence interval")
+    method: Literal["bootstrap", "t"] = Field(
+        "bootstrap", description="bootstrap: paired percentile bootstrap over problems | t: paired t interval")
+    resamples: int = Field(10000, ge=100, le=1_000_000, description="bootstrap resamples (seeded by seed: reproducible)")
+    sets: list[str] | None = Field(
+        None, description="task splits the gate scores, their problems pooled (null: eval.sets, the evaluation protocol)")
+    approval: bool = Field(
+        False, description="a person approves the promotion before champion moves (the DAG's approval task; by hand: "
+                           "python -m stages promote --approve / --reject)")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][\w-]*$", description="the alias deployments resolve")
+    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z][\w-]*$", description="the alias every new version gets")
+
+
 class Tracking(Strict):
     enabled: bool = Field(True, description="record runs in MLflow (false: no tracking)")
     experiment: str = Field("sparse-to-dense", description="the MLflow experiment")
@@ -480,6 +521,8 @@ class Config(Strict):
     eval: EvalConfig = Field(EvalConfig(), description="how every stage scores its model, and the evaluate command")
     workflow: Workflow = Field(Workflow(), description="which stages a workflow run plans")
     tracking: Tracking = Field(Tracking(), description="MLflow tracking")
+    promote: PromoteConfig = Field(PromoteConfig(), description="the promotion gate after report (stage promote)")
+    cost: CostConfig = Field(CostConfig(), description="pricing of the per-stage cost table (measured regardless)")
 
     @field_validator("device")
     @classmethod
@@ -517,7 +560,7 @@ class Config(Strict):
         # how the static engine decodes and vLLM's memory share change no token: not part of the hash
         shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"},
                                  exclude={"sampling": {"decode", "stop_check_every", "vllm"}})
-        own = getattr(self, stage).model_dump() if hasattr(self, stage) else {}
+        own = getattr(self, stage).model_dump(exclude=NOT_HASHED.get(stage)) if hasattr(self, stage) else {}
         if "steps" in own and stage != "bootstrap":
             own["steps"] = self.steps(stage)
         if stage in ("bootstrap", "prune"):

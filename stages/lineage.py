@@ -99,7 +99,7 @@ def producer_of(c, exp_id: str, uri: str) -> tuple[str | None, str | None]:
     if rid is None and m.get("config_hash"):
         run = find_stage_run(c, exp_id, m["stage"], m["config_hash"])
         rid = run.info.run_id if run else None
-    lm = find_logged_model(c, exp_id, uri)
+    lm = find_logged_model(c, exp_id, uri) or find_logged_model(c, exp_id, artifacts.located(uri))
     return rid, lm.model_id if lm else None
 
 
@@ -167,6 +167,9 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
                     if key in h and h["step"] not in have and isinstance(h[key], (int, float))]
     final = {metric_name(f"final.{k}"): float(v) for k, v in manifest.get("metrics", {}).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # what the stage cost (stages/cost.py): cost.wall_s, cost.cpu_s, cost.teacher_tokens_scored, ...
+    final |= {metric_name(f"cost.{k}"): float(v) for k, v in (manifest.get("cost") or {}).items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     missing += [Metric(k, v, ts, 0) for k, v in final.items() if run.data.metrics.get(k) != v]
     for i in range(0, len(missing), 1000):
         c.log_batch(rid, metrics=missing[i : i + 1000])
@@ -205,6 +208,11 @@ def reconcile(c, exp_id: str, rid: str | None, manifest: dict, stage_uri: str, r
         tags[f"s2d.output.{out}.model"] = lm.model_id
         made[out] = lm.model_id
     tags["s2d.manifest"] = short_uri(storage.join(stage_uri, artifacts.MANIFEST), root)
+    reused = manifest.get("reused")
+    if reused:  # outputs taken from the content-addressed store: who made them first
+        tags |= {"s2d.reused_from": reused["from"], "s2d.reused.key": reused.get("key", ""),
+                 **({"s2d.reused.run": reused["run"]} if reused.get("run") else {}),
+                 **({"s2d.reused.root": reused["root"]} if reused.get("root") else {})}
     c.log_batch(rid, params=out_params, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
     if run.info.status != "FINISHED":
         c.set_terminated(rid, status="FINISHED")
@@ -318,6 +326,44 @@ def describe_version(c, exp_id: str, mv, role: str) -> str:
     return text
 
 
+def version_of(c, exp_id: str, name: str, uri: str):
+    """The registered version of ``name`` for the checkpoint at ``uri`` (the one registered for its newest
+    logged model, else the newest whose ``s2d.uri`` is ``uri``); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = c.search_model_versions(f"name = '{quote(name)}'", max_results=1000)
+    except MlflowException as e:
+        if transient(e):
+            raise
+        return None
+    lm = find_logged_model(c, exp_id, uri)
+    match = [mv for mv in versions if lm and (mv.model_id == lm.model_id or mv.tags.get("s2d.model") == lm.model_id)]
+    match = match or [mv for mv in versions if mv.tags.get("s2d.uri") == uri]
+    return max(match, key=lambda mv: int(mv.version)) if match else None
+
+
+def alias_holder(c, name: str, alias: str):
+    """The version of ``name`` holding ``alias``; None when no version does (or the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if transient(e):
+            raise
+        return None
+
+
+def checkpoint_of(c, mv) -> str | None:
+    """A version's checkpoint URI: its ``s2d.uri`` tag, else its source (a logged model's ``s2d.uri``)."""
+    src = mv.tags.get("s2d.uri") or mv.source
+    if src.startswith("models:/"):
+        lm = c.get_logged_model(src.removeprefix("models:/"))
+        src = lm.tags.get("s2d.uri") or src
+    return None if src.startswith("models:/") else src
+
+
 def resolve_model_uri(uri: str) -> str:
     """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> the version's checkpoint URI
     (its ``s2d.uri`` tag, else its source). Other URIs are returned unchanged.
@@ -348,11 +394,8 @@ def resolve_model_uri(uri: str) -> str:
     except MlflowException as e:
         raise ValueError(f"{uri}: not found in the model registry at {redact(c.tracking_uri)} "
                          f"({redact(str(e)).splitlines()[0][:200]})") from None
-    src = mv.tags.get("s2d.uri") or mv.source
-    if src.startswith("models:/"):
-        lm = c.get_logged_model(src.removeprefix("models:/"))
-        src = lm.tags.get("s2d.uri") or src
-    if src.startswith("models:/"):
+    src = checkpoint_of(c, mv)
+    if src is None:
         raise ValueError(f"{uri}: version {mv.version} of {mv.name} points at no checkpoint URI (no s2d.uri tag)")
     pinned = mv.tags.get(MANIFEST_TAG)
     if pinned is None:

@@ -51,7 +51,8 @@ def wanted(argv: list[str], env=os.environ) -> bool:
         raise SystemExit(f"error: {ENGINE} must be 'ray' or unset, got {engine!r}")
     from .registry import STAGES  # the stage commands; bookkeeping commands and the workflow stay in one process
 
-    return engine == "ray" and INSIDE not in env and bool(argv) and argv[0] in STAGES
+    # the promotion gate evaluates and talks to the registry: one process, never a Ray job
+    return engine == "ray" and INSIDE not in env and bool(argv) and argv[0] in STAGES and STAGES[argv[0]].kind != "gate"
 
 
 def _int(env, name: str, default: int, low: int = 0) -> int:

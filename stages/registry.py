@@ -9,7 +9,9 @@ carries it next to the DAG.
 
 Roles name the checkpoints flowing through the workflow: ``teacher`` and ``student`` are the current
 ones (each stage with an ``output`` role replaces that role for the stages after it), ``base_student``
-is the student before any stage (the baseline's start), ``final_student`` the last student.
+is the student before any stage (the baseline's start), ``final_student`` the last student,
+``baseline_student`` the baseline's output, ``champion`` the registered version deployments resolve (found in
+the model registry when the gate runs).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-Kind = Literal["setup", "data", "workflow", "baseline", "tool"]
+Kind = Literal["setup", "data", "workflow", "baseline", "gate", "tool"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class Stage:
     name: str
     module: str  # ``stages.recipes.<module>.main(run, *input_uris)`` runs it
     kind: Kind  # setup: makes base models; data: made when ``when`` holds; workflow: switchable
-    #             (workflow.stages); baseline; tool: on demand
+    #             (workflow.stages); baseline; gate: after the report, on the final models (``promote.enabled``);
+    #             tool: on demand
     inputs: dict[str, str]  # input name (the manifest's key) -> the role it reads
     output: str | None = None  # role its published ``model`` becomes for the stages after it
     published: str = "model"  # the folder under <root>/<stage>/ that ``output`` names
@@ -78,13 +81,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           splits=("teacher_rl", "student_rl"), labeled=True, label="direct GRPO baseline",
           paper="baseline: GRPO on the base student, same labeled data and student steps",
           title="Baseline · direct GRPO on the student"),
+    Stage("promote", "promote", "gate", {"model": "final_student", "baseline": "baseline_student",
+                                         "champion": "champion"}, optional=("baseline", "champion"), splits=("eval",),
+          paper="deployment: the final student against the baseline and the champion version, paired; aliases moved",
+          title="Promotion gate (after the report)"),
     Stage("evaluate", "evaluate", "tool", {"model": "final_student"}, splits=("eval",)),
 ]}
 
 NOT_PLANNED = 99  # exit code of `python -m stages <stage> --if-planned` when the config switches the stage off
 
 WORKFLOW = tuple(n for n, s in STAGES.items() if s.kind == "workflow")  # the switchable stages, in order
-RUNNABLE = tuple(n for n, s in STAGES.items() if s.kind != "tool")  # what a workflow run may plan, in order
+RUNNABLE = tuple(n for n, s in STAGES.items() if s.kind not in ("tool", "gate"))  # what a workflow run may plan, in order
+GATES = tuple(n for n, s in STAGES.items() if s.kind == "gate")  # run after the report, in order
 
 
 def get(name: str) -> Stage:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, lora, models, prompting, storage
+from . import artifacts, cost, lora, models, prompting, storage
 from .config import Config, InputError, Optim
 from .plots import plot_history
 from .rollout import Rollouts, Sampler, concat
@@ -89,12 +89,13 @@ class RolloutMaker:
                 ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
                                            max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
-        if acc.num_processes == 1:
-            return ro
-        from accelerate.utils import gather_object
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
 
-        parts = [p for p in gather_object([None if ro is None else ro.to("cpu")]) if p is not None]
-        return (concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0]).to(self.device)
+            parts = [p for p in gather_object([None if ro is None else ro.to("cpu")]) if p is not None]
+            ro = (concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0]).to(self.device)
+        cost.generated(ro, salt)  # the whole batch (every rank holds it after the gather)
+        return ro
 
 
 class StageRun:
@@ -117,6 +118,8 @@ class StageRun:
         self.started = time.perf_counter()
         self.accelerator = make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
+        self._gpus = self.accelerator.num_processes if cfg.device.startswith("cuda") else 0
+        self.meter = None if self.finished else cost.Meter(self.device, self._gpus)  # what the stage costs (cost.py)
         self.tracker = None if self.finished else self._tracker()
         if not self.finished:
             self.check_splits()
@@ -141,6 +144,7 @@ class StageRun:
             self.work, self._cleanup = self._make_scratch()
             self.tracker = self._tracker()
             self.check_splits()
+            self.meter = cost.Meter(self.device, self._gpus)
         self.finished = finished
 
     def _published(self) -> dict | None:
@@ -288,10 +292,13 @@ class StageRun:
                 f.write(storage.dumps(row) + "\n")
 
     def publish(self, models_out: dict, tokenizer, *, metrics: dict, extra: dict | None = None,
-                history: list[dict] | None = None, outputs: dict[str, str] | None = None) -> dict:
+                history: list[dict] | None = None, outputs: dict[str, str] | None = None,
+                elsewhere: dict[str, str] | None = None) -> dict:
         """Write the stage's outputs (checkpoints ``models_out``, ``metrics.jsonl`` and curves from
         ``history``), then the manifest (``metrics`` and ``extra`` in it) last; record them in MLflow.
-        ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data)."""
+        ``outputs``: other folders the stage wrote under its out/ (name -> path there, e.g. Parquet data);
+        ``elsewhere``: outputs published under another manifest (name -> URI, e.g. the shared store's),
+        which readers find through :func:`stages.artifacts.located`."""
         acc = self.accelerator
         out = self.work / "out"
         adapters, more = {}, {}
@@ -317,13 +324,16 @@ class StageRun:
             "config_hash": self.config_hash,
             "inputs": self.inputs,
             "outputs": {name: storage.join(self.uri, name) for name in models_out}
-                       | {name: storage.join(self.uri, rel) for name, rel in {**(outputs or {}), **more}.items()},
+                       | {name: storage.join(self.uri, rel) for name, rel in {**(outputs or {}), **more}.items()}
+                       | (elsewhere or {}),
             "metrics": metrics,
             "mlflow_run_id": self.run_id,
             "wall_time_s": round(time.perf_counter() - self.started, 1),
             **(extra or {}),
             **({"adapters": adapters} if adapters else {}),
         }
+        if self.meter is not None:  # last: the reading covers everything the stage did before publishing
+            manifest["cost"] = self.meter.read(manifest.get("labeled_examples", 0), self.cfg.cost.usd_per_accelerator_hour)
         manifest = artifacts.publish(out, self.uri, manifest)
         artifacts.clear_state(self.uri)
         if self.tracker and self.tracker.enabled:

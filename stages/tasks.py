@@ -182,6 +182,8 @@ def stage_splits(stage: str, cfg: Config) -> tuple[str, ...]:
         return ("eval",)
     if s.kind == "tool":
         return tuple(cfg.eval.sets)
+    if s.kind == "gate":  # the promotion gate scores the evaluation protocol's sets
+        return tuple(cfg.promote.sets or cfg.eval.sets)
     # bootstrap also checks the teacher beats the student on the (optional) validation split
     return s.splits + (("eval",) if s.scores else ()) + (("validation",) if s.name == "bootstrap" else ())
 
@@ -191,6 +193,7 @@ def needed_splits(cfg: Config) -> dict[str, tuple[str, ...]]:
     stages = list(cfg.workflow.stages) + (["direct_grpo"] if cfg.workflow.baseline else [])
     from .registry import STAGES
 
+    stages += ["promote"] if cfg.promote.enabled else []
     sources = (cfg.models.teacher.source, cfg.models.student.source)
     stages = [n for n, st in STAGES.items() if st.kind == "setup" and n in sources] + stages
     return {s: stage_splits(s, cfg) for s in stages + ["evaluate"]}
@@ -253,7 +256,7 @@ def check_task(cfg: Config, allow_unavailable: bool = False) -> tuple[Task, list
                     raise TaskError(f"task: split 'prompts' must withhold answers (problem {p.id} has one)")
         # a stage trains on its splits together (direct_grpo: two) and evaluates on eval
         spec = STAGES.get(stage)
-        groups = spec.groups() if spec and spec.kind != "tool" else [(s,) for s in splits]
+        groups = spec.groups() if spec and spec.kind not in ("tool", "gate") else [(s,) for s in splits]
         for group in groups:
             if not any(loaded.get(s) for s in group):
                 raise TaskError(f"{stage}: the task split{'s' if len(group) > 1 else ''} {' and '.join(group)} "

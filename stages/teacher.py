@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from . import cost
 from .losses import topk_logprobs
 from .redact import redact
 from .rollout import Rollouts, chosen_logprobs, hidden_states, token_logprobs
@@ -71,11 +72,13 @@ class LocalTeacher(Teacher):
 
     @torch.no_grad()
     def logprobs(self, ro: Rollouts) -> torch.Tensor:
+        cost.teacher_scored(ro)
         return token_logprobs(self.model, ro, self.chunk)
 
     @torch.no_grad()
     def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # chunk by chunk over positions: one chunk's [B, chunk, V] logits at a time, [B, L, k] kept
+        cost.teacher_scored(ro)
         head, T = self.model.get_output_embeddings(), ro.temperature
         h = hidden_states(self.model, ro)[:, :-1]
         chosen = chosen_logprobs(head, h, ro.input_ids[:, 1:], T, self.chunk)
@@ -197,10 +200,13 @@ class ServerTeacher(Teacher):
             c = self._request("POST", "/v1/completions", json=body)["choices"][0]
             return list(c["token_ids"])
 
-        return list(self.pool.map(one, enumerate(prompts)))
+        out = list(self.pool.map(one, enumerate(prompts)))
+        cost.add("tokens_generated", sum(len(c) for c in out))
+        return out
 
     # ---------------------------------------------------------------- the interface
     def logprobs(self, ro: Rollouts) -> torch.Tensor:
+        cost.teacher_scored(ro)
         out = torch.zeros(ro.input_ids.shape, dtype=torch.float32)
         rows, starts = _sequences(ro)
         for i, (seq, o, entries) in enumerate(zip(rows, starts, self.prompt_logprobs(rows, 0))):
@@ -208,6 +214,7 @@ class ServerTeacher(Teacher):
         return out.to(ro.input_ids.device)
 
     def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cost.teacher_scored(ro)
         B, L = ro.input_ids.shape
         chosen = torch.zeros((B, L), dtype=torch.float32)
         ids = torch.full((B, L, k), -1, dtype=torch.long)

@@ -9,11 +9,12 @@ Finished stages (same config, same inputs) are skipped, so re-running resumes a 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import nullcontext
 
-from . import artifacts, lineage, lock, storage
+from . import artifacts, cost, lineage, lock, storage
 from .config import Config, InputError
 from .lineage import quote, short_uri
 from .registry import STAGES, get
@@ -53,6 +54,8 @@ def _walk(cfg: Config, root: str) -> tuple[list[dict], dict[str, str]]:
                       "uri": storage.join(root, name)})
         if st.output:  # every stage publishes its model at <root>/<stage>/model (teacher_data: its data)
             roles[st.output] = storage.join(root, name, st.published)
+        if st.kind == "baseline":  # what the promotion gate compares the final student with
+            roles["baseline_student"] = storage.join(root, name, st.published)
     roles["final_student"] = roles["student"]
     return steps, roles
 
@@ -225,6 +228,19 @@ def open_parent(cfg: Config, root: str) -> str | None:
     return rid
 
 
+def find_parent(cfg: Config, root: str) -> str | None:
+    """The newest MLflow parent run of ``root``, open or not (a gate or an approval run after the workflow
+    ended records there); None without one or without an answer."""
+    tracker = Tracker(cfg.tracking)
+    if not tracker.enabled:
+        return None
+    query = f"tags.`s2d.root` = '{quote(root)}' and tags.`s2d.kind` = 'workflow'"
+    found = tracker.call("find the parent run", lambda c: c.search_runs([tracker.experiment(c)], query, max_results=1,
+                                                                        order_by=["attributes.start_time DESC"]),
+                         timeout=cfg.tracking.flush_timeout_s)
+    return found[0].info.run_id if found else None
+
+
 def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
     if mismatch := budget_mismatch(cfg):
         print(mismatch, file=sys.stderr, flush=True)
@@ -238,7 +254,8 @@ def run(cfg: Config, root: str, parent_run_id: str | None = None) -> dict:
                 _, skipped = run_stage(cfg, root, step["stage"], step["inputs"], parent)
                 if skipped:
                     print(f"[{step['stage']}] already published with the same config and inputs: skipped", flush=True)
-            return report(cfg, root, parent, close=False)
+            summary = report(cfg, root, parent, close=False)
+            return promote(cfg, root, parent) if gate_planned(cfg) else summary
     finally:
         tracker.flush()
 
@@ -265,6 +282,7 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
         if parent_run_id:
             tracker.attach(parent_run_id)
             tracker.metrics({k: v for k, v in summary["headline"].items() if isinstance(v, (int, float))})
+            tracker.metrics(cost_metrics(summary["cost"]))
             tracker.tags({"s2d.final_student": short_uri(models["final_student"], root),
                           "s2d.teacher": short_uri(models["teacher"], root),
                           **{f"s2d.registered.{role}": f"{mv.name}/{mv.version}" for role, mv in versions.items()}})
@@ -277,6 +295,14 @@ def report(cfg: Config, root: str, parent_run_id: str | None, close: bool = True
             print(f"warning: MLflow at {tracker.shown_uri} did not record {', '.join(dict.fromkeys(left))} "
                   f"({tracker.error or 'no answer in time'})", file=sys.stderr, flush=True)
     return summary
+
+
+def cost_metrics(costs: dict) -> dict[str, float]:
+    """The cost table as parent-run metrics: ``cost.<stage>.<key>`` and ``cost.total.<key>``."""
+    out = {}
+    for name, c in [*costs["stages"].items(), ("total", costs["total"])]:
+        out |= {f"cost.{name}.{k}": v for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out
 
 
 def register_models(cfg: Config, tracker: Tracker, results: dict, models: dict, root: str, parent_run_id: str | None) -> dict:
@@ -364,8 +390,37 @@ def summarize(cfg: Config, results: dict, final_student: str, teacher: str) -> d
                 headline["equal_budgets"] = headline[f"{st.name}_steps"] == headline["workflow_student_steps"]
     headline["labeled_examples_workflow"] = sum(results[st.name].get("labeled_examples", 0) for st in done
                                                 if st.kind == "workflow" and st.labeled)
+    costs = {name: {**m["cost"], **({"reused_from": m["reused"]["from"]} if m.get("reused") else {})}
+             for name, m in results.items() if isinstance(m.get("cost"), dict)}
+    headline |= efficiency(results, headline, k)
     return {"k": k, "rows": rows, "headline": headline, "final_student": final_student, "teacher": teacher,
-            "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values())}
+            "total_time_s": sum(m.get("wall_time_s") or 0 for m in results.values()),
+            "cost": {"stages": costs, "total": cost.total(list(costs.values()))}}
+
+
+def efficiency(results: dict, headline: dict, k: int) -> dict:
+    """Labeled examples and teacher tokens per point (0.01) of avg@k the final student gained over the base
+    student (the setup stage's evaluation; unknown for a base student it did not make), and the baseline's
+    labeled examples per point it gained."""
+    out = {}
+    base = next((m["metrics"].get(f"student.eval.avg@{k}") for n, m in results.items() if STAGES[n].kind == "setup"), None)
+    teacher_tokens = sum((m.get("cost") or {}).get("teacher_tokens_scored", 0) for n, m in results.items()
+                         if STAGES[n].kind in ("data", "workflow"))
+    out["teacher_tokens_workflow"] = teacher_tokens
+    if base is None:
+        return out
+    out["base_student_avg"] = base
+    if headline.get("final_student_avg") is not None:
+        gain = out["gain_points"] = round(100 * (headline["final_student_avg"] - base), 4)
+        if gain > 0:
+            out["labeled_per_point"] = headline["labeled_examples_workflow"] / gain
+            out["teacher_tokens_per_point"] = teacher_tokens / gain
+    for n, m in results.items():
+        if STAGES[n].kind == "baseline" and headline.get(f"{n}_avg") is not None:
+            gain = out[f"{n}_gain_points"] = round(100 * (headline[f"{n}_avg"] - base), 4)
+            if gain > 0:
+                out[f"{n}_labeled_per_point"] = m.get("labeled_examples", 0) / gain
+    return out
 
 
 def budget_warning(baseline: int, workflow_steps: int) -> str:
@@ -410,5 +465,127 @@ def format_table(summary: dict) -> str:
         )
         if h.get("equal_budgets") is False:
             lines.append(budget_warning(h["direct_grpo_steps"], h["workflow_student_steps"]))
+    if "gain_points" in h:
+        if "labeled_per_point" in h:
+            line = (f"Per point of avg@{k} gained over the base student ({h['gain_points']:+.1f} points): "
+                    f"{h['labeled_per_point']:.1f} labeled examples, {h['teacher_tokens_per_point']:,.0f} teacher tokens")
+        else:
+            line = f"No gain over the base student ({h['gain_points']:+.1f} points of avg@{k}): no cost per point"
+        if "direct_grpo_labeled_per_point" in h:
+            line += (f"; direct GRPO: {h['direct_grpo_labeled_per_point']:.1f} labeled examples per point "
+                     f"({h['direct_grpo_gain_points']:+.1f} points)")
+        elif "direct_grpo_gain_points" in h:
+            line += f"; direct GRPO gained {h['direct_grpo_gain_points']:+.1f} points"
+        lines.append(line)
     lines.append(f"Wall time of all stages: {summary['total_time_s']:.0f} s")
+    if summary.get("cost", {}).get("stages"):
+        lines += ["", format_cost(summary["cost"])]
+    if summary.get("promotion"):
+        lines += ["", format_promotion(summary)]
     return "\n".join(lines)
+
+
+def format_cost(costs: dict) -> str:
+    """The per-stage cost table (stages/cost.py), with a total row; ``$`` only when priced."""
+    cols = {k: v for k, v in cost.COLUMNS.items() if k != "usd" or "usd" in costs["total"]}
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:,.1f}" if isinstance(v, float) else f"{v:,}"
+
+    lines = ["Cost per stage:", "", "| stage | " + " | ".join(cols.values()) + " |", "|---|" + "---|" * len(cols)]
+    for name, c in costs["stages"].items():
+        label = f"{name} (reused)" if c.get("reused_from") else name
+        lines.append(f"| {label} | " + " | ".join(fmt(c.get(k)) for k in cols) + " |")
+    lines.append("| **total** | " + " | ".join(fmt(costs["total"].get(k)) for k in cols) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the promotion gate (stages/recipes/promote.py)
+
+
+def gate_planned(cfg: Config) -> bool:
+    """The gate runs when it is on and there is a model registry to promote in."""
+    from .recipes.promote import registered_name
+
+    return cfg.promote.enabled and registered_name(cfg) is not None
+
+
+def promote(cfg: Config, root: str, parent_run_id: str | None = None, model: str | None = None) -> dict:
+    """Run the promotion gate on this root's final student (or ``model``): its inputs are the final student,
+    the baseline's model when the baseline is planned, and the checkpoint of the version holding the champion
+    alias (left out when that is the final student itself, so a rerun is a skip). Returns the run's summary
+    with the decision added (``summary.json`` / ``summary.md`` and the MLflow parent run updated)."""
+    from .cli import check_input
+    from .recipes.promote import RegistryUnavailable, registered_name
+
+    inputs = stage_inputs(cfg, root, "promote", {"final_student": model})
+    name = registered_name(cfg)
+    tracker = Tracker(cfg.tracking)
+    parent_run_id = parent_run_id or find_parent(cfg, root)
+    if name:
+        alias = cfg.promote.champion_alias
+
+        def find(c):
+            mv = lineage.alias_holder(c, name, alias)
+            return {"version": mv and mv.version, "uri": mv and lineage.checkpoint_of(c, mv)}
+
+        champ = tracker.call(f"find {name}@{alias}", find, timeout=cfg.tracking.flush_timeout_s)
+        if champ is None:
+            raise RegistryUnavailable(f"the model registry at {tracker.tracking_uri} did not answer "
+                                      f"({tracker.error or 'no answer in time'}): the gate needs it")
+        if champ["version"] and champ["uri"] is None:
+            raise storage.ArtifactError(f"{name}@{alias} (version {champ['version']}) points at no checkpoint URI")
+        if champ["uri"] and champ["uri"] != inputs["model"]:
+            inputs["champion"] = champ["uri"]
+    for what, uri in inputs.items():
+        check_input(uri, f"promote: {what}", cfg.models.student)
+    print("[promote] running", flush=True)
+    manifest, skipped = run_stage(cfg, root, "promote", inputs, parent_run_id)
+    if skipped:
+        print("[promote] already decided with the same config and inputs: skipped", flush=True)
+    return record_promotion(cfg, root, parent_run_id, manifest["decision"])
+
+
+def approve(cfg: Config, root: str, approved: bool, by: str = "", note: str = "", parent_run_id: str | None = None) -> dict:
+    """A person's verdict on a promotion held for approval (see :func:`stages.recipes.promote.approve`)."""
+    from .recipes import promote as gate
+
+    gate.approve(cfg, root, approved, by, note)
+    m = artifacts.read_manifest(storage.join(root, "promote"))
+    return record_promotion(cfg, root, parent_run_id or find_parent(cfg, root), m["decision"])
+
+
+def record_promotion(cfg: Config, root: str, parent_run_id: str | None, decision: dict) -> dict:
+    """The decision (and its approval, if any) in ``summary.json`` / ``summary.md`` and on the parent run."""
+    from .recipes.promote import champion_now, metrics_of, read_approval
+
+    store = storage.store_for(root)
+    raw = store.read_bytes(storage.join(root, "summary.json"))
+    summary = json.loads(raw) if raw else {"rows": [], "headline": {}}
+    approval = read_approval(root)
+    summary["promotion"] = {**decision, "approval": approval, "champion_now": champion_now(decision, approval)}
+    text = format_table(summary) if summary.get("rows") else format_promotion(summary)
+    store.write_bytes(storage.join(root, "summary.json"), storage.dumps(summary, indent=2).encode())
+    store.write_bytes(storage.join(root, "summary.md"), text.encode())
+    tracker = Tracker(cfg.tracking)
+    if tracker.enabled and parent_run_id:
+        tracker.attach(parent_run_id)
+        name = cfg.tracking.registered_models.get("student")
+        tracker.metrics(metrics_of(decision))
+        tracker.tags({"s2d.gate.status": (approval or {}).get("verdict") or decision["status"],
+                      "s2d.gate.reason": decision["reason"][:5000],
+                      **({"s2d.gate.version": f"{name}/{decision['version']}"} if decision.get("version") else {}),
+                      "s2d.champion": f"{name}/{summary['promotion']['champion_now']}" if summary["promotion"]["champion_now"]
+                      else "none"})
+        tracker.text(text, "summary.md")
+        tracker.flush()
+    return summary
+
+
+def format_promotion(summary: dict) -> str:
+    from .recipes.promote import format_decision
+
+    p = summary.get("promotion")
+    return format_decision(p, p.get("approval")) if p else ""

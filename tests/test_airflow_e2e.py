@@ -80,7 +80,9 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", runs[0]["run_id"], "-o", "json"],
                               env, timeout=120).stdout)
     assert {t["task_id"]: t["state"] for t in states} == {**{t: "success" for t in ["plan", *STAGES, "report", "close-runs"]},
-                                                          "teacher_data": "skipped"}  # not planned: kl_warmup.form token_kl
+                                                          "teacher_data": "skipped",  # not planned: kl_warmup.form token_kl
+                                                          # the gate: the first version becomes champion, nothing to approve
+                                                          "promote": "success", "approval": "skipped", "promote_approved": "skipped", "promote_rejected": "skipped"}
 
     # artifacts: every stage published on S3, checksums verify, the checkpoint loads
     for stage in STAGES:
@@ -99,7 +101,7 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     parent = parents[0]
     assert parent.info.run_name.startswith("tiny · ") and parent.data.tags["s2d.final_student"] == "student_rl/model"
     children = {c.info.run_name: c for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert sorted(children) == sorted(STAGES)
+    assert sorted(children) == sorted(STAGES + ["promote"])
     for c in children.values():
         assert c.data.tags["airflow.dag_id"] == "sparse_to_dense" and c.data.tags["airflow.try_number"] == "1"
         assert c.info.status == "FINISHED"
@@ -126,5 +128,5 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     second = airflow(["dags", "test", "sparse_to_dense", "-c", conf], env, timeout=900)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert (second.stdout + second.stderr).count('"skipped": true') == len(STAGES)
-    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(STAGES)
+    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(STAGES) + 1  # + promote
     assert len(client.search_model_versions("name = 's2d-student'")) == 1

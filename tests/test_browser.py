@@ -253,7 +253,8 @@ def _walk(page, stack, shots, token, typed_root):
     print(f"triggered run: {run['start_date']} -> {run['end_date']}")
     assert states == {"plan": "success", "bootstrap": "success", "teacher_rl": "success", "teacher_data": "skipped",
                       "kl_warmup": "success", "onpolicy_distill": "success", "student_rl": "skipped",
-                      "direct_grpo": "skipped", "report": "success", "close-runs": "success"}
+                      "direct_grpo": "skipped", "report": "success", "close-runs": "success",
+                      "promote": "success", "approval": "skipped", "promote_approved": "skipped", "promote_rejected": "skipped"}  # the gate: first version, approval off
     assert json.loads((Path(typed_root) / "summary.json").read_text())["final_student"] == f"{typed_root}/onpolicy_distill/model"
 
     # MLflow: the experiment's runs, the workflow parent with one child per stage
@@ -283,7 +284,7 @@ def _walk(page, stack, shots, token, typed_root):
     parent_name = f"tiny · {when:%m-%d %H:%M:%S} manual"  # the DAG run's time: runs differ at a glance
     assert parent.info.run_name == parent_name and parent.data.tags["airflow.dag_run_id"] == run_id
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["bootstrap", "kl_warmup", "onpolicy_distill", "teacher_rl"]
+    assert sorted(c.info.run_name for c in children) == ["bootstrap", "kl_warmup", "onpolicy_distill", "promote", "teacher_rl"]
     page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()  # the parent's [+]
     page.wait_for_timeout(1500)
     page.screenshot(path=shots / "8-mlflow-run-tree.png")

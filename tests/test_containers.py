@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 IMAGE = os.environ.get(
     "S2D_TEST_IMAGE", f"localhost/sparse-to-dense/stages:test-{hashlib.sha256(str(REPO).encode()).hexdigest()[:8]}"
 )
-TASKS = ["plan", *STAGES, "report", "close-runs"]
+TASKS = ["plan", *STAGES, "report", "promote", "close-runs"]  # approval off: nothing to approve, no verdict
 # runc behind a wrapper that fits podman's default rlimits to this host's (infra/runc-host-limits:
 # sandboxed CI VMs refuse them otherwise); the Docker API service uses the same runtime
 RUNTIME = str(REPO / "infra/runc-host-limits")
@@ -173,7 +173,8 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     run_id = runs[0]["run_id"]
     states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", run_id, "-o", "json"], env, timeout=120).stdout)
     # teacher_data (the stored top-k teacher data) is not planned for this config: its container exits 99
-    assert {t["task_id"]: t["state"] for t in states} == {**{t: "success" for t in TASKS}, "teacher_data": "skipped"}
+    assert {t["task_id"]: t["state"] for t in states} == {**{t: "success" for t in TASKS}, "teacher_data": "skipped",
+                                                          **dict.fromkeys(["approval", "promote_approved", "promote_rejected"], "skipped")}
 
     # every task ran as a container of the image, as uid 10001; teacher_rl twice: killed (137), then retried
     ps = json.loads(podman("ps", "-a", "--filter", f"label=s2d.run_id={run_id}", "--format", "json").stdout)
@@ -226,7 +227,7 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     # process killed from outside) leaves a closed run of its own, so only finished runs are the tree
     assert [c.info.run_name for c in children].count("teacher_rl") == 1
     children = {c.info.run_name: c for c in children if c.info.status == "FINISHED"}
-    assert sorted(children) == sorted(STAGES)
+    assert sorted(children) == sorted(STAGES + ["promote"])
     assert {c.data.tags.get("airflow.dag_run_id") for c in children.values()} == {run_id}
     chain = [("teacher_rl", "teacher", "bootstrap/teacher"), ("kl_warmup", "teacher", "teacher_rl/model"),
              ("kl_warmup", "student", "bootstrap/student"), ("onpolicy_distill", "student", "kl_warmup/model"),

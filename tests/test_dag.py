@@ -42,9 +42,17 @@ def test_dag_imports_without_errors_and_without_torch():
 def test_dag_shape(monkeypatch):
     dag = load_dag(monkeypatch)
     assert set(dag.task_ids) == {"plan", "bootstrap", "import", "prune", "teacher_rl", "teacher_data", "kl_warmup",
-                                 "onpolicy_distill", "student_rl", "direct_grpo", "report", "close-runs"}
+                                 "onpolicy_distill", "student_rl", "direct_grpo", "report", "promote", "approval",
+                                 "promote_approved", "promote_rejected", "close-runs"}
     t = dag.task_dict
-    assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report"}
+    assert t["close-runs"].is_teardown and t["close-runs"].upstream_task_ids == {"plan", "report", "promote"}
+    # the gate after the report, then the optional approval and its two verdicts (tests/test_approval.py)
+    assert t["promote"].upstream_task_ids == {"plan", "report"} and t["promote"].pool == "gpu"
+    assert t["approval"].upstream_task_ids == {"promote"} and t["approval"].options == ["Approve", "Reject"]
+    assert t["approval"].defaults == ["Reject"] and t["approval"].response_timeout.total_seconds() == 72 * 3600
+    for verdict in ("promote_approved", "promote_rejected"):
+        assert t[verdict].upstream_task_ids == {"plan", "approval"} and t[verdict].pool == "default_pool"
+    assert dag.on_failure_callback is not None
     assert t["teacher_data"].upstream_task_ids == {"plan", "teacher_rl"}  # skipped unless kl_warmup.form is topk
     assert t["kl_warmup"].upstream_task_ids == {"plan", "teacher_data"}
     # setup: import and bootstrap after plan; prune reads the teacher either may make
@@ -68,7 +76,7 @@ def test_wiring_follows_the_stage_table(monkeypatch):
     from stages import registry
 
     t = dag.task_dict
-    assert [n for n in dag.task_ids if n in registry.STAGES] == list(registry.RUNNABLE)
+    assert [n for n in dag.task_ids if n in registry.STAGES] == list(registry.RUNNABLE + registry.GATES)
     for name in registry.RUNNABLE:
         assert t[name].upstream_task_ids == {"plan", *table.upstream(name)}, name
     assert table.upstream("kl_warmup") == {"teacher_data"} and table.upstream("direct_grpo") == {"prune"}

@@ -12,11 +12,12 @@ def test_every_stage_has_a_module_command_and_config_section():
     for name, st in registry.STAGES.items():
         assert callable(st.fn()), name
         assert name in COMMANDS
-        assert st.kind in ("setup", "data", "workflow", "baseline", "tool")
+        assert st.kind in ("setup", "data", "workflow", "baseline", "gate", "tool")
         if st.kind in ("workflow", "baseline"):
             assert hasattr(cfg, name), f"config has no section for {name}"
             assert st.label and st.trains
-        assert set(st.inputs.values()) <= {"teacher", "student", "base_student", "final_student", "teacher_data"}
+        assert set(st.inputs.values()) <= {"teacher", "student", "base_student", "final_student", "teacher_data",
+                                           "baseline_student", "champion"}
     assert Workflow().stages == list(registry.WORKFLOW)
 
 
@@ -60,6 +61,11 @@ def test_explicit_inputs_map_to_roles(tmp_path):
     assert got == {"policy": "org/student"}
     assert workflow.stage_inputs(cfg, root, "evaluate") == {"model": f"{root}/student_rl/model"}
     assert workflow.stage_inputs(cfg, root, "evaluate", {"final_student": "x/y"}) == {"model": "x/y"}
+    # the gate reads the final student and the baseline's model (the champion comes from the registry)
+    assert workflow.stage_inputs(cfg, root, "promote") == {"model": f"{root}/student_rl/model",
+                                                           "baseline": f"{root}/direct_grpo/model"}
+    no_baseline = load_config("tiny", ["workflow.baseline=false"])
+    assert workflow.stage_inputs(no_baseline, root, "promote") == {"model": f"{root}/student_rl/model"}
 
 
 def test_dag_stage_tasks_are_the_table(monkeypatch):
@@ -68,7 +74,7 @@ def test_dag_stage_tasks_are_the_table(monkeypatch):
 
     dag = load_dag(monkeypatch)
     stage_tasks = [t for t in dag.task_ids if t in registry.STAGES]
-    assert sorted(stage_tasks) == sorted(registry.RUNNABLE)
+    assert sorted(stage_tasks) == sorted(registry.RUNNABLE + registry.GATES)  # the gates: after the report
     form_stages = dag.params.get_param("stages").schema["items"]["enum"]
     assert list(form_stages) == list(registry.WORKFLOW)
     # the workflow stages run in the table's order

@@ -49,7 +49,7 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     parent = parents[0].info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     by_name = {c.info.run_name: c for c in children}
-    assert sorted(by_name) == sorted(stages)
+    assert sorted(by_name) == sorted(stages + ["promote"])  # the gate after the report (tests/test_promotion.py)
     # short, uniform keys: the role (not the stage's argument name), the checkpoint relative to the root,
     # the producing run and its logged model; full URIs in params
     od, trl = by_name["onpolicy_distill"].data, by_name["teacher_rl"].data
@@ -83,8 +83,8 @@ def test_workflow_end_to_end_with_mlflow_and_skip_on_rerun(small_cfg, tmp_path, 
     capsys.readouterr()
     assert main(["workflow", "--config", "tiny", "--root", root, *[a for o in _cli_overrides() for a in ("--set", o)]]) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == len(stages)
-    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(stages)
+    assert out.count("skipped") == len(stages) + 1  # the gate too: its version is the champion it compared with
+    assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(stages) + 1
     assert len(client.search_model_versions("name = 's2d-student'")) == 1
     # ... and no empty parent run: the results stay on the run that published them
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")] == [parent]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Callable, NamedTuple
 
+from .. import cost
 from ..losses import aggregate, forward_kl, sft_loss, topk_forward_kl
 from ..rollout import Rollouts, decode, hidden_states, map_positions, token_logprobs, vocab_kl
 from ..runtime import StageRun
@@ -78,6 +79,7 @@ def token_kl(run: StageRun, teacher_uri: str, student_uri: str, _data_uri: str |
 
     def loss(step: int):
         batch, ro = _teacher_rollouts(run, teacher, tok, step)
+        cost.teacher_scored(ro)  # the teacher's full distribution at every token it wrote
         kl, _ = vocab_kl(forward_kl, student, teacher, ro, cfg.logprob_chunk)
         return aggregate(kl, ro.completion[:, 1:], "token-mean"), ro, batch
 

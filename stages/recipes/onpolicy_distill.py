@@ -18,6 +18,7 @@ import time
 
 import torch.nn.functional as F
 
+from .. import cost
 from ..losses import aggregate, floor_teacher_logp, policy_loss, reverse_kl, reverse_kl_advantages
 from ..rollout import chosen_logprobs, decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
@@ -60,6 +61,7 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
             # are masked out of every aggregation anyway. The teacher's hidden states of that one forward
             # also give its log-probs for the metrics below.
             P = ro.prompt_len
+            cost.teacher_scored(ro)
             kl, ht = vocab_kl(reverse_kl, student, teacher, ro, chunk, start=P)
             t_lp = F.pad(chosen_logprobs(teacher.get_output_embeddings(), ht, ro.input_ids[:, P:], ro.temperature, chunk), (P, 0))
             loss, stats = aggregate(kl, mask[:, P:], d.aggregation, cfg.sampling.max_new_tokens), {}

@@ -9,6 +9,16 @@ likely token ids and their log-probs (temperature 1, full-vocabulary normalised;
 normal publish path; each finished shard is saved as resumable state, so a teacher-server outage costs
 at most one shard: rerun the stage and it continues.
 
+Reuse across runs (``teacher_data.reuse``, on by default): the data is published once into a
+content-addressed store, ``<store>/teacher_data/<key>/`` (``teacher_data.store``, see
+:func:`stages.artifacts.shared_store`), and the stage's own manifest points at it. The key is a digest of
+what determines the data (:func:`reuse_key`): the teacher's weights (the content digest of its published
+files; the name of a checkpoint we did not publish), the tokenizer and its chat template, the encoded
+prompts, ``top_k``, the sampling temperature and length, the seed, shard size, dtype and teacher engine. A
+later run, or another student with the same tokenizer, finds the entry and publishes a manifest pointing at
+it without loading the teacher (``reused`` in the manifest; the MLflow run's ``s2d.reused_from`` /
+``s2d.reused.run`` tags name the entry and the run that made it).
+
 With ``teacher.engine: server`` the server samples the rollouts (vLLM's sampler, a per-row seed) and then
 scores them; with ``local`` the trainer's sampling engine and the in-process teacher do. The two engines
 give the same top-k for the same tokens (tests/test_teacher_server.py), not the same sampled tokens.
@@ -19,15 +29,18 @@ give the same top-k for the same tokens (tests/test_teacher_server.py), not the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import shutil
 from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .. import artifacts, storage
+from .. import artifacts, lock, storage
 from ..rollout import Rollouts, left_pad
 from ..runtime import StageRun, seed_for
 from ..teacher import LocalTeacher, Teacher, open_teacher
@@ -47,13 +60,72 @@ DATA = "data"
 
 def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     """The student checkpoint gives the tokenizer (only its tokenizer files are read); the teacher is the
-    configured engine, checked against it."""
+    configured engine, checked against it. Data already in the shared store under the same key is reused."""
     tok = load_tokenizer(student_uri)
+    entry = None
+    if run.cfg.teacher_data.reuse:
+        key, parts = reuse_key(run, teacher_uri, tok)
+        entry = {"uri": storage.join(artifacts.shared_store(run.root, run.cfg.teacher_data.store), "teacher_data", key),
+                 "key": key, "parts": parts}
+        found = artifacts.read_manifest(entry["uri"])
+        if found is not None:
+            return reuse(run, tok, entry, found)
     teacher, model = open_teacher(run, teacher_uri, tok)
     try:
-        return generate(run, teacher, tok, model)
+        return generate(run, teacher, tok, model, entry)
     finally:
         teacher.close()
+
+
+def reuse_key(run: StageRun, teacher_uri: str, tok) -> tuple[str, dict]:
+    """The store key of this stage's data and what it is made of (see the module docstring)."""
+    cfg, d, s = run.cfg, run.cfg.teacher_data, run.cfg.sampling
+    problems = run.task.problems("prompts")[: d.prompts]
+    prompts = run.rollout_maker.encode(tok, problems)
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    parts = {
+        "teacher": artifacts.content_digest(teacher_uri) or f"external:{teacher_uri}",
+        "tokenizer": sha(type(tok).__name__ + (backend.to_str() if backend is not None else
+                                               json.dumps(sorted(tok.get_vocab().items())))
+                         + json.dumps(tok.special_tokens_map, sort_keys=True, default=str)),
+        "chat_template": sha(f"{cfg.task.chat_template}:{getattr(tok, 'chat_template', None) or ''}"),
+        "prompts": sha(json.dumps([[p.id, ids] for p, ids in zip(problems, prompts)])),
+        "top_k": d.top_k, "temperature": s.temperature, "max_new_tokens": s.max_new_tokens, "seed": cfg.seed,
+        "rows_per_shard": d.rows_per_shard, "dtype": cfg.dtype, "teacher_engine": cfg.teacher.engine,
+    }
+    return sha(json.dumps(parts, sort_keys=True)), parts
+
+
+def reuse(run: StageRun, tok, entry: dict, found: dict) -> dict:
+    """Publish this stage as the stored entry (nothing generated, the teacher not loaded)."""
+    data = storage.join(entry["uri"], DATA)
+    artifacts.check_files(data)  # its files are all there (checksums: verified by every reader)
+    producer = found.get("producer", {})
+    log.info("teacher_data: reusing %s (made by the run at %s)", entry["uri"], producer.get("root"))
+    with run.tracking(None, {"prompts": run.task.problems("prompts")[: run.cfg.teacher_data.prompts]}):
+        metrics = {**found.get("metrics", {}), "reused": 1}
+        extra = {k: found[k] for k in ("teacher_engine", "top_k", "schema", "served_model") if k in found}
+        extra |= {"store_key": entry["key"], "key_parts": entry["parts"],
+                  "reused": {"from": entry["uri"], "key": entry["key"], "run": producer.get("run"), "root": producer.get("root")}}
+        return run.publish({}, tok, metrics=metrics, extra=extra, elsewhere={"data": data})
+
+
+def store(run: StageRun, entry: dict, shards, manifest: dict) -> dict | None:
+    """Publish the generated shards as the store's entry (unless another run stored it first: then that
+    one is used and ours dropped); returns the entry's manifest."""
+    with lock.StageLock(entry["uri"]):
+        found = artifacts.read_manifest(entry["uri"])
+        if found is not None:
+            return found
+        staged = run.work / "store"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        shutil.copytree(shards, staged / DATA)
+        return artifacts.publish(staged, entry["uri"], manifest)
 
 
 def load_tokenizer(uri: str):
@@ -73,9 +145,9 @@ def load_tokenizer(uri: str):
     return tok
 
 
-def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
+def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None, entry: dict | None = None) -> dict:
     """Generate, score and store; ``teacher_model``: the loaded teacher for the local engine (the
-    trainer's sampler generates with it)."""
+    trainer's sampler generates with it); ``entry``: the shared store's entry to publish the data as."""
     d = run.cfg.teacher_data
     problems = run.task.problems("prompts")[: d.prompts]
     n_shards = math.ceil(len(problems) / d.rows_per_shard)
@@ -104,7 +176,16 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None) -> dict:
         metrics = {"rows": rows, "completion_tokens": int(tokens), "top_k": d.top_k}
         extra = {"teacher_engine": teacher.engine, "top_k": d.top_k, "schema": SCHEMA.to_string(),
                  **({"served_model": teacher.model, "teacher_url": teacher.shown} if teacher.engine == "server" else {})}
-        return run.publish({}, tok, metrics=metrics, extra=extra, outputs={"data": DATA})
+        if entry is None:
+            return run.publish({}, tok, metrics=metrics, extra=extra, outputs={"data": DATA})
+        stored = store(run, entry, shards, {"stage": "teacher_data", "key": entry["key"], "parts": entry["parts"],
+                                            "metrics": metrics, **extra,
+                                            "producer": {"root": run.root, "run": run.run_id, "stage": run.uri}})
+        shutil.rmtree(shards)  # published in the store, not in this stage's folder
+        extra |= {"store_key": entry["key"], "key_parts": entry["parts"]}
+        if stored.get("producer", {}).get("root") != run.root:  # another run stored the same data meanwhile
+            extra["reused"] = {"from": entry["uri"], "key": entry["key"], **{k: stored["producer"].get(k) for k in ("run", "root")}}
+        return run.publish({}, tok, metrics=metrics, extra=extra, elsewhere={"data": storage.join(entry["uri"], DATA)})
 
 
 def teacher_rollouts(run: StageRun, teacher: Teacher, tok, problems, step: int, model=None) -> Rollouts:
@@ -155,7 +236,8 @@ def to_table(problems, ro: Rollouts, chosen: torch.Tensor, topk_ids: torch.Tenso
 def load(uri: str) -> list[dict]:
     """The rows of a published teacher_data stage (checksums verified by :func:`artifacts.fetch`)."""
     uri = uri.rstrip("/")
-    uri = uri if uri.endswith("/" + DATA) else storage.join(uri, DATA)
+    # the stage's manifest may point at the shared store's entry (reused, or published there)
+    uri = artifacts.located(uri if uri.endswith("/" + DATA) else storage.join(uri, DATA))
     folder = artifacts.fetch(uri)
     # the shards the manifest lists, never a glob: a file an earlier publish left there is not this teacher's
     files = [folder / rel for rel in artifacts.listed(uri) if rel.endswith(".parquet")]
