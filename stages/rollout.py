@@ -24,10 +24,13 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .losses import Aggregation, KLDirection, aggregation_weights, chunked_kl, forward_kl, reverse_kl
 
 
 @dataclass
@@ -207,19 +210,60 @@ def token_logprobs(model, batch: Rollouts, chunk: int = 512) -> torch.Tensor:
     return F.pad(lp, (1, 0))
 
 
-def vocab_kl(kl, student, teacher, batch: Rollouts, chunk: int = 512, start: int = 1):
-    """A full-vocabulary divergence between student and teacher next-token distributions (both at the
-    batch's temperature) at every position predicting tokens ``start .. L-1``: [B, L - start].
+class VocabKL(NamedTuple):
+    loss: torch.Tensor  # the aggregated KL (differentiable in the student)
+    kl: torch.Tensor  # [B, L] per-token KL, detached; entry t is at the position predicting token t (0 off completion)
+    teacher_logp: torch.Tensor  # [B, L] the teacher's log p(x_t) at the batch's temperature, detached (0 off completion)
 
-    ``kl(student_logits, teacher_logits)`` is :func:`stages.losses.forward_kl` or ``reverse_kl``. Only one
-    chunk of positions' [B, chunk, V] logits exists at a time (recomputed in backward). Returns the KL and
-    the teacher's hidden states at those positions (for teacher log-probs without a second forward).
+
+def vocab_kl(direction: KLDirection, student, teacher, batch: Rollouts, aggregation: Aggregation = "token-mean",
+             chunk: int = 512, max_len: int | None = None) -> VocabKL:
+    """The full-vocabulary KL between student and teacher next-token distributions (both at the batch's
+    temperature) on every completion token of ``batch``, aggregated like :func:`stages.losses.aggregate`.
+
+    ``direction``: ``forward`` KL(p_T || p_S) (2a) or ``reverse`` KL(p_S || p_T) (2b, C2). Only completion positions
+    are scored (prompt and padding never count), flattened into rows, ``chunk`` rows of [rows, V] logits at a time:
+    :func:`stages.losses.chunked_kl` fuses both output heads with the KL and its gradient, so neither [B, L, V]
+    tensor exists, in forward or backward. An output head that is not a plain bias-free ``nn.Linear`` (or a
+    ZeRO-3-partitioned one) takes the unfused path: the same rows through the head modules, recomputed in backward.
+    The teacher's log-probs of the batch's tokens come from the same logits (no second teacher head pass).
     """
     T = batch.temperature
-    ht = hidden_states(teacher, batch)[:, start - 1 : -1]  # a frozen teacher runs under inference_mode
-    hs = hidden_states(student, batch)[:, start - 1 : -1]
+    B, L = batch.input_ids.shape
+    mask = batch.completion[:, 1:]
+    acc = torch.promote_types(next(student.parameters()).dtype, torch.float32)  # float64 models: float64 weights
+    weights = aggregation_weights(mask, aggregation, max_len, acc).reshape(-1)
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    ht = hidden_states(teacher, batch)[:, :-1]  # a frozen teacher runs under inference_mode
+    hs = hidden_states(student, batch)[:, :-1]
+    ht, hs = ht.reshape(B * (L - 1), -1)[rows], hs.reshape(B * (L - 1), -1)[rows]
+    targets, w = batch.input_ids[:, 1:].reshape(-1)[rows], weights[rows]
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    return map_positions(lambda a, b: kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht), ht
+    if _fusable(s_head) and _fusable(t_head):
+        loss, kl, t_lp = chunked_kl(hs, s_head.weight, ht, t_head.weight, w, direction, T, chunk, targets)
+    else:
+        fn = forward_kl if direction == "forward" else reverse_kl
+
+        def per_row(a, b, tgt):
+            zt = t_head(b) / T
+            return torch.stack([fn(s_head(a) / T, zt), F.log_softmax(zt.float(), -1).gather(-1, tgt[..., None])[..., 0]], -1)
+
+        out = map_positions(per_row, chunk, hs[None], ht[None], targets[None])[0]
+        kl, t_lp = out[:, 0], out[:, 1].detach()
+        loss = (kl * w.to(kl.dtype)).sum()
+        kl = kl.detach()
+
+    def scatter(v: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(B * (L - 1), dtype=v.dtype, device=v.device)
+        full[rows] = v
+        return F.pad(full.view(B, L - 1), (1, 0))
+
+    return VocabKL(loss, scatter(kl), scatter(t_lp))
+
+
+def _fusable(head) -> bool:
+    """A head :func:`stages.losses.chunked_kl` can read directly: a bias-free Linear with its full weight here."""
+    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
 
 
 def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:

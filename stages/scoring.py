@@ -9,7 +9,6 @@ from math import comb
 
 import torch
 
-from .losses import reverse_kl
 from .rollout import Rollouts, decode, vocab_kl
 from .task_contract import Problem
 
@@ -66,6 +65,4 @@ def student_teacher_kl(rollouts, student, teacher, tok, prompts: list[Problem], 
 
 def sequence_kl(student, teacher, ro: Rollouts, chunk: int = 512) -> float:
     """Mean KL(student || teacher) per completion token of ``ro`` (full vocabulary, at its temperature)."""
-    kl, _ = vocab_kl(reverse_kl, student, teacher, ro, chunk)
-    mask = ro.completion[:, 1:].to(kl.dtype)
-    return float((kl * mask).sum() / mask.sum().clamp(min=1))
+    return float(vocab_kl("reverse", student, teacher, ro, "token-mean", chunk).loss)
