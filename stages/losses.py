@@ -99,8 +99,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
     Used by the warmup on teacher-generated sequences (mode-covering).
     """
-    t_logp = F.log_softmax(_at_least_f32(teacher_logits), dim=-1)
-    s_logp = F.log_softmax(_at_least_f32(student_logits), dim=-1)
+    t_logp = F.log_softmax(at_least_f32(teacher_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
@@ -111,8 +111,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
     Back-propagated directly (analytic on-policy distillation), and the C2 diagnostic.
     """
-    t_logp = F.log_softmax(_at_least_f32(teacher_logits), dim=-1)
-    s_logp = F.log_softmax(_at_least_f32(student_logits), dim=-1)
+    t_logp = F.log_softmax(at_least_f32(teacher_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
 
 
@@ -215,6 +215,62 @@ class _ChunkedKL(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None
 
 
+def chunked_logprobs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                     chunk: int = 512) -> torch.Tensor:
+    """log softmax(h_r W^T / T)[targets_r] per row r, [rows, H] x [V, H] -> [rows] (fused linear + log-softmax + gather),
+    with at most ``chunk`` rows of [rows, V] logits in existence at a time, in forward and backward.
+
+        z = h W^T / T,   logp_r = z_r[x_r] - logsumexp_v z_rv
+        d logp_r / d z_r = onehot(x_r) - softmax(z_r)      -> dh = (g (onehot - p) / T) W,  dW = (g (onehot - p) / T)^T h
+
+    Forward keeps only logsumexp per row; backward recomputes one chunk's logits at a time (the incoming gradient g
+    of a policy loss is known only then). Logits in the weights' dtype (bf16 under autocast), softmax in >= float32.
+    """
+    return _ChunkedLogprobs.apply(h, w, targets, float(temperature), int(chunk))
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, T, chunk):
+        acc = torch.promote_types(w.dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        lse = torch.empty_like(out)
+        for s in range(0, h.shape[0], chunk):
+            z = F.linear(h[s : s + chunk].to(w.dtype), w).to(acc).div_(T)
+            lse[s : s + chunk] = torch.logsumexp(z, -1)
+            out[s : s + chunk] = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(h, w, targets, lse)
+        dev = w.device.type
+        ctx.T, ctx.chunk = T, chunk
+        ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))  # backward recomputes alike
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, targets, lse = ctx.saved_tensors
+        with torch.autocast(ctx.amp[0], dtype=ctx.amp[1], enabled=ctx.amp[2]):
+            return _ChunkedLogprobs._backward(ctx, h, w, targets, lse, grad)
+
+    @staticmethod
+    def _backward(ctx, h, w, targets, lse, grad):
+        T, chunk = ctx.T, ctx.chunk
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if want_w else None
+        for s in range(0, h.shape[0], chunk):
+            h_c = h[s : s + chunk].to(w.dtype)
+            g = F.linear(h_c, w).to(lse.dtype).div_(T).sub_(lse[s : s + chunk, None]).exp_()  # p
+            g.neg_().scatter_add_(-1, targets[s : s + chunk, None], torch.ones_like(g[:, :1]))  # onehot - p
+            g.mul_((grad[s : s + chunk].to(g.dtype) / T)[:, None])
+            if want_h:
+                grad_h[s : s + chunk] = torch.matmul(g.to(w.dtype), w).to(grad_h.dtype)
+            if want_w and grad_w.dtype == w.dtype and not torch.is_autocast_enabled(w.device.type):
+                grad_w.addmm_(g.t(), h_c)
+            elif want_w:
+                grad_w += torch.matmul(g.t().to(w.dtype), h_c)
+        return grad_h, None if grad_w is None else grad_w.to(w.dtype), None, None, None
+
+
 def reverse_kl_advantages(
     teacher_logp: torch.Tensor,
     student_logp: torch.Tensor,
@@ -269,7 +325,7 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     ``teacher_logp`` are normalised log-probs (log softmax over the full vocabulary, as served); padded
     entries (fewer than k served) carry ``-inf`` and contribute 0.
     """
-    s_logp = F.log_softmax(_at_least_f32(student_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     t_logp = teacher_logp.to(s_logp.dtype)
     s_k = s_logp.gather(-1, teacher_ids.clamp(min=0))
     p = t_logp.exp()
@@ -307,10 +363,11 @@ def sampled_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, log-probs) of the k most likely tokens of softmax(logits / T), [..., V] -> 2 x [..., k],
     most likely first (what vLLM's ``prompt_logprobs=k`` returns per position, ranks 1..k)."""
-    logp = F.log_softmax(_at_least_f32(logits) / temperature, dim=-1)
+    logp = F.log_softmax(at_least_f32(logits) / temperature, dim=-1)
     lp, ids = logp.topk(k, dim=-1)
     return ids, lp
 
 
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

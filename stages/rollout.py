@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .losses import Aggregation, KLDirection, aggregation_weights, chunked_kl, forward_kl, reverse_kl
+from .losses import (
+    Aggregation,
+    KLDirection,
+    aggregation_weights,
+    at_least_f32,
+    chunked_kl,
+    chunked_logprobs,
+    forward_kl,
+    reverse_kl,
+)
 
 
 @dataclass
@@ -199,15 +208,30 @@ def map_positions(fn, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(model, batch: Rollouts, chunk: int = 512) -> torch.Tensor:
-    """log softmax(logits/T)[x_t] for every position t >= 1, shape [B, L]; position 0 is 0; T is the
+    """log softmax(logits/T)[x_t] for every completion token t, shape [B, L], 0 on prompt and padding; T is the
     batch's sampling temperature.
 
-    Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with
-    ``batch.completion`` and ``batch.logprobs``.
+    Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with ``batch.completion`` and
+    ``batch.logprobs``. Only completion positions reach the output head (every caller masks the rest out), ``chunk``
+    tokens of [tokens, V] logits at a time (:func:`chosen_logprobs`).
     """
-    h = hidden_states(model, batch)[:, :-1]
-    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:], batch.temperature, chunk)
-    return F.pad(lp, (1, 0))
+    rows, B, L = _completion_rows(batch)
+    h = hidden_states(model, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]
+    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:].reshape(-1)[rows], batch.temperature, chunk)
+    return _scatter(lp, rows, B, L)
+
+
+def _completion_rows(batch: Rollouts) -> tuple[torch.Tensor, int, int]:
+    """Indices into the flattened [B * (L - 1)] predicting positions whose next token is a completion token."""
+    B, L = batch.input_ids.shape
+    return batch.completion[:, 1:].reshape(-1).nonzero().squeeze(-1), B, L
+
+
+def _scatter(v: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """Per-row values back into the [B, L] layout (entry t for the token at t; 0 elsewhere)."""
+    full = torch.zeros(B * (L - 1), dtype=v.dtype, device=v.device)
+    full = full.index_put((rows,), v)  # out of place: differentiable in v
+    return F.pad(full.view(B, L - 1), (1, 0))
 
 
 class VocabKL(NamedTuple):
@@ -229,15 +253,12 @@ def vocab_kl(direction: KLDirection, student, teacher, batch: Rollouts, aggregat
     The teacher's log-probs of the batch's tokens come from the same logits (no second teacher head pass).
     """
     T = batch.temperature
-    B, L = batch.input_ids.shape
-    mask = batch.completion[:, 1:]
+    rows, B, L = _completion_rows(batch)
     acc = torch.promote_types(next(student.parameters()).dtype, torch.float32)  # float64 models: float64 weights
-    weights = aggregation_weights(mask, aggregation, max_len, acc).reshape(-1)
-    rows = mask.reshape(-1).nonzero().squeeze(-1)
-    ht = hidden_states(teacher, batch)[:, :-1]  # a frozen teacher runs under inference_mode
-    hs = hidden_states(student, batch)[:, :-1]
-    ht, hs = ht.reshape(B * (L - 1), -1)[rows], hs.reshape(B * (L - 1), -1)[rows]
-    targets, w = batch.input_ids[:, 1:].reshape(-1)[rows], weights[rows]
+    w = aggregation_weights(batch.completion[:, 1:], aggregation, max_len, acc).reshape(-1)[rows]
+    ht = hidden_states(teacher, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]  # a frozen teacher: inference_mode
+    hs = hidden_states(student, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]
+    targets = batch.input_ids[:, 1:].reshape(-1)[rows]
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     if _fusable(s_head) and _fusable(t_head):
         loss, kl, t_lp = chunked_kl(hs, s_head.weight, ht, t_head.weight, w, direction, T, chunk, targets)
@@ -252,13 +273,7 @@ def vocab_kl(direction: KLDirection, student, teacher, batch: Rollouts, aggregat
         kl, t_lp = out[:, 0], out[:, 1].detach()
         loss = (kl * w.to(kl.dtype)).sum()
         kl = kl.detach()
-
-    def scatter(v: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(B * (L - 1), dtype=v.dtype, device=v.device)
-        full[rows] = v
-        return F.pad(full.view(B, L - 1), (1, 0))
-
-    return VocabKL(loss, scatter(kl), scatter(t_lp))
+    return VocabKL(loss, _scatter(kl, rows, B, L), _scatter(t_lp, rows, B, L))
 
 
 def _fusable(head) -> bool:
@@ -267,13 +282,18 @@ def _fusable(head) -> bool:
 
 
 def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """log softmax(head(h_t) / T)[targets_t] for hidden states ``h`` [B, K, H] already aligned with
-    ``targets`` [B, K] (h_t predicts targets_t), chunk by chunk over positions."""
+    """log softmax(head(h_t) / T)[targets_t] for hidden states ``h`` [..., H] already aligned with ``targets`` [...]
+    (h_t predicts targets_t): positions flattened into rows, ``chunk`` rows of [rows, V] logits at a time, fused with
+    the head (:func:`stages.losses.chunked_logprobs`) when it is a plain Linear, else through the head module with
+    each chunk recomputed in backward."""
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if _fusable(head):
+        return chunked_logprobs(flat_h, head.weight, flat_t, temperature, chunk).view(targets.shape)
 
     def fn(h_c, t_c):
-        return F.log_softmax(head(h_c).float() / temperature, dim=-1).gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
+        return F.log_softmax(at_least_f32(head(h_c)) / temperature, dim=-1).gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
 
-    return map_positions(fn, chunk, h, targets)
+    return map_positions(fn, chunk, flat_h[None], flat_t[None])[0].view(targets.shape)
 
 
 def decode(tok, rollouts: Rollouts) -> list[str]:

@@ -423,3 +423,41 @@ def test_chunked_kl_peak_memory_grows_with_the_chunk_not_with_rows_x_vocab():
     assert peak(256, 128) - small > 2 * 3 * cv  # 4x the chunk: at least two more [chunk, V] tensors' worth
     assert large < 2048 * V * 4  # below ONE [rows, V] logits tensor
     assert peak(2048, 32, fused=False) > 4 * large  # the unfused loss on the same rows
+
+
+from stages.losses import chunked_logprobs  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_chunked_logprobs_values_and_gradients_match_float64_references(chunk, T):
+    h, w, _, _, weights, targets = _kl_case(8)
+    a_h, a_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = chunked_logprobs(a_h, a_w, targets, T, chunk)
+    for r, z in enumerate(_logits(h.tolist(), w.tolist(), T)):  # plain Python: z[x] - logsumexp(z)
+        lse = max(z) + math.log(sum(math.exp(v - max(z)) for v in z))
+        assert got[r].item() == pytest.approx(z[targets[r]] - lse, rel=1e-12)
+    # gradients of a non-linear function of the log-probs (what a clipped policy loss is) against autograd
+    (torch.exp(got) * weights).sum().backward()
+    b_h, b_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.log_softmax(b_h @ b_w.T / T, -1).gather(-1, targets[:, None])[:, 0]
+    (torch.exp(ref) * weights).sum().backward()
+    assert torch.allclose(a_h.grad, b_h.grad, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(a_w.grad, b_w.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_chunked_logprobs_peak_memory_grows_with_the_chunk():
+    V, H = 8192, 16
+
+    def peak(rows: int, chunk: int) -> int:
+        g = torch.Generator().manual_seed(rows)
+        h = torch.randn(rows, H, generator=g).requires_grad_()
+        w = torch.randn(V, H, generator=g).requires_grad_()
+        t = torch.randint(0, V, (rows,), generator=g)
+        return peak_alloc_bytes(lambda: chunked_logprobs(h, w, t, 1.0, chunk).exp().sum().backward())[0]
+
+    cv = 32 * V * 4
+    small = peak(256, 32)
+    assert peak(2048, 32) - small < cv
+    assert peak(256, 128) - small >= 2 * 3 * cv  # 4x the chunk: two [chunk, V] tensors (logits, then their gradient)
+    assert peak(2048, 32) < 2048 * V * 4

@@ -284,4 +284,13 @@ def test_vocab_kl_on_models_equals_the_full_logits_loss(fused, monkeypatch):
             m = mask.bool()
             assert torch.allclose(got.kl[:, 1:][m], ref_kl[m].double(), atol=1e-5) and (got.kl[:, 1:][~m] == 0).all()
             t_lp = lt.gather(-1, ro.input_ids[:, 1:, None])[..., 0]
-            assert torch.allclose(got.teacher_logp[:, 1:][m], t_lp[m], atol=1e-6 if not fused else 1e-12)
+            assert torch.allclose(got.teacher_logp[:, 1:][m], t_lp[m], atol=1e-12)
+    # the log-probs of the GRPO / sampled-token losses: completion tokens only, through a non-linear loss
+    lp = rollout.token_logprobs(student, ro, chunk=4)
+    ls = F.log_softmax(student(**kw).logits[:, :-1].double() / 0.8, -1)
+    ref_lp = ls.gather(-1, ro.input_ids[:, 1:, None])[..., 0]
+    assert torch.allclose(lp[:, 1:][m], ref_lp[m], rtol=1e-12) and (lp[:, 1:][~m] == 0).all() and (lp[:, 0] == 0).all()
+    g_got = torch.autograd.grad((lp.exp() * ro.completion).sum(), list(student.parameters()))
+    g_ref = torch.autograd.grad((ref_lp.exp() * mask).sum(), list(student.parameters()))
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-11)
