@@ -73,21 +73,22 @@ def prompts(tok, n: int) -> list[list[int]]:
                                     return_dict=False) for p in probs]
 
 
-def train_step_s(model, opt, batch, mode: str, chunk: int) -> float:
-    t0 = time.perf_counter()
+def train_step_s(model, opt, batch, mode: str, chunk: int) -> tuple[float, float]:
+    """(wall s, this process's CPU s) of one step."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with autocast(mode):
         loss = sft_loss(token_logprobs(model, batch, chunk), batch.completion)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def gen_s(model, sampler, ps, mode: str, n: int, seed: int) -> float:
-    t0 = time.perf_counter()
+def gen_s(model, sampler, ps, mode: str, n: int, seed: int) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
     with autocast(mode):
         sampler.generate(model, ps, temperature=1.0, max_new_tokens=n, seed=seed)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def agreement(root: Path, tok, ps, n_new: int, chunk: int) -> dict:
@@ -151,10 +152,9 @@ def main(argv=None) -> int:
             for m in order:
                 tr[m].append(train_step_s(models[m], opts_[m], batch, m, opts.chunk))
                 ge[m].append(gen_s(models[m], sampler, ps, m, opts.new_tokens, r))
-            print(role, r, {m: (round(tr[m][-1], 2), round(ge[m][-1], 2)) for m in MODES}, flush=True)
+            print(role, r, {m: (round(tr[m][-1][0], 2), round(ge[m][-1][0], 2)) for m in MODES}, os.getloadavg()[0], flush=True)
         for kind, d in (("train", tr), ("generate", ge)):
-            res[kind][role] = {m: {"s": d[m], "median_s": statistics.median(d[m]),
-                                   "speedup_vs_fp32": [f / x for f, x in zip(d["fp32"], d[m])]} for m in MODES}
+            res[kind][role] = {m: summary(d[m], d["fp32"]) for m in MODES}
         del models, opts_
     res["agreement"] = agreement(root, tok, ps, opts.new_tokens, opts.chunk)
     res["meta"] = {"command": "python bench/bf16_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -167,6 +167,14 @@ def main(argv=None) -> int:
     (opts.out / "bf16_cpu.md").write_text(markdown(res))
     print(markdown(res))
     return 0
+
+
+def summary(runs: list[tuple[float, float]], fp32: list[tuple[float, float]]) -> dict:
+    """Medians and per-repeat speed-ups over fp32, in wall time and in CPU time."""
+    wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
+    return {"wall_s": wall, "cpu_s": cpu, "median_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
+            "speedup_vs_fp32": [f[0] / x for f, x in zip(fp32, wall)],
+            "cpu_speedup_vs_fp32": [f[1] / x for f, x in zip(fp32, cpu)]}
 
 
 def markdown(res: dict) -> str:
@@ -182,15 +190,18 @@ def markdown(res: dict) -> str:
              f"Work: train step = {w['batch']} x {w['length']} tokens (NLL on the last half), fwd + bwd + AdamW; "
              f"generate = {w['batch']} prompts ({min(w['prompt_tokens'])}-{max(w['prompt_tokens'])} tokens, chat "
              f"template) x {w['new_tokens']} new tokens, hf engine (KV cache).", "",
-             "| model | work | fp32 s | autocast bf16 s | bf16 weights s | speed-up autocast (min / median / max) | "
-             "speed-up bf16 (min / median / max) |", "|---|---|---|---|---|---|---|"]
+             "Speed-ups are fp32 time / mode time per repeat (min / median / max), in wall time and in this process's CPU "
+             "time (less disturbed by the other jobs' load).", "",
+             "| model | work | fp32 s (CPU s) | autocast bf16 s (CPU s) | bf16 weights s (CPU s) | autocast speed-up, wall | "
+             "autocast speed-up, CPU | bf16 speed-up, wall | bf16 speed-up, CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for kind in ("train", "generate"):
         for role, d in res[kind].items():
-            def sp(mode):
-                s = d[mode]["speedup_vs_fp32"]
+            def sp(mode, key):
+                s = d[mode][key]
                 return f"{min(s):.2f} / **{statistics.median(s):.2f}** / {max(s):.2f}"
-            lines.append(f"| {role} | {kind} | {d['fp32']['median_s']:.2f} | {d['autocast']['median_s']:.2f} | "
-                         f"{d['bf16']['median_s']:.2f} | {sp('autocast')} | {sp('bf16')} |")
+            cells = [f"{d[m]['median_s']:.2f} ({d[m]['median_cpu_s']:.2f})" for m in MODES]
+            lines.append(f"| {role} | {kind} | " + " | ".join(cells) + " | " + " | ".join(
+                sp(m, k) for m in ("autocast", "bf16") for k in ("speedup_vs_fp32", "cpu_speedup_vs_fp32")) + " |")
     lines += ["", "Distillation loss in each mode against fp32 (2b's fused reverse KL on one batch of student rollouts, "
               "the student's full gradient):", "", "| mode | loss | relative difference | gradient cosine | gradient norm ratio |",
               "|---|---|---|---|---|"]
