@@ -40,7 +40,7 @@ from .rollout import Rollouts, Sampler, concat
 from .task_contract import Problem
 from .tasks import data_digest, make_task, stage_splits
 from .tracking import Tracker
-from .trainer import Trainer, full_weights, make_accelerator
+from .trainer import Trainer, autocast, full_weights, make_accelerator
 
 log = logging.getLogger("stages")
 
@@ -83,7 +83,7 @@ class RolloutMaker:
             lo, hi = r * len(prompts) // w, (r + 1) * len(prompts) // w
         ro = None
         if hi > lo:
-            with full_weights(model):
+            with full_weights(model), autocast(self.cfg, self.device):
                 ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
                                            max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)

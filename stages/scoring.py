@@ -11,6 +11,7 @@ import torch
 
 from .rollout import Rollouts, decode, vocab_kl
 from .task_contract import Problem
+from .trainer import autocast
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -60,7 +61,8 @@ def student_teacher_kl(rollouts, student, teacher, tok, prompts: list[Problem], 
     """C2: KL(student || teacher) per completion token, full vocabulary, on student rollouts."""
     prompts = prompts[: rollouts.cfg.eval.c2_prompts]
     ro = rollouts.sample(student, tok, prompts, step=0, salt=label)
-    return sequence_kl(student, teacher, ro, rollouts.cfg.logprob_chunk)
+    with autocast(rollouts.cfg, rollouts.device):
+        return sequence_kl(student, teacher, ro, rollouts.cfg.logprob_chunk)
 
 
 def sequence_kl(student, teacher, ro: Rollouts, chunk: int = 512) -> float:

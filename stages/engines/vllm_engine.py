@@ -45,12 +45,16 @@ def build_requests(prompts: list[list[int]], *, temperature: float, max_new_toke
     """vLLM prompts (``{"prompt_token_ids": ...}``, TokensPrompt's shape) and one ``SamplingParams`` per row.
 
     ``n=1`` per request, ``logprobs=0`` (the sampled token's log-prob only), no top-k/top-p, stop at the
-    tokenizer's EOS only (``ignore_eos=False``, ``stop_token_ids=[eos]``), EOS kept in the output.
+    tokenizer's EOS only (``ignore_eos=False``, ``stop_token_ids=[eos]``), EOS kept in the output. A negative
+    ``eos_id`` never stops a row (``ignore_eos=True``), as it never matches a token in the native engines: every
+    completion is ``max_new_tokens`` long (the benchmarks' equal-work setting).
     """
     reqs = [{"prompt_token_ids": list(p)} for p in prompts]
+    never = eos_id < 0
     params = [sampling_params_cls(n=1, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1,
                                   max_tokens=max_new_tokens, seed=request_seed(seed, first_row + i), logprobs=0,
-                                  stop_token_ids=[eos_id], skip_special_tokens=False, detokenize=False)
+                                  stop_token_ids=[] if never else [eos_id], ignore_eos=never,
+                                  skip_special_tokens=False, detokenize=False)
               for i in range(len(prompts))]
     return reqs, params
 
