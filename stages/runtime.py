@@ -195,8 +195,14 @@ class StageRun:
         teacher, t_tok = self.load_model(teacher_uri, "teacher")
         student, tok = self.load_model(student_uri, "student")
         models.check_compatible(t_tok, tok, teacher, student)
-        teacher.requires_grad_(False).eval()
-        return teacher, student, tok
+        return self.frozen(teacher), student, tok
+
+    def frozen(self, model):
+        """``model`` for inference only (a teacher): no gradients, eval mode, and under bf16 autocast held in bf16.
+        A frozen model needs no float32 master copy; autocast caches its bf16 weight casts only for weights that
+        require grad, so a float32 frozen model would be cast again at every forward (every decoded token)."""
+        model.requires_grad_(False).eval()
+        return model.to(torch.bfloat16) if self.cfg.autocast == "bfloat16" else model
 
     def trainer(self, name: str, model, optim: Optim, steps: int, metric_prefix: str = "") -> "Trainer":
         """The training loop for ``model``, restored from its last saved state when one exists."""

@@ -237,7 +237,7 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
     if cfg.teacher.engine == "local":
         model, t_tok = run.load_model(teacher_uri, "teacher")
         models.check_compatible(t_tok, tok, model, student)
-        model.requires_grad_(False).eval()
+        model = run.frozen(model)
         return LocalTeacher(model, cfg.logprob_chunk), model
     t = cfg.teacher
     server = ServerTeacher(t.resolved_url(), t.model, sequences_per_request=t.sequences_per_request,
