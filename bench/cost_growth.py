@@ -7,11 +7,11 @@ each forward + backward + AdamW, generation excluded.
 
 Sequences are synthetic token ids: a 32-token prompt and ``L - 32`` completion tokens; one axis varies at a time
 (``--lengths`` at batch ``--batch``, ``--batches`` at length ``--length``). Time: median of ``--repeats`` steps after a
-warm-up step, wall and this process's CPU time. Memory: the allocator's peak during one step above what was
-allocated before it (weights, AdamW state), from torch's own allocation records (bench/_common.peak_alloc_bytes),
+warm-up step, wall and this process's CPU time. Memory: the allocator's peak during one forward + backward above what
+was allocated before it (weights, AdamW state; the AdamW step's own peak is measured once, it does not grow), from torch's own allocation records (bench/_common.peak_alloc_bytes),
 so the [tokens x vocabulary] logits show exactly. ``unfused full`` is the same 2b loss with both models' full
 [B, L, V] logits and autograd (what the stages did before chunking), measured for memory up to ``--unfused-max``
-tokens. Writes ``<out>/cost_growth.{md,json,png}``.
+tokens (time too). Writes ``<out>/cost_growth.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -93,38 +93,46 @@ def main(argv=None) -> int:
     V = student.config.vocab_size
     amp = dict(device_type="cpu", dtype=torch.bfloat16, enabled=opts.autocast == "bfloat16")
 
-    def step(form, ro):
+    def fwd_bwd(form, ro):
         with torch.autocast(**amp):
             loss = loss_fn(form, student, teacher, ro, opts.chunk)
         loss.backward()
+
+    def opt_step():
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def step(form, ro):
+        fwd_bwd(form, ro)
+        opt_step()
 
     points = [("length", L, opts.batch, L) for L in opts.lengths] + [("batch", B, B, opts.length) for B in opts.batches]
     rows = []
     load0, t_start = os.getloadavg(), time.time()
     step("grpo", batch_of(1, 64, V, 0))  # AdamW state exists before any measurement
+    fwd_bwd("grpo", batch_of(1, 64, V, 0))
+    opt_peak_mb = peak_alloc_bytes(opt_step)[0] / 2**20  # the same at every point: the parameters' size
     for axis, x, B, L in points:
         ro = batch_of(B, L, V, seed=x)
         for form in opts.forms:
             if form == "unfused full" and B * L > opts.unfused_max:
                 continue
             row = {"axis": axis, "x": x, "batch": B, "length": L, "tokens": B * L, "form": form}
-            row["peak_mb"] = peak_alloc_bytes(lambda: step(form, ro))[0] / 2**20
-            if form != "unfused full":
-                wall, cpu = [], []
-                for _ in range(opts.repeats):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    step(form, ro)
-                    wall.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
-                row |= {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "walls": wall, "cpus": cpu}
+            row["peak_mb"] = peak_alloc_bytes(lambda: fwd_bwd(form, ro))[0] / 2**20  # forward + backward
+            opt_step()
+            wall, cpu = [], []
+            for _ in range(opts.repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                step(form, ro)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            row |= {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "walls": wall, "cpus": cpu}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("walls", "cpus")}), f"load {os.getloadavg()[0]:.1f}",
                   flush=True)
     res = {"rows": rows, "meta": {
         "command": "python bench/cost_growth.py " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
-        "threads": opts.threads, "autocast": opts.autocast, "chunk": opts.chunk, "prompt_tokens": PROMPT, "vocab": V,
+        "threads": opts.threads, "autocast": opts.autocast, "optimizer_step_peak_mb": opt_peak_mb, "chunk": opts.chunk, "prompt_tokens": PROMPT, "vocab": V,
         "load_avg_before": load0, "load_avg_after": os.getloadavg(), "wall_s": round(time.time() - t_start)}}
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "cost_growth.json").write_text(json.dumps(res, indent=1))
@@ -146,7 +154,9 @@ def markdown(res: dict) -> str:
              "other jobs; CPU time is this process's.  ",
              f"Work: student (10 layers, vocabulary {m['vocab']:,}) forward + backward + AdamW on B sequences of L tokens "
              f"({m['prompt_tokens']} prompt + L - {m['prompt_tokens']} completion); 2b forms also run the teacher's forward. "
-             "Peak memory: tensors allocated during the step above the weights and AdamW state.", "",
+             "Peak memory: tensors allocated during forward + backward above the weights and AdamW state (gradients "
+             f"included); the AdamW step itself peaks at {m['optimizer_step_peak_mb']:.0f} MB above its inputs at every "
+             "point.", "",
              "| axis | B | L | form | wall s | CPU s | peak MB |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['axis']} | {r['batch']} | {r['length']} | {r['form']} | {r.get('wall_s', float('nan')):.2f} | "
@@ -168,8 +178,7 @@ def plot(res: dict, path: Path) -> None:
                 continue
             xs = [r["x"] for r in rs]
             style = dict(marker="o", ls="--" if form == "unfused full" else "-", label=form)
-            if form != "unfused full":
-                axes[0, col].plot(xs, [r["cpu_s"] for r in rs], **style)
+            axes[0, col].plot(xs, [r["cpu_s"] for r in rs], **style)
             axes[1, col].plot(xs, [r["peak_mb"] for r in rs], **style)
         fixed = f"batch {rs[0]['batch']}" if axis == "length" else f"length {rs[0]['length']}"
         for row, what in ((0, "CPU s per step"), (1, "peak tensor MB per step")):
