@@ -23,6 +23,7 @@ Writes ``<out>/rollout_engines.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -46,8 +47,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=4, help="completions per prompt (rows = prompts x group)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--engines", nargs="*", default=["hf_generate", "hf", "vllm"])
+    p.add_argument("--engines", nargs="*", default=["hf_generate", "hf", "vllm"],
+                   choices=["hf_generate", "hf", "vllm", "hf_generate_bf16", "hf_bf16", "vllm_bf16"],
+                   help="*_bf16: under torch.autocast(bf16) (vLLM: bf16 weights); ratios are against hf_generate (fp32)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--name", default="rollout_engines", help="results file stem")
     opts = p.parse_args(argv)
     os.environ.update({"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(opts.threads),
                        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -72,8 +76,8 @@ def main(argv=None) -> int:
                    "wall_s": round(time.time() - t_start, 1), "rows": rows, "prompts": opts.prompts, "group": opts.group,
                    "new_tokens": N, "prompt_tokens": sorted({len(x) for x in prompts}), "vllm": _version("vllm")}
     opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "rollout_engines.json").write_text(json.dumps(res, indent=1))
-    (opts.out / "rollout_engines.md").write_text(markdown(res))
+    (opts.out / f"{opts.name}.json").write_text(json.dumps(res, indent=1))
+    (opts.out / f"{opts.name}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 
@@ -107,7 +111,19 @@ def bench_role(opts, path: Path, tok, prompts: list[list[int]]) -> dict:
             return int(ro.completion.sum())
         return go
 
-    arms = {"hf_generate": hf_generate, "hf": ours(hf), "vllm": ours(vllm)}
+    def bf16(fn):  # as a stage with `autocast: bfloat16` runs it (HF generate: the same autocast, for equal precision)
+        def go(seed):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(seed)
+        return go
+
+    arms = {"hf_generate": hf_generate, "hf": ours(hf), "vllm": ours(vllm), "hf_generate_bf16": bf16(hf_generate),
+            "hf_bf16": bf16(ours(hf))}
+    if "vllm_bf16" in opts.engines:  # vLLM takes the model's dtype: a bf16 copy (trainable, so its weights are pushed)
+        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        vllm_bf16 = VLLMSampler(NEVER, tok.pad_token_id, VLLMOptions(enable_sleep_mode=False, max_model_len=512))
+        arms["vllm_bf16"] = lambda seed: int(vllm_bf16.generate(model_bf16, prompts, temperature=1.0, max_new_tokens=N,
+                                                                 seed=seed).completion.sum())
     arms = {k: arms[k] for k in opts.engines}
     for name, fn in arms.items():  # warm-up (vLLM: engine start, not timed)
         t0 = time.perf_counter()
