@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -71,3 +72,24 @@ def paired(a: list[float], b: list[float]) -> dict:
         return {"n": 1, "mean": m, "lo": math.nan, "hi": math.nan, "resolved": False}
     half = t95(n - 1) * statistics.stdev(d) / math.sqrt(n)
     return {"n": n, "mean": m, "lo": m - half, "hi": m + half, "resolved": (m - half > 0) or (m + half < 0)}
+
+
+def peak_alloc_bytes(fn) -> tuple[int, object]:
+    """Peak bytes of tensor memory allocated while ``fn()`` runs, above what was allocated when it started,
+    and ``fn``'s result: torch's own allocation records (``torch.profiler`` with ``profile_memory``; each
+    ``[memory]`` event carries the allocator's running total), so it counts every tensor on the CPU, freed
+    or not, in forward and backward alike. Deterministic, unlike RSS."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0, out
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start, out

@@ -499,8 +499,12 @@ class Config(Strict):
     device: str = Field("cpu", description="cpu | cuda | cuda:N | mps (must exist where the stage runs)")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="what models are loaded and trained in (bfloat16 on the GPU presets)")
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="mixed precision: matmuls in bf16 under torch.autocast, weights and AdamW state in dtype, "
+        "log-softmax and losses in float32 (bench/results/bf16_cpu.md: faster on bf16 CPUs for real models, not tiny ones)")
     torch_threads: int | None = Field(None, gt=0, description="torch's CPU threads (null: torch's default)")
-    logprob_chunk: int = Field(512, gt=0, description="positions per chunk when computing log-probs")
+    logprob_chunk: int = Field(
+        512, gt=0, description="tokens per chunk of [tokens, vocab] logits when computing log-probs and KLs (peak memory ~ 3 x chunk x vocab x 4 B)")
     train: Train = Field(Train(), description="training-efficiency switches that change no number (not part of the stage hash)")
     checkpoint_every: int = Field(25, gt=0, description="steps between resumable training states")
     task: TaskConfig = Field(TaskConfig(), description="the problems and their reward")
@@ -560,6 +564,8 @@ class Config(Strict):
         # how the static engine decodes and vLLM's memory share change no token: not part of the hash
         shared = self.model_dump(include={"seed", "dtype", "logprob_chunk", "task", "sampling", "eval"},
                                  exclude={"sampling": {"decode", "stop_check_every", "vllm"}})
+        if self.autocast != "none":  # changes the numbers; absent when off, so older stage hashes stay valid
+            shared["autocast"] = self.autocast
         own = getattr(self, stage).model_dump(exclude=NOT_HASHED.get(stage)) if hasattr(self, stage) else {}
         if "steps" in own and stage != "bootstrap":
             own["steps"] = self.steps(stage)

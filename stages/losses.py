@@ -100,8 +100,8 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
     Used by the warmup on teacher-generated sequences (mode-covering).
     """
-    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    t_logp = F.log_softmax(at_least_f32(teacher_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
@@ -112,8 +112,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
 
     Back-propagated directly (analytic on-policy distillation), and the C2 diagnostic.
     """
-    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-    s_logp = F.log_softmax(student_logits.float(), dim=-1)
+    t_logp = F.log_softmax(at_least_f32(teacher_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
 
 
@@ -134,6 +134,161 @@ def floor_teacher_logp(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -
     floor = student_logp.detach() + TEACHER_LOGP_FLOOR
     low = ~(teacher_logp >= floor)
     return torch.where(low, floor, teacher_logp), low
+
+
+def aggregation_weights(mask: torch.Tensor, mode: Aggregation, max_len: int | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token weights w [B, T] with sum_bt w * l = :func:`aggregate` (l, mask, mode) for every l: each mode is
+    a weighted sum of the masked per-token losses (what the fused :func:`chunked_kl` needs up front).
+
+    token-mean: w = m / sum_bt m;   seq-mean: w = m / (B * sum_t m);   dr_grpo: w = m / (B * max_len)
+    """
+    m = mask.to(dtype)
+    if mode == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    if mode == "seq-mean":
+        return m / (m.sum(1, keepdim=True).clamp(min=1.0) * m.shape[0])
+    if mode == "dr_grpo":
+        return m / (m.shape[0] * (max_len or m.shape[1]))
+    raise ValueError(f"unknown aggregation '{mode}'")
+
+
+KLDirection = Literal["forward", "reverse"]
+
+
+def chunked_kl(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, weights: torch.Tensor,
+               direction: KLDirection, temperature: float = 1.0, chunk: int = 512,
+               targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Weighted full-vocabulary KL between student and teacher next-token distributions, from hidden states and
+    output-head weights, with at most ``chunk`` rows of [rows, V] logits in existence at a time (fused linear + KL).
+
+    Rows r are token positions (flattened, only those that count). With u = h_S W_S^T / T and z = h_T W_T^T / T,
+    p_S = softmax(u), p_T = softmax(z) over the V entries:
+
+        forward  (2a):  KL_r = sum_v p_T (log p_T - log p_S),    dKL_r/du = p_S - p_T
+        reverse  (2b):  KL_r = sum_v p_S (log p_S - log p_T),    dKL_r/du = p_S (log p_S - log p_T - KL_r)
+        loss = sum_r weights_r KL_r                              (weights: :func:`aggregation_weights`)
+        dloss/dh_S = G W_S,   dloss/dW_S = G^T h_S,   G_r = weights_r dKL_r/du / T      ([rows, V], one chunk at a time)
+
+    Because the loss is a weighted sum with known weights, the gradients are accumulated chunk by chunk during the
+    forward pass and only scaled by the incoming gradient in backward: no logits are recomputed or kept, and the peak
+    grows with ``chunk`` x V (plus W_S's gradient), not with rows x V. The teacher side is a constant.
+    Returns (loss, KL_r [rows] detached, log p_T(targets_r) [rows] detached or None when no targets).
+
+    Logits are taken in the weights' dtype (bf16 under ``torch.autocast``) and softmaxed in at least float32.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"unknown KL direction '{direction}'")
+    return _ChunkedKL.apply(h_s, w_s, h_t, w_t, weights, targets, direction, float(temperature), int(chunk))
+
+
+class _ChunkedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, weights, targets, direction, T, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(w_s.dtype, torch.float32)  # the softmax's dtype: float32, or float64 in the tests
+        n = h_s.shape[0]
+        kl = torch.zeros(n, dtype=acc, device=h_s.device)
+        t_chosen = None if targets is None else torch.zeros(n, dtype=acc, device=h_s.device)
+        grad_h = torch.zeros_like(h_s) if want_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if want_w else None
+        for s in range(0, n, chunk):
+            hs_c, ht_c = h_s[s : s + chunk].to(w_s.dtype), h_t[s : s + chunk].to(w_t.dtype)
+            ls = F.linear(hs_c, w_s).to(acc).div_(T).log_softmax(-1)
+            lt = F.linear(ht_c, w_t).to(acc).div_(T).log_softmax(-1)
+            if t_chosen is not None:
+                t_chosen[s : s + chunk] = lt.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            if direction == "forward":
+                p = lt.exp()  # p_T
+                kl[s : s + chunk] = lt.sub_(ls).mul_(p).sum(-1)  # in place: three [chunk, V] tensors at most
+                del lt
+                g = ls.exp_().sub_(p)  # p_S - p_T
+            else:
+                g = ls.sub(lt)  # log p_S - log p_T
+                del lt
+                p = ls.exp_()  # p_S
+                k = (p * g).sum(-1)
+                kl[s : s + chunk] = k
+                g.sub_(k[:, None]).mul_(p)
+            del p
+            if not (want_h or want_w):
+                continue
+            g.mul_((weights[s : s + chunk].to(acc) / T)[:, None])
+            if want_h:
+                grad_h[s : s + chunk] = torch.matmul(g.to(w_s.dtype), w_s).to(grad_h.dtype)
+            if want_w and grad_w.dtype == w_s.dtype and not torch.is_autocast_enabled(w_s.device.type):
+                grad_w.addmm_(g.t(), hs_c)  # no [V, H] temporary per chunk
+            elif want_w:
+                grad_w += torch.matmul(g.t().to(w_s.dtype), hs_c)
+            del g
+        loss = (kl * weights.to(acc)).sum()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w_s.dtype
+        ctx.mark_non_differentiable(kl) if t_chosen is None else ctx.mark_non_differentiable(kl, t_chosen)
+        return loss, kl, t_chosen
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl, _grad_t):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def chunked_logprobs(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                     chunk: int = 512) -> torch.Tensor:
+    """log softmax(h_r W^T / T)[targets_r] per row r, [rows, H] x [V, H] -> [rows] (fused linear + log-softmax + gather),
+    with at most ``chunk`` rows of [rows, V] logits in existence at a time, in forward and backward.
+
+        z = h W^T / T,   logp_r = z_r[x_r] - logsumexp_v z_rv
+        d logp_r / d z_r = onehot(x_r) - softmax(z_r)      -> dh = (g (onehot - p) / T) W,  dW = (g (onehot - p) / T)^T h
+
+    Forward keeps only logsumexp per row; backward recomputes one chunk's logits at a time (the incoming gradient g
+    of a policy loss is known only then). Logits in the weights' dtype (bf16 under autocast), softmax in >= float32.
+    """
+    return _ChunkedLogprobs.apply(h, w, targets, float(temperature), int(chunk))
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, T, chunk):
+        acc = torch.promote_types(w.dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        lse = torch.empty_like(out)
+        for s in range(0, h.shape[0], chunk):
+            z = F.linear(h[s : s + chunk].to(w.dtype), w).to(acc).div_(T)
+            lse[s : s + chunk] = torch.logsumexp(z, -1)
+            out[s : s + chunk] = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+        ctx.save_for_backward(h, w, targets, lse)
+        dev = w.device.type
+        ctx.T, ctx.chunk = T, chunk
+        ctx.amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))  # backward recomputes alike
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, targets, lse = ctx.saved_tensors
+        with torch.autocast(ctx.amp[0], dtype=ctx.amp[1], enabled=ctx.amp[2]):
+            return _ChunkedLogprobs._backward(ctx, h, w, targets, lse, grad)
+
+    @staticmethod
+    def _backward(ctx, h, w, targets, lse, grad):
+        T, chunk = ctx.T, ctx.chunk
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if want_w else None
+        for s in range(0, h.shape[0], chunk):
+            h_c = h[s : s + chunk].to(w.dtype)
+            g = F.linear(h_c, w).to(lse.dtype).div_(T).sub_(lse[s : s + chunk, None]).exp_()  # p
+            g.neg_().scatter_add_(-1, targets[s : s + chunk, None], torch.ones_like(g[:, :1]))  # onehot - p
+            g.mul_((grad[s : s + chunk].to(g.dtype) / T)[:, None])
+            if want_h:
+                grad_h[s : s + chunk] = torch.matmul(g.to(w.dtype), w).to(grad_h.dtype)
+            if want_w and grad_w.dtype == w.dtype and not torch.is_autocast_enabled(w.device.type):
+                grad_w.addmm_(g.t(), h_c)
+            elif want_w:
+                grad_w += torch.matmul(g.t().to(w.dtype), h_c)
+        return grad_h, None if grad_w is None else grad_w.to(w.dtype), None, None, None
 
 
 def reverse_kl_advantages(
@@ -202,7 +357,7 @@ def topk_forward_kl(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     ``teacher_logp`` are normalised log-probs (log softmax over the full vocabulary, as served); padded
     entries (fewer than k served) carry ``-inf`` and contribute 0.
     """
-    s_logp = F.log_softmax(_at_least_f32(student_logits), dim=-1)
+    s_logp = F.log_softmax(at_least_f32(student_logits), dim=-1)
     t_logp = teacher_logp.to(s_logp.dtype)
     s_k = s_logp.gather(-1, teacher_ids.clamp(min=0))
     p = t_logp.exp()
@@ -246,10 +401,11 @@ def sampled_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, log-probs) of the k most likely tokens of softmax(logits / T), [..., V] -> 2 x [..., k],
     most likely first (what vLLM's ``prompt_logprobs=k`` returns per position, ranks 1..k)."""
-    logp = F.log_softmax(_at_least_f32(logits) / temperature, dim=-1)
+    logp = F.log_softmax(at_least_f32(logits) / temperature, dim=-1)
     lp, ids = logp.topk(k, dim=-1)
     return ids, lp
 
 
-def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+def at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or in its own dtype when that is wider (float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -24,10 +24,22 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .losses import (
+    Aggregation,
+    KLDirection,
+    aggregation_weights,
+    at_least_f32,
+    chunked_kl,
+    chunked_logprobs,
+    forward_kl,
+    reverse_kl,
+)
 
 
 @dataclass
@@ -205,40 +217,92 @@ def map_positions(fn, chunk: int, *tensors: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(model, batch: Rollouts, chunk: int = 512) -> torch.Tensor:
-    """log softmax(logits/T)[x_t] for every position t >= 1, shape [B, L]; position 0 is 0; T is the
+    """log softmax(logits/T)[x_t] for every completion token t, shape [B, L], 0 on prompt and padding; T is the
     batch's sampling temperature.
 
-    Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with
-    ``batch.completion`` and ``batch.logprobs``.
+    Entry t scores token ``input_ids[:, t]`` from the prefix before it, aligned with ``batch.completion`` and
+    ``batch.logprobs``. Only completion positions reach the output head (every caller masks the rest out), ``chunk``
+    tokens of [tokens, V] logits at a time (:func:`chosen_logprobs`).
     """
-    h = hidden_states(model, batch)[:, :-1]
-    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:], batch.temperature, chunk)
-    return F.pad(lp, (1, 0))
+    rows, B, L = _completion_rows(batch)
+    h = hidden_states(model, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]
+    lp = chosen_logprobs(model.get_output_embeddings(), h, batch.input_ids[:, 1:].reshape(-1)[rows], batch.temperature, chunk)
+    return _scatter(lp, rows, B, L)
 
 
-def vocab_kl(kl, student, teacher, batch: Rollouts, chunk: int = 512, start: int = 1):
-    """A full-vocabulary divergence between student and teacher next-token distributions (both at the
-    batch's temperature) at every position predicting tokens ``start .. L-1``: [B, L - start].
+def _completion_rows(batch: Rollouts) -> tuple[torch.Tensor, int, int]:
+    """Indices into the flattened [B * (L - 1)] predicting positions whose next token is a completion token."""
+    B, L = batch.input_ids.shape
+    return batch.completion[:, 1:].reshape(-1).nonzero().squeeze(-1), B, L
 
-    ``kl(student_logits, teacher_logits)`` is :func:`stages.losses.forward_kl` or ``reverse_kl``. Only one
-    chunk of positions' [B, chunk, V] logits exists at a time (recomputed in backward). Returns the KL and
-    the teacher's hidden states at those positions (for teacher log-probs without a second forward).
+
+def _scatter(v: torch.Tensor, rows: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """Per-row values back into the [B, L] layout (entry t for the token at t; 0 elsewhere)."""
+    full = torch.zeros(B * (L - 1), dtype=v.dtype, device=v.device)
+    full = full.index_put((rows,), v)  # out of place: differentiable in v
+    return F.pad(full.view(B, L - 1), (1, 0))
+
+
+class VocabKL(NamedTuple):
+    loss: torch.Tensor  # the aggregated KL (differentiable in the student)
+    kl: torch.Tensor  # [B, L] per-token KL, detached; entry t is at the position predicting token t (0 off completion)
+    teacher_logp: torch.Tensor  # [B, L] the teacher's log p(x_t) at the batch's temperature, detached (0 off completion)
+
+
+def vocab_kl(direction: KLDirection, student, teacher, batch: Rollouts, aggregation: Aggregation = "token-mean",
+             chunk: int = 512, max_len: int | None = None) -> VocabKL:
+    """The full-vocabulary KL between student and teacher next-token distributions (both at the batch's
+    temperature) on every completion token of ``batch``, aggregated like :func:`stages.losses.aggregate`.
+
+    ``direction``: ``forward`` KL(p_T || p_S) (2a) or ``reverse`` KL(p_S || p_T) (2b, C2). Only completion positions
+    are scored (prompt and padding never count), flattened into rows, ``chunk`` rows of [rows, V] logits at a time:
+    :func:`stages.losses.chunked_kl` fuses both output heads with the KL and its gradient, so neither [B, L, V]
+    tensor exists, in forward or backward. An output head that is not a plain bias-free ``nn.Linear`` (or a
+    ZeRO-3-partitioned one) takes the unfused path: the same rows through the head modules, recomputed in backward.
+    The teacher's log-probs of the batch's tokens come from the same logits (no second teacher head pass).
     """
     T = batch.temperature
-    ht = hidden_states(teacher, batch)[:, start - 1 : -1]  # a frozen teacher runs under inference_mode
-    hs = hidden_states(student, batch)[:, start - 1 : -1]
+    rows, B, L = _completion_rows(batch)
+    acc = torch.promote_types(next(student.parameters()).dtype, torch.float32)  # float64 models: float64 weights
+    w = aggregation_weights(batch.completion[:, 1:], aggregation, max_len, acc).reshape(-1)[rows]
+    ht = hidden_states(teacher, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]  # a frozen teacher: inference_mode
+    hs = hidden_states(student, batch)[:, :-1].reshape(B * (L - 1), -1)[rows]
+    targets = batch.input_ids[:, 1:].reshape(-1)[rows]
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    return map_positions(lambda a, b: kl(s_head(a) / T, t_head(b) / T), chunk, hs, ht), ht
+    if _fusable(s_head) and _fusable(t_head):
+        loss, kl, t_lp = chunked_kl(hs, s_head.weight, ht, t_head.weight, w, direction, T, chunk, targets)
+    else:
+        fn = forward_kl if direction == "forward" else reverse_kl
+
+        def per_row(a, b, tgt):
+            zt = t_head(b) / T
+            return torch.stack([fn(s_head(a) / T, zt), F.log_softmax(zt.float(), -1).gather(-1, tgt[..., None])[..., 0]], -1)
+
+        out = map_positions(per_row, chunk, hs[None], ht[None], targets[None])[0]
+        kl, t_lp = out[:, 0], out[:, 1].detach()
+        loss = (kl * w.to(kl.dtype)).sum()
+        kl = kl.detach()
+    return VocabKL(loss, _scatter(kl, rows, B, L), _scatter(t_lp, rows, B, L))
+
+
+def _fusable(head) -> bool:
+    """A head :func:`stages.losses.chunked_kl` can read directly: a bias-free Linear with its full weight here."""
+    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
 
 
 def chosen_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-    """log softmax(head(h_t) / T)[targets_t] for hidden states ``h`` [B, K, H] already aligned with
-    ``targets`` [B, K] (h_t predicts targets_t), chunk by chunk over positions."""
+    """log softmax(head(h_t) / T)[targets_t] for hidden states ``h`` [..., H] already aligned with ``targets`` [...]
+    (h_t predicts targets_t): positions flattened into rows, ``chunk`` rows of [rows, V] logits at a time, fused with
+    the head (:func:`stages.losses.chunked_logprobs`) when it is a plain Linear, else through the head module with
+    each chunk recomputed in backward."""
+    flat_h, flat_t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if _fusable(head):
+        return chunked_logprobs(flat_h, head.weight, flat_t, temperature, chunk).view(targets.shape)
 
     def fn(h_c, t_c):
-        return F.log_softmax(head(h_c).float() / temperature, dim=-1).gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
+        return F.log_softmax(at_least_f32(head(h_c)) / temperature, dim=-1).gather(-1, t_c.unsqueeze(-1)).squeeze(-1)
 
-    return map_positions(fn, chunk, h, targets)
+    return map_positions(fn, chunk, flat_h[None], flat_t[None])[0].view(targets.shape)
 
 
 def decode(tok, rollouts: Rollouts) -> list[str]:

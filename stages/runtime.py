@@ -40,7 +40,7 @@ from .rollout import Rollouts, Sampler, concat
 from .task_contract import Problem
 from .tasks import make_task
 from .tracking import Tracker
-from .trainer import Trainer, full_weights, make_accelerator
+from .trainer import Trainer, autocast, full_weights, make_accelerator
 
 log = logging.getLogger("stages")
 
@@ -85,7 +85,7 @@ class RolloutMaker:
             lo, hi = r * len(prompts) // w, (r + 1) * len(prompts) // w
         ro = None
         if hi > lo:
-            with full_weights(model):
+            with full_weights(model), autocast(self.cfg, self.device):
                 ro = self.sampler.generate(model, prompts[lo:hi], temperature=temperature or s.temperature,
                                            max_new_tokens=max_new_tokens or s.max_new_tokens, greedy=greedy,
                                            seed=seed_for(self.cfg.seed, *scope, salt, step), first_row=lo)
@@ -237,8 +237,14 @@ class StageRun:
         teacher, t_tok = self.load_model(teacher_uri, "teacher")
         student, tok = self.load_model(student_uri, "student")
         models.check_compatible(t_tok, tok, teacher, student)
-        teacher.requires_grad_(False).eval()
-        return teacher, student, tok
+        return self.frozen(teacher), student, tok
+
+    def frozen(self, model):
+        """``model`` for inference only (a teacher): no gradients, eval mode, and under bf16 autocast held in bf16.
+        A frozen model needs no float32 master copy; autocast caches its bf16 weight casts only for weights that
+        require grad, so a float32 frozen model would be cast again at every forward (every decoded token)."""
+        model.requires_grad_(False).eval()
+        return model.to(torch.bfloat16) if self.cfg.autocast == "bfloat16" else model
 
     def trainer(self, name: str, model, optim: Optim, steps: int, metric_prefix: str = "") -> "Trainer":
         """The training loop for ``model``, restored from its last saved state when one exists."""

@@ -11,9 +11,9 @@ from math import comb
 import torch
 
 from . import cost
-from .losses import reverse_kl
 from .rollout import Rollouts, decode, vocab_kl
 from .task_contract import Problem
+from .trainer import autocast
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -113,11 +113,10 @@ def student_teacher_kl(rollouts, student, teacher, tok, prompts: list[Problem], 
     prompts = prompts[: rollouts.cfg.eval.c2_prompts]
     ro = rollouts.sample(student, tok, prompts, step=0, salt=label)
     cost.teacher_scored(ro)
-    return sequence_kl(student, teacher, ro, rollouts.cfg.logprob_chunk)
+    with autocast(rollouts.cfg, rollouts.device):
+        return sequence_kl(student, teacher, ro, rollouts.cfg.logprob_chunk)
 
 
 def sequence_kl(student, teacher, ro: Rollouts, chunk: int = 512) -> float:
     """Mean KL(student || teacher) per completion token of ``ro`` (full vocabulary, at its temperature)."""
-    kl, _ = vocab_kl(reverse_kl, student, teacher, ro, chunk)
-    mask = ro.completion[:, 1:].to(kl.dtype)
-    return float((kl * mask).sum() / mask.sum().clamp(min=1))
+    return float(vocab_kl("reverse", student, teacher, ro, "token-mean", chunk).loss)

@@ -270,7 +270,7 @@ def open_teacher(run, teacher_uri: str, tok, student=None) -> tuple[Teacher, obj
     if cfg.teacher.engine == "local":
         model, t_tok = run.load_model(teacher_uri, "teacher")
         models.check_compatible(t_tok, tok, model, student)
-        model.requires_grad_(False).eval()
+        model = run.frozen(model)
         return LocalTeacher(model, cfg.logprob_chunk), model
     t = cfg.teacher
     from .lora import adapter_entry, preflight

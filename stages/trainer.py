@@ -62,6 +62,15 @@ def make_accelerator(cfg: Config):
     return Accelerator(cpu=cfg.device == "cpu" and not deepspeed)
 
 
+def autocast(cfg: Config, device: torch.device | str):
+    """The stage's mixed-precision context (``cfg.autocast``): matmuls in bf16 under ``torch.autocast``, weights and
+    optimizer state stay in ``cfg.dtype``, the chunked log-softmax heads upcast to float32. Wraps every training step
+    (rollout, forward, loss) and the rollouts and C2 of evaluation; backward runs outside it."""
+    if cfg.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.autocast))
+
+
 def _zero_stage(acc) -> int | None:
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     return plugin.zero_stage if plugin is not None else None
@@ -129,7 +138,8 @@ class Trainer:
             self.acc.backward(loss)  # DeepSpeed: backward, average, clip and step in one call
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
-        loss.backward()
+        with torch.autocast(self.run.device.type, enabled=False):  # backward ops take the forward's dtypes
+            loss.backward()
         if self.acc.num_processes > 1:  # every rank trained on the same gathered batch: average anyway
             _all_reduce_mean([p.grad for p in self.params if p.grad is not None])
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
@@ -241,7 +251,8 @@ class Trainer:
         while self.step < self.steps:
             self._set_lr()
             t0 = time.perf_counter()
-            metrics = step_fn(self.step)
+            with autocast(self.run.cfg, self.run.device):
+                metrics = step_fn(self.step)
             metrics["step_time_s"] = time.perf_counter() - t0
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             stop = bool(metrics.pop("stop", False))

@@ -82,3 +82,12 @@ def test_yaml_file_path(tmp_path):
     p = Path(tmp_path) / "c.yaml"
     p.write_text("models: {teacher: {source: a/b}, student: {source: c/d}}\nteacher_rl: {steps: 3}\n")
     assert load_config(str(p)).teacher_rl.steps == 3
+
+
+def test_autocast_changes_the_stage_hash_only_when_on():
+    off, on = load_config("tiny"), load_config("tiny", ["autocast=bfloat16"])
+    # the hash the tiny preset had before the setting existed: published stages are not rerun by the upgrade
+    assert off.stage_hash("kl_warmup", {"t": "x"}) == "38d762eeba6a8fcd"
+    assert on.stage_hash("kl_warmup", {"t": "x"}) != off.stage_hash("kl_warmup", {"t": "x"})
+    with pytest.raises(ConfigError, match="autocast"):
+        load_config("tiny", ["autocast=float16"])

@@ -177,6 +177,11 @@ def test_vllm_requests_and_outputs_to_rollouts():
     assert reqs == [{"prompt_token_ids": [1, 5, 6]}, {"prompt_token_ids": [1, 7]}]
     assert params[0].temperature == 0.8 and params[0].max_tokens == 5 and params[0].logprobs == 0
     assert params[1].seed == request_seed(3, 5) != params[0].seed and params[0].stop_token_ids == [2]
+    assert not params[0].ignore_eos
+    # a negative EOS id (the benchmarks' "never stop"): no stop token, EOS ignored, every row max_new_tokens long
+    _, never = build_requests(prompts, temperature=1.0, max_new_tokens=5, greedy=False, seed=3, eos_id=-1,
+                              sampling_params_cls=FakeSamplingParams)
+    assert never[0].ignore_eos and never[0].stop_token_ids == []
     outs = [_fake_output([1, 5, 6], [9, 2], [-0.5, -0.1]), _fake_output([1, 7], [8, 8, 8], [-1.0, -2.0, -3.0])]
     ro = outputs_to_rollouts(prompts, outs, eos_id=2, pad_id=0)
     assert ro.prompt_len == 3 and ro.input_ids.tolist() == [[1, 5, 6, 9, 2, 0], [0, 1, 7, 8, 8, 8]]

@@ -423,3 +423,157 @@ def test_a_teacher_logprob_above_the_floor_is_left_alone():
     floored, low = floor_teacher_logp(t_lp, s_lp)
     assert low.tolist() == [[False, True]] and floored[0, 0] == t_lp[0, 0]
     assert floored[0, 1].item() == pytest.approx(-2.0 + math.log(1e-8))
+
+
+# ------------------------------------------------------------------ fused, chunked full-vocabulary KL (2a, 2b full, C2)
+from bench._common import peak_alloc_bytes  # noqa: E402
+from stages.losses import aggregation_weights, chunked_kl  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean", "dr_grpo"])
+def test_aggregation_weights_reproduce_aggregate(mode):
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        per_token = torch.randn(2, 4, generator=g, dtype=torch.float64)
+        w = aggregation_weights(M, mode, max_len=6, dtype=torch.float64)
+        assert (w * per_token).sum().item() == pytest.approx(aggregate(per_token, M, mode, max_len=6).item(), rel=1e-12)
+    with pytest.raises(ValueError):
+        aggregation_weights(M, "nope")
+
+
+def _kl_case(seed: int, n: int = 7, hidden: int = 5, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    h_s, w_s = torch.randn(n, hidden, **f64), torch.randn(vocab, hidden, **f64)
+    h_t, w_t = torch.randn(n, hidden, **f64), torch.randn(vocab, hidden, **f64) * 1.5
+    weights = torch.rand(n, **f64) * (torch.arange(n) % 3 != 1)  # some rows weigh 0
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    return h_s, w_s, h_t, w_t, weights, targets
+
+
+def _logits(h, w, T):
+    return [[sum(a * b for a, b in zip(hr, wr)) / T for wr in w] for hr in h]
+
+
+def _ref_chunked(h_s, w_s, h_t, w_t, weights, direction, T):
+    """Plain-Python float64: the logits by hand, then the KL of each row by :func:`_ref_kl`, weighted."""
+    zs, zt = _logits(h_s.tolist(), w_s.tolist(), T), _logits(h_t.tolist(), w_t.tolist(), T)
+    rows = [_ref_kl(t, s) if direction == "forward" else _ref_kl(s, t) for s, t in zip(zs, zt)]
+    return sum(w * r for w, r in zip(weights.tolist(), rows)), rows, zt
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_chunked_kl_values_match_float64_reference(direction, chunk, T):
+    h_s, w_s, h_t, w_t, weights, targets = _kl_case(5)
+    loss, kl, t_lp = chunked_kl(h_s, w_s, h_t, w_t, weights, direction, T, chunk, targets)
+    want, rows, zt = _ref_chunked(h_s, w_s, h_t, w_t, weights, direction, T)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert kl.tolist() == pytest.approx(rows, rel=1e-10, abs=1e-14)
+    for r, z in enumerate(zt):  # the teacher's log-prob of each row's target token
+        lse = max(z) + math.log(sum(math.exp(v - max(z)) for v in z))
+        assert t_lp[r].item() == pytest.approx(z[targets[r]] - lse, rel=1e-12)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_chunked_kl_gradients_match_float64_autograd_and_finite_differences(direction, chunk):
+    h_s, w_s, h_t, w_t, weights, _ = _kl_case(6)
+    T = 0.8
+    a_h, a_w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    b_h, b_w = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    loss, _, _ = chunked_kl(a_h, a_w, h_t, w_t, weights, direction, T, chunk)
+    (loss * 2.5).backward()  # an upstream gradient other than 1 scales both
+    # reference: float64 autograd through the unfused formula (log_softmax over explicit logits)
+    ls, lt = torch.log_softmax(b_h @ b_w.T / T, -1), torch.log_softmax(h_t @ w_t.T / T, -1)
+    rows = (lt.exp() * (lt - ls)).sum(-1) if direction == "forward" else (ls.exp() * (ls - lt)).sum(-1)
+    ((rows * weights).sum() * 2.5).backward()
+    assert torch.allclose(a_h.grad, b_h.grad, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(a_w.grad, b_w.grad, rtol=1e-10, atol=1e-13)
+    # and one entry of each against central differences of the plain-Python reference
+    eps = 1e-6
+    for param, grad, idx in ((h_s, a_h.grad, (2, 3)), (w_s, a_w.grad, (4, 1))):
+        plus, minus = param.clone(), param.clone()
+        plus[idx] += eps
+        minus[idx] -= eps
+        args = lambda p: (p, w_s, h_t, w_t) if param is h_s else (h_s, p, h_t, w_t)  # noqa: E731
+        fd = (_ref_chunked(*args(plus), weights, direction, T)[0] - _ref_chunked(*args(minus), weights, direction, T)[0]) / (2 * eps)
+        assert grad[idx].item() == pytest.approx(2.5 * fd, rel=1e-5, abs=1e-9)
+
+
+def test_chunked_kl_without_gradients_and_without_rows():
+    h_s, w_s, h_t, w_t, weights, _ = _kl_case(7)
+    with torch.no_grad():
+        loss, kl, t_lp = chunked_kl(h_s.requires_grad_(), w_s, h_t, w_t, weights, "reverse", 1.0, 2)
+    assert t_lp is None and not loss.requires_grad
+    assert loss.item() == pytest.approx(_ref_chunked(h_s.detach(), w_s, h_t, w_t, weights, "reverse", 1.0)[0], rel=1e-12)
+    empty = chunked_kl(h_s[:0].detach().requires_grad_(), w_s.requires_grad_(), h_t[:0], w_t, weights[:0], "forward")[0]
+    empty.backward()
+    assert empty.item() == 0.0 and (w_s.grad == 0).all()
+
+
+def test_chunked_kl_peak_memory_grows_with_the_chunk_not_with_rows_x_vocab():
+    """Forward + backward: the allocator's peak is set by chunk x V (plus the head's [V, H] gradient), whatever
+    the number of rows; the unfused loss would hold several [rows, V] tensors."""
+    V, H = 8192, 16
+
+    def peak(rows: int, chunk: int, fused: bool = True) -> int:
+        g = torch.Generator().manual_seed(rows)
+        h_s = torch.randn(rows, H, generator=g).requires_grad_()
+        w_s = torch.randn(V, H, generator=g).requires_grad_()
+        h_t, w_t = torch.randn(rows, H, generator=g), torch.randn(V, H, generator=g)
+        weights = torch.full((rows,), 1.0 / rows)
+
+        def step():
+            if fused:
+                chunked_kl(h_s, w_s, h_t, w_t, weights, "reverse", 1.0, chunk)[0].backward()
+            else:
+                ((reverse_kl(h_s @ w_s.T, h_t @ w_t.T)) * weights).sum().backward()
+        return peak_alloc_bytes(step)[0]
+
+    cv = 32 * V * 4  # one [32, V] float32 tensor: 1 MiB
+    small, large = peak(256, 32), peak(2048, 32)
+    assert large - small < cv  # 8x the rows: the [rows, H] and [rows] tensors only (~0.25 MiB here)
+    assert peak(256, 128) - small > 2 * 3 * cv  # 4x the chunk: at least two more [chunk, V] tensors' worth
+    assert large < 2048 * V * 4  # below ONE [rows, V] logits tensor
+    assert peak(2048, 32, fused=False) > 4 * large  # the unfused loss on the same rows
+
+
+from stages.losses import chunked_logprobs  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_chunked_logprobs_values_and_gradients_match_float64_references(chunk, T):
+    h, w, _, _, weights, targets = _kl_case(8)
+    a_h, a_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    got = chunked_logprobs(a_h, a_w, targets, T, chunk)
+    for r, z in enumerate(_logits(h.tolist(), w.tolist(), T)):  # plain Python: z[x] - logsumexp(z)
+        lse = max(z) + math.log(sum(math.exp(v - max(z)) for v in z))
+        assert got[r].item() == pytest.approx(z[targets[r]] - lse, rel=1e-12)
+    # gradients of a non-linear function of the log-probs (what a clipped policy loss is) against autograd
+    (torch.exp(got) * weights).sum().backward()
+    b_h, b_w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.log_softmax(b_h @ b_w.T / T, -1).gather(-1, targets[:, None])[:, 0]
+    (torch.exp(ref) * weights).sum().backward()
+    assert torch.allclose(a_h.grad, b_h.grad, rtol=1e-10, atol=1e-13)
+    assert torch.allclose(a_w.grad, b_w.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_chunked_logprobs_peak_memory_grows_with_the_chunk():
+    V, H = 8192, 16
+
+    def peak(rows: int, chunk: int) -> int:
+        g = torch.Generator().manual_seed(rows)
+        h = torch.randn(rows, H, generator=g).requires_grad_()
+        w = torch.randn(V, H, generator=g).requires_grad_()
+        t = torch.randint(0, V, (rows,), generator=g)
+        return peak_alloc_bytes(lambda: chunked_logprobs(h, w, t, 1.0, chunk).exp().sum().backward())[0]
+
+    cv = 32 * V * 4
+    small = peak(256, 32)
+    assert peak(2048, 32) - small < cv
+    assert peak(256, 128) - small >= 2 * 3 * cv  # 4x the chunk: two [chunk, V] tensors (logits, then their gradient)
+    assert peak(2048, 32) < 2048 * V * 4

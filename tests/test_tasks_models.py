@@ -247,3 +247,50 @@ def test_data_digest_covers_the_problems_and_the_plugin_source(tmp_path, monkeyp
 
     importlib.reload(sys.modules["myplug"])
     assert data_digest(make_task(cfg), ("eval",)) != a  # edited plugin code: a new identity
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_vocab_kl_on_models_equals_the_full_logits_loss(fused, monkeypatch):
+    """2a / 2b full / C2 through :func:`stages.rollout.vocab_kl` (completion rows only, fused head + KL, or the
+    unfused fallback) against the plain loss on the models' full [B, L, V] logits, float64: value, the student's
+    parameter gradients, the per-token KL and the teacher's log-probs."""
+    import torch.nn.functional as F
+
+    from stages import rollout
+    from stages.losses import aggregate, forward_kl, reverse_kl
+
+    monkeypatch.setattr(rollout, "_fusable", lambda head: fused)
+    tok = char_tokenizer()
+    teacher = tiny_qwen3(ARCH, tok, seed=1).double().eval().requires_grad_(False)
+    student = tiny_qwen3(TinyArch(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32), tok, seed=2).double()
+    ro = HFSampler(tok.eos_token_id, tok.pad_token_id, batch_size=8).generate(
+        teacher, _prompts(tok, ["7+5=", "0123+0489=", "1+1=", "99+1="]), temperature=0.8, max_new_tokens=9, seed=3)
+    assert (ro.completion.sum(1) < 9).any()  # some rows stopped early: padding inside the batch
+    mask = ro.completion[:, 1:]
+    for direction, fn in (("forward", forward_kl), ("reverse", reverse_kl)):
+        for mode in ("token-mean", "seq-mean", "dr_grpo"):
+            got = rollout.vocab_kl(direction, student, teacher, ro, mode, chunk=4, max_len=9)
+            g_got = torch.autograd.grad(got.loss, list(student.parameters()))
+            kw = dict(input_ids=ro.input_ids, attention_mask=ro.attention, position_ids=ro.positions())
+            zs, zt = student(**kw).logits[:, :-1].double() / 0.8, teacher(**kw).logits[:, :-1].double() / 0.8
+            ref_kl = fn(zs, zt)  # float32 inside; the loss below is recomputed in float64 for the gradient check
+            ls, lt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+            per_tok = (lt.exp() * (lt - ls)).sum(-1) if direction == "forward" else (ls.exp() * (ls - lt)).sum(-1)
+            ref = aggregate(per_tok, mask, mode, max_len=9)
+            g_ref = torch.autograd.grad(ref, list(student.parameters()))
+            assert got.loss.item() == pytest.approx(ref.item(), rel=1e-9)
+            for a, b in zip(g_got, g_ref):
+                assert torch.allclose(a, b, rtol=1e-7, atol=1e-11)
+            m = mask.bool()
+            assert torch.allclose(got.kl[:, 1:][m], ref_kl[m].double(), atol=1e-5) and (got.kl[:, 1:][~m] == 0).all()
+            t_lp = lt.gather(-1, ro.input_ids[:, 1:, None])[..., 0]
+            assert torch.allclose(got.teacher_logp[:, 1:][m], t_lp[m], atol=1e-12)
+    # the log-probs of the GRPO / sampled-token losses: completion tokens only, through a non-linear loss
+    lp = rollout.token_logprobs(student, ro, chunk=4)
+    ls = F.log_softmax(student(**kw).logits[:, :-1].double() / 0.8, -1)
+    ref_lp = ls.gather(-1, ro.input_ids[:, 1:, None])[..., 0]
+    assert torch.allclose(lp[:, 1:][m], ref_lp[m], rtol=1e-12) and (lp[:, 1:][~m] == 0).all() and (lp[:, 0] == 0).all()
+    g_got = torch.autograd.grad((lp.exp() * ro.completion).sum(), list(student.parameters()))
+    g_ref = torch.autograd.grad((ref_lp.exp() * mask).sum(), list(student.parameters()))
+    for a, b in zip(g_got, g_ref):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-11)

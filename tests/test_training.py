@@ -167,3 +167,24 @@ def test_onpolicy_distill_with_inf_and_sentinel_teacher_logprobs_publishes_finit
     assert all(v is not None for h in history for v in h.values()), history  # null = a non-finite number
     assert m["teacher_logp_floored"] == sum(h["teacher_floored"] for h in history)
     assert all(abs(h["kl"]) < -math.log(1e-8) + 10 and math.isfinite(h["loss"]) for h in history)
+
+
+def test_distillation_stages_run_under_bf16_autocast(boot_root, small_cfg):
+    """``autocast: bfloat16``: 2a token_kl and 2b form full train and publish with finite losses; the C2 and the
+    losses stay close to the same steps in fp32 (bf16 matmuls, float32 log-softmax)."""
+    from stages.recipes import kl_warmup, onpolicy_distill
+
+    root = Path(boot_root).parent
+    teacher, student = f"{boot_root}/bootstrap/teacher", f"{boot_root}/bootstrap/student"
+    out = {}
+    for mode in ("none", "bfloat16"):
+        cfg = small_cfg(f"autocast={mode}", "kl_warmup.steps=1", "onpolicy_distill.steps=1", "onpolicy_distill.form=full",
+                        "checkpoint_every=100")
+        r = str(root / f"r-{mode}")
+        a = kl_warmup.main(StageRun("kl_warmup", cfg, r), teacher, student)
+        onpolicy_distill.main(StageRun("onpolicy_distill", cfg, r), teacher, student)
+        hist = [json.loads(line) for line in (Path(r) / "onpolicy_distill/metrics.jsonl").read_text().splitlines()]
+        out[mode] = (a["metrics"]["c2_before"], hist[0]["loss"])
+        assert all(torch.isfinite(torch.tensor(v)) for v in out[mode])
+    assert out["bfloat16"][0] == pytest.approx(out["none"][0], rel=0.05)
+    assert out["bfloat16"][1] == pytest.approx(out["none"][1], rel=0.05)

@@ -50,12 +50,15 @@ def build_requests(prompts: list[list[int]], *, temperature: float, max_new_toke
 
     ``n=1`` per request, ``logprobs=0`` (the sampled token's log-prob only), no top-k/top-p, stop at the
     stop ids only (``eos_id``: the tokenizer's EOS and the generation config's; ``ignore_eos=False``,
-    ``stop_token_ids``), the stop token kept in the output.
+    ``stop_token_ids``), the stop token kept in the output. Negative ids never stop a row (none left:
+    ``ignore_eos=True``), as they never match a token in the native engines: every completion is then
+    ``max_new_tokens`` long (the benchmarks' equal-work setting).
     """
     reqs = [{"prompt_token_ids": list(p)} for p in prompts]
+    stop = [i for i in ([eos_id] if isinstance(eos_id, int) else eos_id) if i >= 0]
     params = [sampling_params_cls(n=1, temperature=0.0 if greedy else temperature, top_p=1.0, top_k=-1,
                                   max_tokens=max_new_tokens, seed=request_seed(seed, first_row + i), logprobs=0,
-                                  stop_token_ids=[eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                  stop_token_ids=stop, ignore_eos=not stop,
                                   skip_special_tokens=False, detokenize=False)
               for i in range(len(prompts))]
     return reqs, params

@@ -26,7 +26,7 @@ import time
 from typing import Callable, NamedTuple
 
 from .. import cost
-from ..losses import aggregate, forward_kl, sft_loss, topk_forward_kl
+from ..losses import aggregate, sft_loss, topk_forward_kl
 from ..rollout import Rollouts, decode, hidden_states, map_positions, token_logprobs, vocab_kl
 from ..runtime import StageRun
 from ..scoring import eval_metrics, student_teacher_kl
@@ -80,8 +80,7 @@ def token_kl(run: StageRun, teacher_uri: str, student_uri: str, _data_uri: str |
     def loss(step: int):
         batch, ro = _teacher_rollouts(run, teacher, tok, step)
         cost.teacher_scored(ro)  # the teacher's full distribution at every token it wrote
-        kl, _ = vocab_kl(forward_kl, student, teacher, ro, cfg.logprob_chunk)
-        return aggregate(kl, ro.completion[:, 1:], "token-mean"), ro, batch
+        return vocab_kl("forward", student, teacher, ro, "token-mean", cfg.logprob_chunk).loss, ro, batch
 
     return Form(student, tok, _exact_c2(run, student, teacher, tok), loss, "forward_kl", "full")
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import time
 
-import torch.nn.functional as F
-
 from .. import cost
-from ..losses import aggregate, floor_teacher_logp, policy_loss, reverse_kl, reverse_kl_advantages
-from ..rollout import chosen_logprobs, decode, token_logprobs, vocab_kl
+from ..losses import floor_teacher_logp, policy_loss, reverse_kl_advantages
+from ..rollout import decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
 from ..scoring import eval_metrics, student_teacher_kl
 from ..teacher import open_teacher, sampled_c2
@@ -57,14 +55,11 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
                                       max_len=cfg.sampling.max_new_tokens)
         else:
             floored = 0
-            # The KL runs on completion positions only (P-1 .. L-2 predict tokens P .. L-1): prompt positions
-            # are masked out of every aggregation anyway. The teacher's hidden states of that one forward
-            # also give its log-probs for the metrics below.
-            P = ro.prompt_len
+            # Completion positions only, chunk by chunk, both output heads fused with the KL (no [B, L, V] logits);
+            # the teacher's log-probs of the sampled tokens come from the same teacher logits, for the metrics below.
             cost.teacher_scored(ro)
-            kl, ht = vocab_kl(reverse_kl, student, teacher, ro, chunk, start=P)
-            t_lp = F.pad(chosen_logprobs(teacher.get_output_embeddings(), ht, ro.input_ids[:, P:], ro.temperature, chunk), (P, 0))
-            loss, stats = aggregate(kl, mask[:, P:], d.aggregation, cfg.sampling.max_new_tokens), {}
+            kl = vocab_kl("reverse", student, teacher, ro, d.aggregation, chunk, cfg.sampling.max_new_tokens)
+            loss, t_lp, stats = kl.loss, kl.teacher_logp, {}
         norm = trainer.update(loss)
         run.record_rollouts(step, batch, decode(tok, ro))
         n_tok = mask.sum().clamp(min=1)
