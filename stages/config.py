@@ -18,6 +18,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .limits import arithmetic_sizes_problem
 from .registry import STAGES, WORKFLOW
 
 PRESETS = Path(__file__).parent / "configs"
@@ -231,6 +232,11 @@ class TaskConfig(Strict):
         _check_template(self.prompt_template)
         if self.few_shot and not (self.kind == "arithmetic" and self.style == "question"):
             raise ValueError("few_shot is a setting of the arithmetic task's question style (task.style: question)")
+        if self.kind == "arithmetic":  # distinct problems are drawn until each split is full: a draw that cannot end
+            problem = arithmetic_sizes_problem(self.min_digits, self.max_digits, self.ops,
+                                               {**self.sizes, "few_shot": self.few_shot})
+            if problem:
+                raise ValueError(problem)
         return self
 
 

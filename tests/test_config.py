@@ -100,3 +100,14 @@ def test_autocast_changes_the_stage_hash_only_when_on():
     assert on.stage_hash("kl_warmup", {"t": "x"}) != off.stage_hash("kl_warmup", {"t": "x"})
     with pytest.raises(ConfigError, match="autocast"):
         load_config("tiny", ["autocast=float16"])
+
+
+def test_split_sizes_beyond_the_arithmetic_problem_space_are_refused_before_any_draw():
+    """The arithmetic task draws distinct problems until every split is full: sizes the digits cannot supply
+    would never finish, so the config check names the numbers instead (stages/limits.py)."""
+    with pytest.raises(ConfigError, match=r"26,400 distinct problems.*4,095"):
+        load_config("tiny", ["task.max_digits=2"])
+    with pytest.raises(ConfigError, match="few_shot|distinct problems"):
+        load_config("tiny", ["task.min_digits=1", "task.max_digits=1", "task.sizes={eval: 20}", "task.style=question",
+                             "task.few_shot=8", "task.ops=[add]"])
+    load_config("tiny", ["task.min_digits=1", "task.max_digits=1", "task.sizes={eval: 20}"])  # 20 of 55: fine
