@@ -130,3 +130,6 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     assert (second.stdout + second.stderr).count('"skipped": true') == len(STAGES)
     assert sum("s2d.stage" in r.data.tags for r in client.search_runs([exp.experiment_id])) == len(STAGES) + 1  # + promote
     assert len(client.search_model_versions("name = 's2d-student'")) == 1
+    # ... and no empty parent run: the results stay on the first run's (issue 30)
+    again = client.search_runs([exp.experiment_id], "tags.`s2d.kind` = 'workflow'")
+    assert [r.info.run_id for r in again] == [parent.info.run_id]
