@@ -202,11 +202,18 @@ def markdown(res: dict) -> str:
             cells = [f"{d[m]['median_s']:.2f} ({d[m]['median_cpu_s']:.2f})" for m in MODES]
             lines.append(f"| {role} | {kind} | " + " | ".join(cells) + " | " + " | ".join(
                 sp(m, k) for m in ("autocast", "bf16") for k in ("speedup_vs_fp32", "cpu_speedup_vs_fp32")) + " |")
-    lines += ["", "Distillation loss in each mode against fp32 (2b's fused reverse KL on one batch of student rollouts, "
-              "the student's full gradient):", "", "| mode | loss | relative difference | gradient cosine | gradient norm ratio |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Distillation loss in each mode against fp32 (2b's fused reverse KL on one batch of student rollouts, "
+        "the student's full gradient):",
+        "",
+        "| mode | loss | relative difference | gradient cosine | gradient norm ratio |",
+        "|---|---|---|---|---|",
+    ]
     for mode, a in res["agreement"].items():
-        lines.append(f"| {mode} | {a['loss']:.5f} | {a['loss_rel_diff']:.2e} | {a['grad_cosine']:.5f} | {a['grad_norm_ratio']:.4f} |")
+        lines.append(
+            f"| {mode} | {a['loss']:.5f} | {a['loss_rel_diff']:.2e} | {a['grad_cosine']:.5f} | {a['grad_norm_ratio']:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,8 @@ each forward + backward + AdamW, generation excluded.
 Sequences are synthetic token ids: a 32-token prompt and ``L - 32`` completion tokens; one axis varies at a time
 (``--lengths`` at batch ``--batch``, ``--batches`` at length ``--length``). Time: median of ``--repeats`` steps after a
 warm-up step, wall and this process's CPU time. Memory: the allocator's peak during one forward + backward above what
-was allocated before it (weights, AdamW state; the AdamW step's own peak is measured once, it does not grow), from torch's own allocation records (bench/_common.peak_alloc_bytes),
+was allocated before it (weights, AdamW state; the AdamW step's own peak is measured once, it does not grow), from
+torch's own allocation records (bench/_common.peak_alloc_bytes),
 so the [tokens x vocabulary] logits show exactly. ``unfused full`` is the same 2b loss with both models' full
 [B, L, V] logits and autograd (what the stages did before chunking), measured for memory up to ``--unfused-max``
 tokens (time too). Writes ``<out>/cost_growth.{md,json,png}``.
@@ -130,10 +131,22 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("walls", "cpus")}), f"load {os.getloadavg()[0]:.1f}",
                   flush=True)
-    res = {"rows": rows, "meta": {
-        "command": "python bench/cost_growth.py " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
-        "threads": opts.threads, "autocast": opts.autocast, "optimizer_step_peak_mb": opt_peak_mb, "chunk": opts.chunk, "prompt_tokens": PROMPT, "vocab": V,
-        "load_avg_before": load0, "load_avg_after": os.getloadavg(), "wall_s": round(time.time() - t_start)}}
+    res = {
+        "rows": rows,
+        "meta": {
+            "command": "python bench/cost_growth.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine(),
+            "threads": opts.threads,
+            "autocast": opts.autocast,
+            "optimizer_step_peak_mb": opt_peak_mb,
+            "chunk": opts.chunk,
+            "prompt_tokens": PROMPT,
+            "vocab": V,
+            "load_avg_before": load0,
+            "load_avg_after": os.getloadavg(),
+            "wall_s": round(time.time() - t_start),
+        },
+    }
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "cost_growth.json").write_text(json.dumps(res, indent=1))
     (opts.out / "cost_growth.md").write_text(markdown(res))

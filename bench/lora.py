@@ -10,7 +10,8 @@ included), modes interleaved (full, lora, full, lora, ...) so that a change of t
 the 1-minute load average is recorded before each run. samples/s is the stage's own metric (sampling +
 scoring + update of one step, the first step left out), averaged over steps. Publish: writing the model
 folder (``models.save`` / ``lora.save_adapter``) plus ``artifacts.publish`` (hashing and copying every
-file of the stage into the local root, manifest last), timed in the child; and the bytes of the weights. Writes ``lora.{json,md}``.
+file of the stage into the local root, manifest last), timed in the child; and the bytes of the weights.
+Writes ``lora.{json,md}``.
 """
 
 from __future__ import annotations
@@ -97,8 +98,19 @@ def summarize(rows: list[dict]) -> dict:
             rs = [r for r in rows if r["stage"] == stage and r["mode"] == mode]
             if not rs:
                 continue
-            s[mode] = {k: statistics.median(r[k] for r in rs) for k in ("rss_mb", "samples_per_s", "step_s", "publish_s",
-                                                                         "write_s", "published_bytes", "weights_bytes", "load_1min")}
+            s[mode] = {
+                k: statistics.median(r[k] for r in rs)
+                for k in (
+                    "rss_mb",
+                    "samples_per_s",
+                    "step_s",
+                    "publish_s",
+                    "write_s",
+                    "published_bytes",
+                    "weights_bytes",
+                    "load_1min",
+                )
+            }
             s[mode]["repeats"] = len(rs)
             s[mode]["trainable_params"] = rs[0]["trainable_params"]
         if "full" in s and "lora" in s:
@@ -134,8 +146,10 @@ def write(out: Path, result: dict) -> None:
     for stage, s in result["summary"].items():
         if "ratio_lora_over_full" in s:
             q = s["ratio_lora_over_full"]
-            lines.append(f"| {stage} | {q['rss_mb']:.2f}x | {q['samples_per_s']:.2f}x | {q['write_s']:.3f}x | {q['publish_s']:.3f}x | "
-                         f"{q['weights_bytes']:.4f}x |")
+            lines.append(
+                f"| {stage} | {q['rss_mb']:.2f}x | {q['samples_per_s']:.2f}x | {q['write_s']:.3f}x | {q['publish_s']:.3f}x | "
+                f"{q['weights_bytes']:.4f}x |"
+            )
     lines += ["", "Every run (in order):", "", "| stage | mode | load | RSS MB | samples/s | publish s | wall s |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | {r['mode']} | {r['load_1min']:.1f} | {r['rss_mb']:.0f} | {r['samples_per_s']:.3f} | "

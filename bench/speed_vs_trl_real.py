@@ -49,12 +49,22 @@ for k, v in {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DIS
 SIDES = ("ours_grpo", "trl_grpo", "ours_2a", "trl_gkd_2a", "ours_2b_full", "ours_2b_sampled", "trl_distill_2b", "trl_gkd_2b")
 ARMS = {  # name: (ours, theirs, title)
     "grpo": ("ours_grpo", "trl_grpo", "GRPO step, teacher (ours teacher_rl vs TRL GRPOTrainer)"),
-    "warmup_2a": ("ours_2a", "trl_gkd_2a", "2a forward-KL warmup on teacher samples (ours token_kl vs GKDTrainer seq_kd, beta=0)"),
-    "distill_2b_full": ("ours_2b_full", "trl_distill_2b",
-                        "2b on-policy, full-vocab reverse KL (ours form=full vs DistillationTrainer beta=1)"),
-    "distill_2b_full_gkd": ("ours_2b_full", "trl_gkd_2b", "2b on-policy, full-vocab reverse KL (ours form=full vs GKDTrainer lmbda=1, beta=1)"),
-    "distill_2b_sampled": ("ours_2b_sampled", "trl_distill_2b",
-                           "2b on-policy (ours form=sampled vs DistillationTrainer beta=1)"),
+    "warmup_2a": (
+        "ours_2a",
+        "trl_gkd_2a",
+        "2a forward-KL warmup on teacher samples (ours token_kl vs GKDTrainer seq_kd, beta=0)",
+    ),
+    "distill_2b_full": (
+        "ours_2b_full",
+        "trl_distill_2b",
+        "2b on-policy, full-vocab reverse KL (ours form=full vs DistillationTrainer beta=1)",
+    ),
+    "distill_2b_full_gkd": (
+        "ours_2b_full",
+        "trl_gkd_2b",
+        "2b on-policy, full-vocab reverse KL (ours form=full vs GKDTrainer lmbda=1, beta=1)",
+    ),
+    "distill_2b_sampled": ("ours_2b_sampled", "trl_distill_2b", "2b on-policy (ours form=sampled vs DistillationTrainer beta=1)"),
 }
 
 
@@ -269,7 +279,9 @@ def run_side(side: str, w, steps: int, opts) -> list:
     from stages.recipes import grpo, kl_warmup, onpolicy_distill
 
     if side == "ours_grpo":
-        return _ours(w, "teacher_rl", steps, [f"teacher_rl.steps={steps}"], lambda run, n: grpo.main(run, w.teacher_path, steps=n))
+        return _ours(
+            w, "teacher_rl", steps, [f"teacher_rl.steps={steps}"], lambda run, n: grpo.main(run, w.teacher_path, steps=n)
+        )
     if side == "ours_2a":
         return _ours(w, "kl_warmup", steps, [f"kl_warmup.steps={steps}", "kl_warmup.form=token_kl"],
                      lambda run, n: kl_warmup.main(run, w.teacher_path, w.student_path))
@@ -330,7 +342,11 @@ def worker(opts) -> int:
 # ------------------------------------------------------------------------------------------- parent
 def side_run(opts, side: str, profile: bool = False) -> dict:
     res = Path(tempfile.mkstemp(prefix=f"s2d-real-{side}-", suffix=".json")[1])
-    cmd = [sys.executable, __file__, "--worker", side, "--result", str(res)] + _pass_through(opts) + (["--profile"] if profile else [])
+    cmd = (
+        [sys.executable, __file__, "--worker", side, "--result", str(res)]
+        + _pass_through(opts)
+        + (["--profile"] if profile else [])
+    )
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode != 0:

@@ -145,7 +145,9 @@ def confine(uri: str, what: str) -> str | None:
         key = "/".join(segments)
         if not any(bucket == b and (not prefix or key.startswith(prefix + "/")) for b, prefix in places):
             inside = ", ".join(f"s3://{b}/{p}/" for b, p in places if b == bucket)
-            return f"{what} {shown(uri)} is outside the allowed S3 prefix {inside} (settings s2d_artifact_base, s2d_allowed_buckets)"
+            return (
+                f"{what} {shown(uri)} is outside the allowed S3 prefix {inside} (settings s2d_artifact_base, s2d_allowed_buckets)"
+            )
         return None
     if "://" in uri:
         return f"{what} {shown(uri)} is neither a local path nor s3://"
@@ -347,7 +349,8 @@ def refusal(params: dict, form: set[str]) -> str | None:
     and caps, and where artifacts may go."""
     unknown = sorted(set(params) - form)
     if unknown:
-        return f"{shown(', '.join(map(str, unknown)), quote=False)}: not a parameter of this DAG (the form's fields: {', '.join(sorted(form))})"
+        return (f"{shown(', '.join(map(str, unknown)), quote=False)}: not a parameter of this DAG "
+                f"(the form's fields: {', '.join(sorted(form))})")
     if not params.get("stages"):
         return "stages: choose at least one stage (leave stages out only for an ablation, never all of them)"
     # the form's schema says these too; checked again because they are written into the stage's command line

@@ -510,7 +510,11 @@ class Config(Strict):
         "log-softmax and losses in float32 (bench/results/bf16_cpu.md: faster on bf16 CPUs for real models, not tiny ones)")
     torch_threads: int | None = Field(None, gt=0, description="torch's CPU threads (null: torch's default)")
     logprob_chunk: int = Field(
-        512, gt=0, description="tokens per chunk of [tokens, vocab] logits when computing log-probs and KLs (peak memory ~ 3 x chunk x vocab x 4 B)")
+        512,
+        gt=0,
+        description="tokens per chunk of [tokens, vocab] logits when computing log-probs and KLs "
+                    "(peak memory ~ 3 x chunk x vocab x 4 B)",
+    )
     train: Train = Field(Train(), description="training-efficiency switches that change no number (not part of the stage hash)")
     checkpoint_every: int = Field(25, gt=0, description="steps between resumable training states")
     task: TaskConfig = Field(TaskConfig(), description="the problems and their reward")
@@ -579,7 +583,9 @@ class Config(Strict):
             own = {stage: own, "models": self.models.model_dump()}
         if stage == "import":  # a conversion: only what it converts (a task or sampling change does not redo it)
             shared = {}
-            own = {role: spec.model_dump(exclude={"lora", "adapter_base"}) for role, spec in self.models if spec.source == "import"}
+            own = {
+                role: spec.model_dump(exclude={"lora", "adapter_base"}) for role, spec in self.models if spec.source == "import"
+            }
         trains = STAGES[stage].trains if stage in STAGES else None
         if trains and getattr(self.models, trains).lora is not None:  # absent without LoRA: earlier hashes hold
             own = {**own, "lora": getattr(self.models, trains).lora.model_dump()}

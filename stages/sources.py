@@ -148,9 +148,13 @@ def check_gguf(path: Path, ref: str | None = None) -> str:
 
 def describe(model, tok) -> dict:
     cfg = model.config
-    return {"model_class": type(model).__name__, "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-            "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size,
-            "chat_template": bool(getattr(tok, "chat_template", None))}
+    return {
+        "model_class": type(model).__name__,
+        "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "layers": cfg.num_hidden_layers,
+        "vocab_size": cfg.vocab_size,
+        "chat_template": bool(getattr(tok, "chat_template", None)),
+    }
 
 
 def load_gguf(path: Path, ref: str | None = None, dtype: str = "float32"):

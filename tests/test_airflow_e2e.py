@@ -79,10 +79,15 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     assert [r["state"] for r in runs] == ["success"]
     states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", runs[0]["run_id"], "-o", "json"],
                               env, timeout=120).stdout)
-    assert {t["task_id"]: t["state"] for t in states} == {**{t: "success" for t in ["plan", *STAGES, "report", "close-runs"]},
-                                                          "teacher_data": "skipped",  # not planned: kl_warmup.form token_kl
-                                                          # the gate: the first version becomes champion, nothing to approve
-                                                          "promote": "success", "approval": "skipped", "promote_approved": "skipped", "promote_rejected": "skipped"}
+    assert {t["task_id"]: t["state"] for t in states} == {
+        **{t: "success" for t in ["plan", *STAGES, "report", "close-runs"]},
+        "teacher_data": "skipped",  # not planned: kl_warmup.form token_kl
+        # the gate: the first version becomes champion, nothing to approve
+        "promote": "success",
+        "approval": "skipped",
+        "promote_approved": "skipped",
+        "promote_rejected": "skipped",
+    }
 
     # artifacts: every stage published on S3, checksums verify, the checkpoint loads
     for stage in STAGES:
@@ -100,7 +105,9 @@ def test_dag_run_on_s3_and_mlflow_server(tmp_path, s3_bucket, mlflow_server):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.info.run_name.startswith("tiny · ") and parent.data.tags["s2d.final_student"] == "student_rl/model"
-    children = {c.info.run_name: c for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    children = {
+        c.info.run_name: c for c in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    }
     assert sorted(children) == sorted(STAGES + ["promote"])
     for c in children.values():
         assert c.data.tags["airflow.dag_id"] == "sparse_to_dense" and c.data.tags["airflow.try_number"] == "1"

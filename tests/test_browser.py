@@ -251,10 +251,22 @@ def _walk(page, stack, shots, token, typed_root):
     page.screenshot(path=shots / "6-airflow-run.png")
     assert run["state"] == "success", (states, (stack["dir"] / "stack.log").read_text()[-3000:])
     print(f"triggered run: {run['start_date']} -> {run['end_date']}")
-    assert states == {"plan": "success", "bootstrap": "success", "teacher_rl": "success", "teacher_data": "skipped",
-                      "kl_warmup": "success", "onpolicy_distill": "success", "student_rl": "skipped",
-                      "direct_grpo": "skipped", "report": "success", "close-runs": "success",
-                      "promote": "success", "approval": "skipped", "promote_approved": "skipped", "promote_rejected": "skipped"}  # the gate: first version, approval off
+    assert states == {
+        "plan": "success",
+        "bootstrap": "success",
+        "teacher_rl": "success",
+        "teacher_data": "skipped",
+        "kl_warmup": "success",
+        "onpolicy_distill": "success",
+        "student_rl": "skipped",
+        "direct_grpo": "skipped",
+        "report": "success",
+        "close-runs": "success",
+        "promote": "success",
+        "approval": "skipped",
+        "promote_approved": "skipped",
+        "promote_rejected": "skipped",
+    }  # the gate: first version, approval off
     assert json.loads((Path(typed_root) / "summary.json").read_text())["final_student"] == f"{typed_root}/onpolicy_distill/model"
 
     # MLflow: the experiment's runs, the workflow parent with one child per stage
@@ -311,7 +323,9 @@ def _walk(page, stack, shots, token, typed_root):
     assert all(t in body for t in ("s2d.teacher_version", "s2d-teacher/1", "s2d.datasets", "airflow.dag_run_id")), body[:3000]
     assert "Model registry" in body  # the sidebar's registry entry: the model-training view
     # the lineage a person clicks: the description's links to the workflow run, the training run, the teacher
-    desc_links = {a: h for a, h in page.eval_on_selector_all("a", "es => es.map(e => [e.innerText.trim(), e.getAttribute('href')])")}
+    desc_links = {
+        a: h for a, h in page.eval_on_selector_all("a", "es => es.map(e => [e.innerText.trim(), e.getAttribute('href')])")
+    }
     od = child.info.run_id
     assert desc_links.get(parent_name, "").startswith(f"#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}"), desc_links
     assert any(h.startswith(f"#/experiments/{exp.experiment_id}/runs/{od}") for h in desc_links.values()), desc_links

@@ -173,8 +173,11 @@ def test_dag_runs_every_stage_in_a_container(image, docker_url, s3_server, s3_bu
     run_id = runs[0]["run_id"]
     states = json_out(airflow(["tasks", "states-for-dag-run", "sparse_to_dense", run_id, "-o", "json"], env, timeout=120).stdout)
     # teacher_data (the stored top-k teacher data) is not planned for this config: its container exits 99
-    assert {t["task_id"]: t["state"] for t in states} == {**{t: "success" for t in TASKS}, "teacher_data": "skipped",
-                                                          **dict.fromkeys(["approval", "promote_approved", "promote_rejected"], "skipped")}
+    assert {t["task_id"]: t["state"] for t in states} == {
+        **{t: "success" for t in TASKS},
+        "teacher_data": "skipped",
+        **dict.fromkeys(["approval", "promote_approved", "promote_rejected"], "skipped"),
+    }
 
     # every task ran as a container of the image, as uid 10001; teacher_rl twice: killed (137), then retried
     ps = json.loads(podman("ps", "-a", "--filter", f"label=s2d.run_id={run_id}", "--format", "json").stdout)

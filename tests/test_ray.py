@@ -276,8 +276,12 @@ def test_missing_input_under_ray_is_a_one_line_error_not_retried(cluster, tmp_pa
 
 
 # ------------------------------------------------------------------ issue 23 item 8: the Airflow try identity on the workers
-AIRFLOW_TRY = {"AIRFLOW_CTX_DAG_ID": "sparse_to_dense", "AIRFLOW_CTX_DAG_RUN_ID": "manual__ray", "AIRFLOW_CTX_TASK_ID": "teacher_rl",
-               "AIRFLOW_CTX_TRY_NUMBER": "1"}
+AIRFLOW_TRY = {
+    "AIRFLOW_CTX_DAG_ID": "sparse_to_dense",
+    "AIRFLOW_CTX_DAG_RUN_ID": "manual__ray",
+    "AIRFLOW_CTX_TASK_ID": "teacher_rl",
+    "AIRFLOW_CTX_TRY_NUMBER": "1",
+}
 
 
 def test_workers_get_the_airflow_try_identity_but_no_credential_inside_a_uri():
@@ -332,7 +336,13 @@ def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(
     root = f"s3://{s3_bucket}/runs/ray"
     env = _ray_env(cluster, tmp_path / "mlflow.db")
     marker = secrets.token_hex(8)  # forwarded to this job's workers only: how the test finds them among other jobs'
-    env.update(AIRFLOW_TRY, S2D_TEST_JOB=marker, S2D_LOCK_LEASE_S="10", AWS_CONFIG_FILE=str(aws), AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])
+    env.update(
+        AIRFLOW_TRY,
+        S2D_TEST_JOB=marker,
+        S2D_LOCK_LEASE_S="10",
+        AWS_CONFIG_FILE=str(aws),
+        AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"],
+    )
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(k, None)
     cmd = [*_cmd(root), "--teacher", f"{boot}/bootstrap/teacher", "--set", "tracking.enabled=false"]
@@ -349,7 +359,11 @@ def test_a_ray_train_restart_inside_the_lock_lease_resumes_instead_of_lock_held(
         r.start()
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None:
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and store.read_bytes(f"{root}/teacher_rl/_resume/policy/latest.json") is None
+        ):
             time.sleep(0.2)
         assert proc.poll() is None, "".join(err_lines)[-4000:]
         while time.time() < deadline and len(_job_workers(marker)) < 2:

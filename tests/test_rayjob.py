@@ -42,15 +42,34 @@ STATUS = {
     "running": {**BASE_STATUS, "jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
     "retrying": {**BASE_STATUS, "jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": 1},
     "suspended": {**BASE_STATUS, "jobDeploymentStatus": "Suspended"},
-    "succeeded": {**BASE_STATUS, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "succeeded": 1,
-                  "endTime": "2026-11-27T09:00:00Z"},
-    "failed": {**BASE_STATUS, "jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 1, "reason": "AppFailed",
-               "message": "Job entrypoint command failed with exit code 1, last available logs: error: teacher_rl failed on Ray Train",
-               "endTime": "2026-11-27T09:00:00Z"},
-    "deadline": {**BASE_STATUS, "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
-                 "message": "The RayJob has passed the activeDeadlineSeconds. StartTime: 2026-11-27T08:00:00Z. ActiveDeadlineSeconds: 86400"},
-    "invalid": {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
-                "message": "The RayJob spec is invalid: entrypoint is required"},
+    "succeeded": {
+        **BASE_STATUS,
+        "jobDeploymentStatus": "Complete",
+        "jobStatus": "SUCCEEDED",
+        "succeeded": 1,
+        "endTime": "2026-11-27T09:00:00Z",
+    },
+    "failed": {
+        **BASE_STATUS,
+        "jobDeploymentStatus": "Failed",
+        "jobStatus": "FAILED",
+        "failed": 1,
+        "reason": "AppFailed",
+        "message": "Job entrypoint command failed with exit code 1, last available logs: error: teacher_rl failed on Ray Train",
+        "endTime": "2026-11-27T09:00:00Z",
+    },
+    "deadline": {
+        **BASE_STATUS,
+        "jobDeploymentStatus": "Failed",
+        "reason": "DeadlineExceeded",
+        "message": "The RayJob has passed the activeDeadlineSeconds. StartTime: 2026-11-27T08:00:00Z. "
+                   "ActiveDeadlineSeconds: 86400",
+    },
+    "invalid": {
+        "jobDeploymentStatus": "ValidationFailed",
+        "reason": "ValidationFailed",
+        "message": "The RayJob spec is invalid: entrypoint is required",
+    },
 }
 
 
@@ -59,7 +78,11 @@ def strict(schema):
     unknown fields: what the API server's strict field validation does with a structural schema."""
     if isinstance(schema, dict):
         schema = {k: strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -159,7 +182,9 @@ def test_job_on_its_way_is_not_done(state):
 
 def test_job_states_done_and_failed():
     assert rj.rayjob_done({**spec_stub(), "status": STATUS["succeeded"]}) is True
-    with pytest.raises(rj.RayJobFailed, match=r"failed \(jobStatus FAILED, reason AppFailed\): Job entrypoint command failed with exit code 1"):
+    with pytest.raises(
+        rj.RayJobFailed, match=r"failed \(jobStatus FAILED, reason AppFailed\): Job entrypoint command failed with exit code 1"
+    ):
         rj.rayjob_done({**spec_stub(), "status": STATUS["failed"]}, "x")
     with pytest.raises(rj.RayJobFailed, match="DeadlineExceeded.*activeDeadlineSeconds"):
         rj.rayjob_done({**spec_stub(), "status": STATUS["deadline"]})
@@ -203,7 +228,9 @@ class FakeRayJobAPI:
                 api.requests.append(("POST", ns, body))
                 name = body["metadata"]["name"]
                 if name in api.objects:
-                    return self._send(409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409})
+                    return self._send(
+                        409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409}
+                    )
                 api.objects[name] = body
                 self._send(201, body)
 
@@ -211,7 +238,9 @@ class FakeRayJobAPI:
                 ns, name = self._parts()
                 api.requests.append(("GET", ns, name))
                 if name not in api.objects:
-                    return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+                    return self._send(
+                        404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+                    )
                 obj = copy.deepcopy(api.objects[name])
                 status = api.statuses.pop(0) if len(api.statuses) > 1 else api.statuses[0]
                 if status:
@@ -222,7 +251,9 @@ class FakeRayJobAPI:
                 ns, name = self._parts()
                 api.requests.append(("DELETE", ns, name))
                 if api.objects.pop(name, None) is None:
-                    return self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404})
+                    return self._send(
+                        404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+                    )
                 self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -17,9 +17,21 @@ import pytest
 pytest.importorskip("airflow", reason="the DAG tests need the 'airflow' extra")
 from test_dag import DAGS, REPO, _container_call, load_dag  # noqa: E402
 
-PARAMS = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
-          "baseline": True, "seed": 0, "teacher_rl_steps": None, "kl_warmup_steps": None, "onpolicy_distill_steps": None,
-          "student_rl_steps": None, "direct_grpo_steps": None, "artifact_root": None, "overrides": []}
+PARAMS = {
+    "preset": "tiny",
+    "teacher": None,
+    "student": None,
+    "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
+    "baseline": True,
+    "seed": 0,
+    "teacher_rl_steps": None,
+    "kl_warmup_steps": None,
+    "onpolicy_distill_steps": None,
+    "student_rl_steps": None,
+    "direct_grpo_steps": None,
+    "artifact_root": None,
+    "overrides": [],
+}
 # sections a deployment might allow wholesale: the code and egress keys inside them stay refused
 SECTIONS = "task,models,teacher,sampling,eval,workflow,teacher_rl,bootstrap,teacher_data"
 
@@ -170,18 +182,30 @@ def test_override_keys(policy, item, said):
 # ---------------------------------------------------------------- 4: caps, bounded parsing, bounded messages
 
 CAPPED = [
-    ("teacher_rl.steps=10001", "max_steps"), ("teacher_rl={steps: 99999}", "max_steps"),
-    ("bootstrap.teacher_steps=1000000", "max_steps"), ("teacher_rl.prompts_per_step=100000", "max_prompts_per_step"),
-    ("eval.c2_prompts=5000", "max_prompts_per_step"), ("student_rl.group_size=10000", "max_group_size"),
-    ("sampling.batch_size=1000000", "max_batch_size"), ("bootstrap.batch_size=100000", "max_batch_size"),
-    ("teacher_rl.minibatches=100000", "max_batch_size"), ("teacher_rl.epochs=1000", "max_epochs"),
-    ("eval.samples=100000", "max_eval_samples"), ("sampling.max_new_tokens=1000000", "max_new_tokens"),
-    ("eval.max_new_tokens=100000", "max_new_tokens"), ("sampling={vllm: {max_model_len: 10000000}}", "max_new_tokens"),
-    ("task.sizes={bootstrap: 100000000}", "max_split_size"), ("eval.problems=10000000", "max_split_size"),
-    ("teacher_data.top_k=100000", "max_top_k"), ("logprob_chunk=10000000", "max_logprob_chunk"),
+    ("teacher_rl.steps=10001", "max_steps"),
+    ("teacher_rl={steps: 99999}", "max_steps"),
+    ("bootstrap.teacher_steps=1000000", "max_steps"),
+    ("teacher_rl.prompts_per_step=100000", "max_prompts_per_step"),
+    ("eval.c2_prompts=5000", "max_prompts_per_step"),
+    ("student_rl.group_size=10000", "max_group_size"),
+    ("sampling.batch_size=1000000", "max_batch_size"),
+    ("bootstrap.batch_size=100000", "max_batch_size"),
+    ("teacher_rl.minibatches=100000", "max_batch_size"),
+    ("teacher_rl.epochs=1000", "max_epochs"),
+    ("eval.samples=100000", "max_eval_samples"),
+    ("sampling.max_new_tokens=1000000", "max_new_tokens"),
+    ("eval.max_new_tokens=100000", "max_new_tokens"),
+    ("sampling={vllm: {max_model_len: 10000000}}", "max_new_tokens"),
+    ("task.sizes={bootstrap: 100000000}", "max_split_size"),
+    ("eval.problems=10000000", "max_split_size"),
+    ("teacher_data.top_k=100000", "max_top_k"),
+    ("logprob_chunk=10000000", "max_logprob_chunk"),
     ("torch_threads=100000", "max_torch_threads"),
     ("models.student.arch={hidden_size: 8192, layers: 64, heads: 64, kv_heads: 8, intermediate_size: 32768}", "max_model_params"),
-    ("models.teacher.arch={hidden_size: 4096, layers: 200, heads: 32, kv_heads: 8, intermediate_size: 11008}", "max_model_params"),
+    (
+        "models.teacher.arch={hidden_size: 4096, layers: 200, heads: 32, kv_heads: 8, intermediate_size: 11008}",
+        "max_model_params",
+    ),
 ]
 
 
@@ -191,8 +215,16 @@ def test_sizes_above_the_deployment_caps_are_refused(policy, item, cap):
     assert one_line(problem) and f"s2d_{cap}" in problem, problem
 
 
-@pytest.mark.parametrize("item", ['teacher_rl.steps="99999999"', "teacher_rl.steps='1000000'", "sampling={max_new_tokens: '10000000'}",
-                                  "eval.samples=[1000000]", "task.sizes={eval: '100000000'}"])
+@pytest.mark.parametrize(
+    "item",
+    [
+        'teacher_rl.steps="99999999"',
+        "teacher_rl.steps='1000000'",
+        "sampling={max_new_tokens: '10000000'}",
+        "eval.samples=[1000000]",
+        "task.sizes={eval: '100000000'}",
+    ],
+)
 def test_capped_keys_take_numbers_only(policy, item):
     """The schema would read "99999999" as a number: a capped key's value must be a number to be compared."""
     problem = refused(policy, overrides=[item])
@@ -604,7 +636,10 @@ def test_credentials_inside_uris_never_reach_a_spec(monkeypatch, runner):
     if runner == "rayjob":
         spec = s2d_rayjob.rayjob_spec("kl_warmup", ["kl_warmup"], "j")
         text = json.dumps(spec)
-        env = {e["name"]: e["value"] for e in spec["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+        env = {
+            e["name"]: e["value"]
+            for e in spec["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+        }
     elif runner == "kubernetes":
         pod = _container_call(monkeypatch, dag.task_dict["kl_warmup"], PARAMS, json.dumps({"root": "s3://b/r"}))["pod"]
         text = json.dumps(pod.to_dict(), default=str)

@@ -184,7 +184,11 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None, entry: di
         shutil.rmtree(shards)  # published in the store, not in this stage's folder
         extra |= {"store_key": entry["key"], "key_parts": entry["parts"]}
         if stored.get("producer", {}).get("root") != run.root:  # another run stored the same data meanwhile
-            extra["reused"] = {"from": entry["uri"], "key": entry["key"], **{k: stored["producer"].get(k) for k in ("run", "root")}}
+            extra["reused"] = {
+                "from": entry["uri"],
+                "key": entry["key"],
+                **{k: stored["producer"].get(k) for k in ("run", "root")},
+            }
         return run.publish({}, tok, metrics=metrics, extra=extra, elsewhere={"data": storage.join(entry["uri"], DATA)})
 
 
