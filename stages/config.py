@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import re
+import reprlib
 import string
 from pathlib import Path
 from typing import Literal
@@ -243,14 +244,23 @@ class TaskConfig(Strict):
 def _check_template(template: str) -> None:
     """A ``str.format`` template that uses only the fields a task fills in (``{problem}``)."""
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise ValueError(f"prompt_template is not a valid format string ({e}); write literal braces as {{{{ }}}}") from None
+    fields = {f for f, _, _ in parts}
     unknown = {f.split(".")[0].split("[")[0] for f in fields} - TEMPLATE_FIELDS
     if "" in unknown:
         raise ValueError("prompt_template has a positional field '{}'; name it {problem}, write literal braces as {{ }}")
     if unknown:
         raise ValueError(f"prompt_template uses unknown field(s) {sorted(unknown)}; the only field is {{problem}}")
+    # a format spec ({problem:>99999999} pads to 100 MB), a conversion or an attribute/index (reaching into
+    # the object) is never needed to place the text: only the plain field is accepted
+    odd = sorted({"{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                  for f, spec, conv in parts if f not in TEMPLATE_FIELDS or spec or conv})
+    if odd:
+        shown = ", ".join(x if len(x) <= 40 else x[:37] + "...}" for x in odd[:3])
+        raise ValueError(f"prompt_template: {shown}: only the plain field {{problem}} is allowed (no format spec, "
+                         "conversion, attribute or index)")
 
 
 class VLLMOptions(Strict):
@@ -627,14 +637,16 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+            raise ConfigError(f"--set expects key.path=value, got '{clip(item)}'")
         key, raw = item.split("=", 1)
         if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key.strip()):
-            raise ConfigError(f"--set {item}: '{key.strip()}' is not a key path like teacher_rl.steps")
+            raise ConfigError(f"--set {clip(item)}: '{clip(key.strip(), 60)}' is not a key path like teacher_rl.steps")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: value is not valid YAML: {_yaml_problem(e)}") from None
+            raise ConfigError(f"--set {clip(item)}: value is not valid YAML: {_yaml_problem(e)}") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"--set {clip(item)}: value cannot be read: {clip(str(e))}") from None
         _set_path(tree, key.strip(), value)
     try:
         return Config.model_validate(tree)
@@ -643,10 +655,24 @@ def load_config(preset_or_path: str, overrides: list[str] = ()) -> Config:
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
-            problems.append(f"{loc or '<root>'}: {msg}{got}")
-        where = f"{path.name}" + (f" with --set {', '.join(overrides)}" if overrides else "")
-        raise ConfigError(f"invalid config {where}: " + "; ".join(problems)) from None
+            got = f" (got {_SHORT.repr(err['input'])})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            problems.append(clip(f"{clip(loc, 80) or '<root>'}: {clip(msg)}{got}", 300))
+        shown = overrides[:8] + ([f"... {len(overrides) - 8} more"] if len(overrides) > 8 else [])
+        where = f"{path.name}" + (f" with --set {', '.join(clip(o) for o in shown)}" if overrides else "")
+        more = f"; ... {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ConfigError(f"invalid config {where}: " + "; ".join(problems[:8]) + more) from None
+
+
+_SHORT = reprlib.Repr()  # Python 3.11: limits are attributes
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 2
+
+
+def clip(text: str, n: int = 200) -> str:
+    """``text`` as shown in an error line: at most ``n`` characters (input is never echoed unbounded)."""
+    text = str(text)
+    return text if len(text) <= n else f"{text[: n - 30]}... ({len(text):,} characters)"
 
 
 def _yaml_problem(e: Exception) -> str:

@@ -111,3 +111,24 @@ def test_split_sizes_beyond_the_arithmetic_problem_space_are_refused_before_any_
         load_config("tiny", ["task.min_digits=1", "task.max_digits=1", "task.sizes={eval: 20}", "task.style=question",
                              "task.few_shot=8", "task.ops=[add]"])
     load_config("tiny", ["task.min_digits=1", "task.max_digits=1", "task.sizes={eval: 20}"])  # 20 of 55: fine
+
+
+@pytest.mark.parametrize("override", [
+    "task.prompt_template=" + "x" * 100_000 + "{problem:>9}",  # a huge value, and a format spec
+    "task.sizes=[" + "1," * 50_000 + "]",  # a huge list of the wrong type
+    "teacher_rl.steps=" + "9" * 5000,  # more digits than Python converts
+    "task.ops=[&a [add,add,add,add,add,add,add,add,add], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], "
+    "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], [*e,*e,*e,*e,*e,*e,*e,*e,*e]]",  # a YAML alias bomb
+    "x" * 10_000,  # not key=value
+])
+def test_errors_never_echo_unbounded_input(override):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert len(str(e.value)) < 3000 and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("template", ["Q {problem:>99999999}", "Q {problem.__class__}", "Q {problem!r}", "Q {problem[0]}"])
+def test_prompt_templates_take_the_plain_field_only(template):
+    with pytest.raises(ConfigError, match="only the plain field"):
+        load_config("tiny", [f"task.prompt_template={template!r}".replace("'", '"')])
+    load_config("tiny", ['task.prompt_template="Q: {problem} -> {{}}"'])
