@@ -68,7 +68,9 @@ def test_real_checkpoint_through_every_stage(imported, gguf_file, capsys):
     assert cli.main(["workflow", "--config", str(cfg), "--root", str(root)]) == 0
     manifests = {d.name: json.loads((d / "manifest.json").read_text()) for d in root.iterdir() if (d / "manifest.json").exists()}
     assert set(manifests) == {"import", "prune", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill", "student_rl",
-                              "direct_grpo"}
+                              "direct_grpo", "promote"}
+    # the workflow ends with the promotion gate (tracking on): the first version of the real student is promoted
+    assert manifests["promote"]["decision"]["status"] == "promoted" and manifests["promote"]["decision"]["version"] == 1
 
     # import: lineage starts at the real file; a folder vLLM and from_pretrained load
     src = manifests["import"]["sources"]["teacher"]

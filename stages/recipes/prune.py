@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..losses import aggregate, forward_kl, sft_loss
+from ..losses import sft_loss
 from ..pruning import GENERIC_PROMPTS, cut_layers, every_nth, n_params
 from ..rollout import decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
@@ -55,10 +55,8 @@ def main(run: StageRun, teacher_uri: str) -> dict:
             t1 = time.perf_counter()
             rows = run.batch_of(list(range(len(generic))), h.batch_size, step)
             batch = answers.select(rows)
-            P = batch.prompt_len
-            if h.loss == "forward_kl":
-                kl, _ = vocab_kl(forward_kl, student, teacher, batch, chunk, start=P)
-                loss = aggregate(kl, batch.completion[:, P:], "token-mean")
+            if h.loss == "forward_kl":  # per-token KL(teacher || student) on the answers' tokens, token-mean
+                loss = vocab_kl("forward", student, teacher, batch, "token-mean", chunk).loss
             else:
                 loss = sft_loss(token_logprobs(student, batch, chunk), batch.completion)
             return {"loss": float(loss.detach()), "grad_norm": trainer.update(loss),
