@@ -123,11 +123,11 @@ def bench_shape(shape: str, work: Path) -> dict:
         server = ServerTeacher(url, sequences_per_request=16, concurrency=2)
         for k in (0, 20, 64):
             t0 = time.perf_counter()
-            local.score(ro, max(k, 1))
+            local.logprobs_topk(ro, max(k, 1))
             t_local = time.perf_counter() - t0
             server.bytes_received = 0
             t0 = time.perf_counter()
-            server.score(ro, k) if k else server.logprobs(ro)
+            server.logprobs_topk(ro, k) if k else server.logprobs(ro)
             t_server = time.perf_counter() - t0
             out[f"k{k}"] = {"payload_bytes_per_token": server.bytes_received / positions,
                             "local_tokens_per_s": positions / t_local, "server_tokens_per_s": positions / t_server,

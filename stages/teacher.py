@@ -52,11 +52,11 @@ class Teacher(ABC):
     def logprobs(self, ro: Rollouts) -> torch.Tensor: ...
 
     @abstractmethod
-    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logprobs_topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log p_T(x_t) [B, L], top-k ids [B, L, k], top-k log-probs [B, L, k]) in one pass."""
 
     def topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.score(ro, k)[1:]
+        return self.logprobs_topk(ro, k)[1:]
 
     def close(self) -> None:
         pass
@@ -76,7 +76,7 @@ class LocalTeacher(Teacher):
         return token_logprobs(self.model, ro, self.chunk)
 
     @torch.no_grad()
-    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logprobs_topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # chunk by chunk over positions: one chunk's [B, chunk, V] logits at a time, [B, L, k] kept
         cost.teacher_scored(ro)
         head, T = self.model.get_output_embeddings(), ro.temperature
@@ -213,7 +213,7 @@ class ServerTeacher(Teacher):
             out[i, o + 1 : o + len(seq)] = torch.tensor(chosen_from_payload(entries, seq))
         return out.to(ro.input_ids.device)
 
-    def score(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logprobs_topk(self, ro: Rollouts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cost.teacher_scored(ro)
         B, L = ro.input_ids.shape
         chosen = torch.zeros((B, L), dtype=torch.float32)

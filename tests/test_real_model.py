@@ -188,8 +188,8 @@ def test_served_real_teacher_scores_like_the_local_one(imported, tmp_path):
         task = make_task(cfg.task)
         prompts = encode(tok, task.problems("prompts")[:3])
         ro = HFSampler(stop_ids(tok, model), tok.pad_token_id).generate(model, prompts, temperature=1.0, max_new_tokens=8, seed=1)
-        lp_s, ids_s, top_s = served.score(ro, 20)
-        lp_l, ids_l, top_l = LocalTeacher(model, 64).score(ro, 20)
+        lp_s, ids_s, top_s = served.logprobs_topk(ro, 20)
+        lp_l, ids_l, top_l = LocalTeacher(model, 64).logprobs_topk(ro, 20)
         m = ro.attention.bool().clone()
         m[torch.arange(len(ro)), ro.attention.argmax(1)] = False  # each row's first real token has no score
         assert float((lp_s - lp_l)[m].abs().max()) < 1e-3

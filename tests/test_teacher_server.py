@@ -109,7 +109,7 @@ def test_payload_as_vllm_returns_it_and_tokenizer_check(served):
     ids, lp = topk_from_payload(entries, 5)
     ro = rollouts(model, tok, 1, 1)
     ro.input_ids, ro.attention = torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)
-    chosen, l_ids, l_lp = LocalTeacher(model).score(ro, 5)
+    chosen, l_ids, l_lp = LocalTeacher(model).logprobs_topk(ro, 5)
     assert ids.tolist() == l_ids[0, 1:].tolist()
     assert torch.allclose(lp, l_lp[0, 1:], atol=1e-4)
     assert torch.allclose(torch.tensor(chosen_from_payload(entries, seq)), chosen[0, 1:], atol=1e-4)
@@ -129,9 +129,9 @@ def test_server_scores_equal_in_process_batched_and_concurrent(served):
     model.requires_grad_(False)
     ro = rollouts(model, tok, n=10)
     m = scored_mask(ro)
-    local = LocalTeacher(model).score(ro, K)
+    local = LocalTeacher(model).logprobs_topk(ro, K)
     server = ServerTeacher(url, sequences_per_request=3, concurrency=3)  # 4 requests, 3 in flight
-    remote = server.score(ro, K)
+    remote = server.logprobs_topk(ro, K)
     assert torch.allclose(local[0][m], remote[0][m], atol=1e-4)
     assert (local[1][m] == remote[1][m]).float().mean() > 0.999  # ranks equal up to float ties
     assert torch.allclose(local[2][m], remote[2][m], atol=1e-4)
@@ -172,7 +172,7 @@ def test_teacher_data_from_the_server_and_warmup_without_the_teacher(served, tmp
     model, tok = load(tdir)
     model.requires_grad_(False)
     ro, ids, lp = teacher_data.batch_tensors(rows, tok.pad_token_id)
-    chosen, l_ids, l_lp = LocalTeacher(model).score(ro, 20)
+    chosen, l_ids, l_lp = LocalTeacher(model).logprobs_topk(ro, 20)
     c = ro.completion.bool()
     assert (ids[c] == l_ids[c]).float().mean() > 0.999
     assert torch.allclose(lp[c], l_lp[c], atol=1e-4) and torch.allclose(ro.logprobs[c], chosen[c], atol=1e-4)

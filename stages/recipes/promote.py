@@ -42,7 +42,7 @@ def main(run: StageRun, *_uris: str) -> dict:
     problems = {s: run.task.problems(s)[: cfg.eval.problems] for s in sets}
     name = registered_name(cfg)
     with run.tracking(datasets=problems, context="evaluation"):
-        scores = {role: score(run, run.inputs[role], problems) for role in ROLES if run.inputs.get(role)}
+        scores = {role: problem_scores_of(run, run.inputs[role], problems) for role in ROLES if run.inputs.get(role)}
         flat = {role: [x for s in sets for x in by_set[s]] for role, by_set in scores.items()}
         cmp = {other: paired_interval(flat["model"], flat[other], p.confidence, p.method, p.resamples, cfg.seed)
                for other in ("baseline", "champion") if other in flat}
@@ -74,7 +74,7 @@ def registered_name(cfg) -> str | None:
     return (cfg.tracking.registered_models.get("student") or None) if cfg.tracking.enabled else None
 
 
-def score(run: StageRun, uri: str, problems: dict[str, list]) -> dict[str, list[float]]:
+def problem_scores_of(run: StageRun, uri: str, problems: dict[str, list]) -> dict[str, list[float]]:
     """One checkpoint's per-problem avg@k on every set (the model is freed afterwards)."""
     import torch
 

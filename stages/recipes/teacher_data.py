@@ -165,7 +165,7 @@ def generate(run: StageRun, teacher: Teacher, tok, teacher_model=None, entry: di
         for i in range(done, n_shards):
             batch = problems[i * d.rows_per_shard : (i + 1) * d.rows_per_shard]
             ro = teacher_rollouts(run, teacher, tok, batch, step=i, model=teacher_model)
-            table = to_table(batch, ro, *teacher.score(ro, d.top_k))
+            table = to_table(batch, ro, *teacher.logprobs_topk(ro, d.top_k))
             pq.write_table(table, shards / f"shard-{i:05d}.parquet")
             artifacts.save_state(run.uri, "shards", i + 1, shards,
                                  {"config_hash": run.config_hash, "mlflow_run_id": run.run_id})
