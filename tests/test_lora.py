@@ -1,7 +1,8 @@
 """LoRA adapters (``models.<role>.lora``, stages/lora.py) on the tiny models: a stage trains only an adapter
 on a frozen base and publishes it (+ the merged checkpoint) with its base's digest; resume states hold only
 the adapter and a resumed stage ends where an uninterrupted one does; downstream stages take an adapter as
-input (base + adapter, no hand merge); bad inputs are one-line errors (exit 2) before any model loads;
+input (base + adapter, no hand merge); the fused chunked full-vocabulary KL (2a token_kl, 2b full) on a LoRA
+student gives the full-logits gradients on the adapter only and moves it; bad inputs are one-line errors (exit 2) before any model loads;
 MLflow's logged models read base -> adapter -> merged. ~1 min on 2 busy cores."""
 
 import json
@@ -13,9 +14,9 @@ from conftest import TEST_OVERRIDES
 from safetensors.torch import load_file
 
 from stages import artifacts, cli, lora
-from stages.config import TinyArch, load_config
+from stages.config import LoraSpec, TinyArch, load_config
 from stages.models import char_tokenizer, load, save, tiny_qwen3
-from stages.recipes import grpo, onpolicy_distill
+from stages.recipes import grpo, kl_warmup, onpolicy_distill
 from stages.rollout import teacher_forced, token_logprobs
 from stages.runtime import StageRun
 from stages.trainer import Trainer
@@ -102,14 +103,23 @@ def test_downstream_stages_take_adapters_and_continue_them(base, tmp_path):
     teacher, student = str(base / "teacher"), str(base / "student")
     root = str(tmp_path / "root")
     cfg = cfg_with("teacher_rl.kl_coef=0", "models.student.lora={r: 4, alpha: 8}", "onpolicy_distill.steps=2",
-                   "student_rl.steps=2")
+                   "student_rl.steps=2", "kl_warmup.steps=2", "kl_warmup.form=token_kl", "onpolicy_distill.form=full")
+    before = load_file(f"{student}/model.safetensors")
     t = grpo.main(StageRun("teacher_rl", cfg, root, inputs={"policy": teacher}), teacher)
+    # 2a (token_kl) and 2b (full): the fused full-vocabulary KL on a LoRA student moves its adapter (B starts at 0)
+    w = kl_warmup.main(StageRun("kl_warmup", cfg, root, inputs={"teacher": t["outputs"]["model"], "student": student}),
+                       t["outputs"]["model"], student)
     # 2b: the teacher is base + the stage-1 adapter (no merge by hand); the student trains an adapter
     m = onpolicy_distill.main(StageRun("onpolicy_distill", cfg, root, inputs={"teacher": t["outputs"]["model"],
                                                                                "student": student}),
                               t["outputs"]["model"], student)
     a = m["adapters"]["model"]
     assert a["base"]["uri"] == student and a["continued_from"] is None
+    for out in (w, m):
+        assert out["adapters"]["model"]["base"]["uri"] == student
+        b = [v for k, v in load_file(f"{out['outputs']['model']}/adapter_model.safetensors").items() if "lora_B" in k]
+        assert b and all(v.abs().max() > 0 for v in b)
+    assert all(torch.equal(before[k], v) for k, v in load_file(f"{student}/model.safetensors").items())  # base untouched
     # stage 3 trains the same adapter further on the same base (one adapter for the student's whole chain)
     s3 = grpo.main(StageRun("student_rl", cfg, root, inputs={"policy": m["outputs"]["model"]}), m["outputs"]["model"])
     a3 = s3["adapters"]["model"]
@@ -179,3 +189,42 @@ def test_lineage_reads_base_adapter_merged(base, tmp_path):
     assert ad.tags["s2d.base.digest"] == m["adapters"]["model"]["base"]["digest"]
     assert merged.tags["s2d.kind"] == "merged" and merged.tags["s2d.merged_from.model"] == ad.model_id
     assert json.loads(json.dumps(m["adapters"]))["model"]["merged"] == "merged"
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_the_fused_vocabulary_kl_trains_only_the_adapter(base, targets):
+    """vocab_kl reads student.get_output_embeddings() and the hidden states of a model PEFT injected an adapter
+    into: the fused chunked head (a frozen plain lm_head) or the unfused path (an adapter on lm_head) gives the
+    gradients of the full-logits KL, on the adapter's weights only."""
+    from stages.losses import aggregate, forward_kl, reverse_kl
+    from stages.rollout import vocab_kl
+
+    student, tok = load(base / "student")
+    teacher, _ = load(base / "teacher")
+    teacher.requires_grad_(False)
+    lora.attach_new(student, LoraSpec(r=4, alpha=8, target_modules=targets), "student", "s", "d", None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B drawn (PEFT starts it at 0) so that A gets a gradient too
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    fused = "lm_head" not in targets
+    assert (type(student.get_output_embeddings()) is torch.nn.Linear) is fused
+    prompts = [[tok.bos_token_id] + tok(f"{a}+{a}=", add_special_tokens=False)["input_ids"] for a in (1, 23)]
+    ro = teacher_forced(tok, prompts, ["2", "46"])
+    ro.temperature = 0.7
+    adapter = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in n for n in adapter)
+    for direction, fn in (("forward", forward_kl), ("reverse", reverse_kl)):
+        student.zero_grad(set_to_none=True)
+        vocab_kl(direction, student, teacher, ro, "seq-mean", chunk=3).loss.backward()
+        got = {n: p.grad.clone() for n, p in adapter.items()}
+        assert all(p.grad is None for n, p in student.named_parameters() if n not in adapter)  # the base: none
+        student.zero_grad(set_to_none=True)
+        kw = dict(input_ids=ro.input_ids, attention_mask=ro.attention, position_ids=ro.positions())
+        with torch.no_grad():
+            zt = teacher(**kw).logits[:, :-1] / ro.temperature
+        kl = fn(student(**kw).logits[:, :-1] / ro.temperature, zt)
+        aggregate(kl, ro.completion[:, 1:], "seq-mean").backward()
+        for n, p in adapter.items():
+            assert got[n].abs().max() > 0 and torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), (direction, n)
