@@ -95,14 +95,14 @@ def test_served_teacher_loads_a_lora_teacher(lora_server, tmp_path):
     m = ro.attention.bool().clone()
     m[torch.arange(len(ro)), ro.attention.argmax(1)] = False  # scored positions: real tokens after each row's first
     # LocalTeacher.score's chosen log-probs cover every position (prompt too); .logprobs scores completion tokens only
-    local = LocalTeacher(local_model).score(ro, 1)[0]
+    local = LocalTeacher(local_model).logprobs_topk(ro, 1)[0]
     assert torch.allclose(scorer.logprobs(ro)[m], local[m], atol=1e-4)
     c = ro.completion.bool()  # the local scorer the stages use agrees on the completion tokens it scores
     assert c.any() and torch.allclose(LocalTeacher(local_model).logprobs(ro)[c], local[c], atol=1e-5)
     base_model, _ = load(tdir)
-    assert not torch.allclose(LocalTeacher(base_model.requires_grad_(False)).score(ro, 1)[0][m], local[m], atol=1e-3)
+    assert not torch.allclose(LocalTeacher(base_model.requires_grad_(False)).logprobs_topk(ro, 1)[0][m], local[m], atol=1e-3)
     # a new version under the same name, in place
     adapter2 = _publish_adapter(tdir, tmp_path / "b", 0.3, 1)
     scorer.load_adapter(scorer.model, adapter2, inplace=True)
     local2, _ = StageRun("evaluate/x", cfg, str(tmp_path / "ev")).load_model(adapter2, "teacher")
-    assert torch.allclose(scorer.logprobs(ro)[m], LocalTeacher(local2).score(ro, 1)[0][m], atol=1e-4)
+    assert torch.allclose(scorer.logprobs(ro)[m], LocalTeacher(local2).logprobs_topk(ro, 1)[0][m], atol=1e-4)
