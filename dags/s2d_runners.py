@@ -333,7 +333,12 @@ def stage_container_operator() -> type:
                 self.log.warning("removed the credential folder %s of a killed task", path)
             # new objects, never in place: a task instance runs a shallow copy of the DAG's operator, whose
             # lists it shares (an appended mount would come back in the retry: "duplicate mount")
-            base_env, base_mounts, base_labels, base_remove = dict(self.environment), list(self.mounts), self.labels, self.auto_remove
+            base_env, base_mounts, base_labels, base_remove = (
+                dict(self.environment),
+                list(self.mounts),
+                self.labels,
+                self.auto_remove,
+            )
             try:
                 self.labels = {**(self.labels or {}), "s2d.dag_id": ti.dag_id, "s2d.run_id": ti.run_id,
                                "s2d.try_number": str(ti.try_number)}

@@ -30,5 +30,7 @@ def arithmetic_sizes_problem(min_digits: int, max_digits: int, ops, sizes: dict[
     space = arithmetic_problems(min_digits, max_digits, ops)
     if need <= space * MAX_FILL:
         return None
-    return (f"task.sizes ask for {need:,} distinct problems, but {min_digits}-{max_digits}-digit {'/'.join(ops)} problems "
-            f"number {space:,} and at most {int(MAX_FILL * 100)}% of them can be drawn: raise task.max_digits or lower task.sizes")
+    return (
+        f"task.sizes ask for {need:,} distinct problems, but {min_digits}-{max_digits}-digit {'/'.join(ops)} problems "
+        f"number {space:,} and at most {int(MAX_FILL * 100)}% of them can be drawn: raise task.max_digits or lower task.sizes"
+    )

@@ -405,7 +405,9 @@ def resolve_model_uri(uri: str) -> str:
     found = artifacts.find_manifest(src)
     now = artifacts.manifest_sha256(found[0]) if found else None
     if now != pinned:
-        what = "has no manifest any more" if now is None else f"was republished (manifest sha256 {now[:12]}, pinned {pinned[:12]})"
+        what = (
+            "has no manifest any more" if now is None else f"was republished (manifest sha256 {now[:12]}, pinned {pinned[:12]})"
+        )
         raise ValueError(f"{uri}: {src} {what} since version {mv.version} of {mv.name} was registered: refusing to "
                          "resolve it to other files; register the new checkpoint or use its URI")
     return src

@@ -4,6 +4,38 @@ import pytest
 
 from stages.config import load_config
 
+# The end-to-end tier: tests that start a whole system (an image build and containers, the local stack in a
+# browser, a Ray cluster, a vLLM server or engine) and run for one to eight minutes each. `make test` (what
+# CI runs) leaves them out to stay within CI's time; `make test-all` runs everything (its system packages:
+# infra/system-packages.sh). One place says which and why; a test file or one test, by node id.
+HEAVY = {
+    "tests/test_containers.py": "builds the stage image with podman and runs the DAG in containers",
+    "tests/test_airflow_e2e.py": "the whole DAG on S3 and an MLflow server, twice",
+    "tests/test_browser.py": "the local stack driven in chromium",
+    "tests/test_approval.py": "the local stack: approval in the UI and over REST",
+    "tests/test_stack_signals.py": "starts and stops the local stack seven ways",
+    "tests/test_compose_local.py": "podman-compose (opt-in besides)",
+    "tests/test_ray.py": "a two-node Ray cluster",
+    "tests/test_vllm_engine.py": "the colocated vLLM engine",
+    "tests/test_lora_vllm.py": "the colocated vLLM engine with LoRA",
+    "tests/test_lora_served.py": "a vLLM server with LoRA",
+    "tests/test_real_model.py::test_vllm_engine_samples_the_real_model": "vLLM on the real checkpoint",
+    "tests/test_real_model.py::test_served_real_teacher_scores_like_the_local_one": "a vLLM server on the real checkpoint",
+    "tests/test_bench_paper.py::test_the_same_command_twice_gives_identical_results": "the paper table twice",
+    "tests/test_bench_paper.py::test_mechanism_mode_measures_the_2b_gain_per_digit_count": "the mechanism sweep",
+    "tests/test_bench_paper.py::test_paper_table_runs_every_arm_with_equal_student_steps": "every arm of the table",
+    "tests/test_tracking.py::test_unreachable_server_never_blocks_and_the_skip_records_the_run": "waits out timeouts",
+    "tests/test_tracking.py::test_server_killed_mid_stage_then_restarted": "an MLflow server killed and restarted",
+    "tests/test_gpu_path.py::test_stage_runs_under_deepspeed_zero3_through_accelerate_on_cpu": "DeepSpeed ZeRO-3 launch",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path, _, name = item.nodeid.partition("::")
+        if path in HEAVY or f"{path}::{name.split('[')[0]}" in HEAVY:
+            item.add_marker(pytest.mark.heavy)
+
 # Small, fast settings shared by the tests that train for real.
 TEST_OVERRIDES = [
     "tracking.enabled=false",

@@ -116,11 +116,12 @@ def test_a_new_stage_is_a_row_and_a_module(tmp_path):
     code = f"""
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
-bag = DagBag(dag_folder={str(tmp_path / 'dags')!r})
+bag = DagBag(dag_folder={str(tmp_path / "dags")!r})
 assert bag.import_errors == {{}}, bag.import_errors
 dag = bag.dags["sparse_to_dense"]
 import stages
-print("RESULT " + json.dumps({{"stages_from": stages.__file__, "tasks": {{t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}},
+print("RESULT " + json.dumps({{"stages_from": stages.__file__,
+                              "tasks": {{t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}},
     "form": dag.params.get_param("stages").schema, "params": sorted(dag.params)}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -377,7 +378,13 @@ def test_trigger_allowed_inside_the_base_and_deployment_allow_lists(monkeypatch,
     ok = _with_conf(dag, {"artifact_root": "runs/mine", "student": f"{base}/x/kl_warmup/model",
                           "overrides": ["teacher_rl.steps=3", "models.teacher.source=models:/s2d-teacher/2"]}).validate()
     assert r.refusal(ok, m.FORM) is None
-    assert contract.task_args("plan", ok, m.FORM, "sparse_to_dense", "r1")[:5] == ["plan", "--config", "tiny", "--root", "runs/mine"]
+    assert contract.task_args("plan", ok, m.FORM, "sparse_to_dense", "r1")[:5] == [
+        "plan",
+        "--config",
+        "tiny",
+        "--root",
+        "runs/mine",
+    ]
     # a symlink out of the base is followed before the check
     assert "outside the artifact base" in r.refusal({**ok, "artifact_root": "link/x"}, m.FORM)
     # the deployment widens the lists explicitly (a code-loading key only when named)
@@ -415,7 +422,9 @@ for conf in json.loads(sys.argv[1]):
     states = {{ti.task_id: str(ti.state) for ti in dr.get_task_instances()}}
     print("RESULT " + json.dumps({{"state": str(dr.state), "tasks": states}}), flush=True)
 """
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps([c for c, _ in cases])], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([c for c, _ in cases])], env=env, capture_output=True, text=True, timeout=600
+    )
     out = proc.stdout + proc.stderr
     results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     assert len(results) == len(cases), out[-5000:]
@@ -481,9 +490,21 @@ def _container_call(monkeypatch, op, params, plan_json):
     return seen
 
 
-PARAMS = {"preset": "tiny", "teacher": None, "student": None, "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
-          "baseline": True, "seed": 3, "teacher_rl_steps": 7, "kl_warmup_steps": None, "onpolicy_distill_steps": None,
-          "student_rl_steps": None, "direct_grpo_steps": None, "artifact_root": None, "overrides": []}
+PARAMS = {
+    "preset": "tiny",
+    "teacher": None,
+    "student": None,
+    "stages": ["teacher_rl", "kl_warmup", "onpolicy_distill", "student_rl"],
+    "baseline": True,
+    "seed": 3,
+    "teacher_rl_steps": 7,
+    "kl_warmup_steps": None,
+    "onpolicy_distill_steps": None,
+    "student_rl_steps": None,
+    "direct_grpo_steps": None,
+    "artifact_root": None,
+    "overrides": [],
+}
 PLAN = json.dumps({"root": "s3://b/runs/r", "parent_run_id": "abc123", "stages": []})
 
 

@@ -72,7 +72,9 @@ def test_gguf_errors_are_one_line(tmp_path, monkeypatch):
     w.add_tensor("x", torch.zeros(4).numpy())
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
     w.close()
-    with pytest.raises(sources.SourceError, match=r"architecture 'rwkv7' cannot be dequantized by transformers \(it reads: .*llama"):
+    with pytest.raises(
+        sources.SourceError, match=r"architecture 'rwkv7' cannot be dequantized by transformers \(it reads: .*llama"
+    ):
         sources.check_gguf(odd)
     # a package (already in the cache: no download) without the named file
     wheels = tmp_path / "cache" / "wheels"

@@ -2,7 +2,8 @@
 on a frozen base and publishes it (+ the merged checkpoint) with its base's digest; resume states hold only
 the adapter and a resumed stage ends where an uninterrupted one does; downstream stages take an adapter as
 input (base + adapter, no hand merge); the fused chunked full-vocabulary KL (2a token_kl, 2b full) on a LoRA
-student gives the full-logits gradients on the adapter only and moves it; bad inputs are one-line errors (exit 2) before any model loads;
+student gives the full-logits gradients on the adapter only and moves it; bad inputs are one-line errors (exit 2)
+before any model loads;
 MLflow's logged models read base -> adapter -> merged. ~1 min on 2 busy cores."""
 
 import json
@@ -35,8 +36,12 @@ def cfg_with(*extra):
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("lora")
     tok = char_tokenizer()
-    save(tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, seed=0), tok, d / "teacher")
-    save(tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, seed=1), tok, d / "student")
+    save(
+        tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, seed=0), tok, d / "teacher"
+    )
+    save(
+        tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, seed=1), tok, d / "student"
+    )
     return d
 
 
@@ -69,7 +74,9 @@ def test_grpo_trains_and_publishes_only_the_adapter_and_resumes(base, tmp_path, 
     assert seen["optimized"] == a["trainable_params"] < seen["total"] / 10  # the optimizer sees the adapter only
     out = Path(m["outputs"]["model"])
     assert sorted(p.name for p in out.iterdir() if "token" not in p.name) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert (out / "adapter_model.safetensors").stat().st_size < (Path(m["outputs"]["merged"]) / "model.safetensors").stat().st_size / 5
+    assert (out / "adapter_model.safetensors").stat().st_size < (
+        Path(m["outputs"]["merged"]) / "model.safetensors"
+    ).stat().st_size / 5
     assert states and all(s == ["adapter.safetensors", "optimizer.pt", "rollouts.jsonl"] for s in states)  # resume: adapter only
     assert all(torch.equal(before[k], v) for k, v in load_file(f"{teacher}/model.safetensors").items())  # base untouched
 
@@ -95,7 +102,10 @@ def test_grpo_trains_and_publishes_only_the_adapter_and_resumes(base, tmp_path, 
         grpo.main(StageRun("teacher_rl", cfg_with(), root, inputs={"policy": teacher}), teacher)
     monkeypatch.setattr(Trainer, "update", real_update)
     m2 = grpo.main(StageRun("teacher_rl", cfg_with(), root, inputs={"policy": teacher}), teacher)
-    w1, w2 = load_file(f"{m['outputs']['model']}/adapter_model.safetensors"), load_file(f"{m2['outputs']['model']}/adapter_model.safetensors")
+    w1, w2 = (
+        load_file(f"{m['outputs']['model']}/adapter_model.safetensors"),
+        load_file(f"{m2['outputs']['model']}/adapter_model.safetensors"),
+    )
     assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 

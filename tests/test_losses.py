@@ -499,7 +499,9 @@ def test_chunked_kl_gradients_match_float64_autograd_and_finite_differences(dire
         plus[idx] += eps
         minus[idx] -= eps
         args = lambda p: (p, w_s, h_t, w_t) if param is h_s else (h_s, p, h_t, w_t)  # noqa: E731
-        fd = (_ref_chunked(*args(plus), weights, direction, T)[0] - _ref_chunked(*args(minus), weights, direction, T)[0]) / (2 * eps)
+        fd = (_ref_chunked(*args(plus), weights, direction, T)[0] - _ref_chunked(*args(minus), weights, direction, T)[0]) / (
+            2 * eps
+        )
         assert grad[idx].item() == pytest.approx(2.5 * fd, rel=1e-5, abs=1e-9)
 
 

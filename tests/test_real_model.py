@@ -198,7 +198,9 @@ def test_served_real_teacher_scores_like_the_local_one(imported, tmp_path):
         student = root / "prune/student"
         if not (student / "config.json").exists():  # this test alone: the teacher stands in as the student
             student = teacher_dir
-        run = StageRun("onpolicy_distill", cfg, str(tmp_path / "r"), inputs={"teacher": str(teacher_dir), "student": str(student)})
+        run = StageRun(
+            "onpolicy_distill", cfg, str(tmp_path / "r"), inputs={"teacher": str(teacher_dir), "student": str(student)}
+        )
         manifest = onpolicy_distill.main(run, str(teacher_dir), str(student))
         assert manifest["teacher_engine"] == "server" and manifest["steps"] == 1
     finally:

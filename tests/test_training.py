@@ -160,7 +160,12 @@ def test_onpolicy_distill_with_inf_and_sentinel_teacher_logprobs_publishes_finit
 
     monkeypatch.setattr(LocalTeacher, "logprobs", broken)
     t, s = f"{boot_root}/bootstrap/teacher", f"{boot_root}/bootstrap/student"
-    run = StageRun("onpolicy_distill", small_cfg("onpolicy_distill.steps=2", "onpolicy_distill.form=sampled"), boot_root, inputs={"teacher": t, "student": s})
+    run = StageRun(
+        "onpolicy_distill",
+        small_cfg("onpolicy_distill.steps=2", "onpolicy_distill.form=sampled"),
+        boot_root,
+        inputs={"teacher": t, "student": s},
+    )
     m = onpolicy_distill.main(run, t, s)
     history = [json.loads(r) for r in (Path(boot_root) / "onpolicy_distill" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and all(h["teacher_floored"] > 0 for h in history)

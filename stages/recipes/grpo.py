@@ -33,7 +33,11 @@ def main(run: StageRun, policy_uri: str, steps: int | None = None) -> dict:
     model, tok = run.load_model(policy_uri, spec.trains)
     ref = None
     if g.kl_coef > 0:  # the initial policy; with LoRA the adapter's initial weights swapped in (no second base)
-        ref = lora.Reference(model) if lora.adapter_of(model) else contextlib.nullcontext(copy.deepcopy(model).requires_grad_(False))
+        ref = (
+            lora.Reference(model)
+            if lora.adapter_of(model)
+            else contextlib.nullcontext(copy.deepcopy(model).requires_grad_(False))
+        )
     eval_set = run.task.problems("eval")
     trainer = run.trainer("policy", model, g.optim, steps)  # restored from its last saved state, if any
     n_prompts, G = g.prompts_per_step, g.group_size
