@@ -145,7 +145,9 @@ def located(uri: str) -> str:
         return uri
     stage_uri, m = found
     name = uri.rstrip("/")[len(stage_uri):].strip("/")
-    there = m.get("outputs", {}).get(name) if name else None
+    if not name or any(rel.startswith(name + "/") for rel in m.get("files", {})):
+        return uri  # the manifest lists its files here (a copied or moved stage folder included)
+    there = m.get("outputs", {}).get(name)
     return there if there and there.rstrip("/") != uri.rstrip("/") else uri
 
 

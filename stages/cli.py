@@ -365,6 +365,8 @@ def _promote(args, cfg, root: str, workflow, resolve_model_uri) -> int:
 
 
 def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
+    from .config import InputError
+
     if args.command == "plan":  # validate, open (or find) the MLflow parent run, print the stage plan
         steps = workflow.plan(cfg, root)
         if mismatch := workflow.budget_mismatch(cfg):
@@ -393,12 +395,19 @@ def _run(args, cfg, root: str, workflow, resolve_model_uri) -> int:
     # models:/<name>/<version> (or @alias) names a registered version: its checkpoint URI is the input
     inputs = workflow.stage_inputs(cfg, root, cmd, {k: v and resolve_model_uri(v) for k, v in explicit.items()})
     from .lora import preflight as lora_preflight
+    from .storage import ArtifactError
 
     for what, uri in inputs.items():
         role = STAGES[cmd].inputs[what]
         check_input(uri, what, cfg.models.teacher if role == "teacher" else cfg.models.student)
-        lora_preflight(cfg, cmd, role, uri)  # LoRA: an adapter input's base digest, target modules
-    check_tokenizers(cfg, cmd, inputs)  # from the tokenizer files alone, before any model loads
+        try:
+            lora_preflight(cfg, cmd, role, uri)  # LoRA: an adapter input's base digest, target modules
+        except ArtifactError as e:  # a damaged or incomplete input is the caller's to fix: exit 2
+            raise InputError(f"{what}: {e}") from None
+    try:
+        check_tokenizers(cfg, cmd, inputs)  # from the tokenizer files alone, before any model loads
+    except ArtifactError as e:
+        raise InputError(str(e)) from None
     name = f"evaluate/{args.label}" if cmd == "evaluate" else cmd
     from .teacher import TeacherUnavailable
 

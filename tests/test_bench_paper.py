@@ -155,13 +155,13 @@ def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
 def test_mechanism_mode_measures_the_2b_gain_per_digit_count(tmp_path):
     """--digits: full vs no-2b vs warmup-only at equal teacher tokens, one task per digit count (test-sized)."""
     sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16"] for a in ("--set", o)]
-    proc = run_bench("--preset", "cpu", "--digits", "2", "3", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
+    proc = run_bench("--preset", "cpu", "--digits", "3", "4", "--seeds", "0", "1", "--root", str(tmp_path / "runs"),
                      "--out", str(tmp_path / "out"), "--workers", "2", *sets)
     assert proc.returncode == 0
     result = json.loads((tmp_path / "out" / "mechanism_paper-cpu.json").read_text())
-    assert [m["digits"] for m in result["mechanism"]] == [2, 3]
+    assert [m["digits"] for m in result["mechanism"]] == [3, 4]
     bench = load("paper_table")
     for m in result["mechanism"]:
         assert {r["arm"] for r in m["rows"]} == set(bench.MECHANISM_ARMS) | {"base student (no training)"}
     md = (tmp_path / "out" / "mechanism_paper-cpu.md").read_text()
-    assert "| 2 |" in md and "| 3 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000
+    assert "| 3 |" in md and "| 4 |" in md and (tmp_path / "out" / "mechanism_paper-cpu.png").stat().st_size > 5_000

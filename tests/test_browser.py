@@ -254,6 +254,8 @@ def _walk(page, stack, shots, token, typed_root):
     assert states == {
         "plan": "success",
         "bootstrap": "success",
+        "import": "skipped",  # setup stages of other model sources: not planned
+        "prune": "skipped",
         "teacher_rl": "success",
         "teacher_data": "skipped",
         "kl_warmup": "success",

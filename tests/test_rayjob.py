@@ -407,7 +407,7 @@ def test_dag_parses_with_rayjob_runner_and_has_create_wait_delete_per_stage(monk
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
     t = bag.dags["sparse_to_dense"].task_dict
-    for stage in table.GPU_STAGES:
+    for stage in (n for n in table.GPU_STAGES if n in table.TASKS):  # a RayJob per training stage; the gate runs as a pod
         create, wait, delete = t[f"{stage}.create"], t[f"{stage}.wait"], t[f"{stage}.delete"]
         assert type(create).__mro__[1].__name__ == "KubernetesCreateResourceOperator"
         assert wait.downstream_task_ids >= {f"{stage}.delete"} and f"{stage}.wait" in create.downstream_task_ids

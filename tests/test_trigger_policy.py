@@ -428,8 +428,8 @@ def test_local_runner_passes_arguments_as_data_and_an_allow_listed_environment(t
     (res,), _ = _dag_tests(env, [conf])
     assert res["state"].endswith("success"), res
     records = {p.stem: json.loads(p.read_text()) for p in dump.glob("*.json")}
-    assert set(records) == {"plan", "bootstrap", "teacher_rl", "teacher_data", "kl_warmup", "onpolicy_distill",
-                            "student_rl", "direct_grpo", "report", "close-runs"}
+    assert set(records) == {"plan", "bootstrap", "import", "prune", "teacher_rl", "teacher_data", "kl_warmup",
+                            "onpolicy_distill", "student_rl", "direct_grpo", "report", "promote", "close-runs"}
     for name, rec in records.items():
         assert rec["argv"] == ["-m", "stages", "--args-env"], name
         sets = [rec["args"][i + 1] for i, a in enumerate(rec["args"]) if a == "--set"]
