@@ -217,7 +217,8 @@ class LocalStore(Store):
         p = self._p(uri)
         return p.read_bytes() if p.is_file() else None
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
+    def _commit(self, uri: str, data: bytes, move) -> bool:
+        """Write ``data`` to a synced temporary next to ``uri``, then ``move(tmp, dst)`` it into place."""
         dst = self._p(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(tmp_name(dst.name))
@@ -226,9 +227,12 @@ class LocalStore(Store):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, dst)
+            return move(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self._commit(uri, data, os.replace)
 
     def list(self, prefix: str) -> list[str]:
         root = self._p(prefix)
@@ -248,21 +252,14 @@ class LocalStore(Store):
             self._p(uri).unlink(missing_ok=True)
 
     def write_new(self, uri: str, data: bytes) -> bool:
-        dst = self._p(uri)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(tmp_name(dst.name))
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+        def link(tmp, dst) -> bool:  # atomic, and fails when dst exists (a rename would replace it)
             try:
-                os.link(tmp, dst)  # atomic, and fails when dst exists (a rename would replace it)
+                os.link(tmp, dst)
             except FileExistsError:
                 return False
             return True
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        return self._commit(uri, data, link)
 
     def local_path(self, uri: str) -> Path | None:
         return self._p(uri)
