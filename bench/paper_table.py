@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -211,6 +212,12 @@ def main(argv=None) -> int:
     p.add_argument("--select-only", action="store_true",
                    help="only the learning-rate selection (first seed): the values to put in a preset, e.g. "
                         "--preset stages/configs/tiny.yaml for the demo")
+    p.add_argument("--sweep", choices=("all", "direct"), default="all",
+                   help="which learning rates are chosen on validation: all (2a/2b, stage 3, direct GRPO) or only direct "
+                        "GRPO's (the stages keep the preset's rates: cheaper, for a preset whose rates are already chosen)")
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="only these arms (names or their slugs: full, no-warmup-no-2a, no-on-policy-no-2b, "
+                        "raw-teacher-no-1, direct-grpo, ...); default: all")
     p.add_argument("--root", default=None, help="artifact root (default runs/bench-paper-<preset>)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     p.add_argument("--workers", type=int, default=2, help="arms run side by side in this many processes")
@@ -225,6 +232,9 @@ def main(argv=None) -> int:
             if (need := sum(cfg0.task.sizes.values())) > (room := distinct_problems(cfg0.task.ops, min(2, d), d)) * 0.9:
                 raise ConfigError(f"--digits {d}: the splits need {need} distinct problems and {d}-digit tasks have "
                                   f"about {room}; use more digits or smaller task.sizes")
+        known = [*arms(cfg0), "direct GRPO"]
+        if bad := [a for a in args.arms or [] if a not in known and a not in map(arm_key, known)]:
+            raise ConfigError(f"--arms {' '.join(bad)}: no such arm (arms: {', '.join(map(arm_key, known))})")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -248,8 +258,11 @@ def main(argv=None) -> int:
             stem_name = f"mechanism_{cfg0.name}"
         else:
             seeds = args.seeds[:1] if args.select_only else args.seeds
-            result = run_table(base, overrides, seeds, root, pool, sweep={"rl": args.lrs, "distill": args.distill_lrs},
-                               only=("full", "direct GRPO") if args.select_only else None)  # those rows come from the sweep
+            sweep = {"rl": args.lrs, "distill": args.distill_lrs, "stages": args.sweep == "all"}
+            only = ("full", "direct GRPO") if args.select_only else args.arms  # the selection's rows come from the sweep
+            if args.select_only and args.sweep == "direct":
+                only = ("direct GRPO",)
+            result = run_table(base, overrides, seeds, root, pool, sweep=sweep, only=only)
             stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
     finally:
         pool.shutdown()
@@ -285,13 +298,9 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed."""
     cfg0 = load_config(base, overrides)
     k = cfg0.eval.samples
-    boot_root = storage.join(root, "base")
-    boot, boot_reused = workflow.run_stage(load_config(base, overrides + ["seed=0"]), boot_root, "bootstrap", {})
-    base_t, base_s = boot["outputs"]["teacher"], boot["outputs"]["student"]
-    print(
-        f"[base] teacher avg@{k} {boot['metrics'][f'teacher.eval.avg@{k}']:.3f}  student {boot['metrics'][f'student.eval.avg@{k}']:.3f}",  # noqa: E501
-        flush=True,
-    )
+    boot, boot_reused, base_t, base_s = base_models(base, overrides, storage.join(root, "base"))
+    print(f"[base] teacher avg@{k} {boot['metrics'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}  "
+          f"student {boot['metrics'][f'student.eval.avg@{k}']:.3f}", flush=True)
     # stage 1 once per seed; every arm with an RL'd teacher reads it
     t_arm = {"teacher": "base", "stages": ["teacher_rl"], "set": []}
     t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], storage.join(root, f"seed{s}", "teacher"),
@@ -303,6 +312,8 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         teacher_rows.append({"seed": s, "before": tm["metrics"][f"eval_before.avg@{k}"], "after": tm["metrics"][f"eval.avg@{k}"],
                              "wall_s": tm["wall_time_s"], "labeled": tm["labeled_examples"]})
         print(f"[seed {s}] C1 teacher avg@{k} {teacher_rows[-1]['before']:.3f} -> {teacher_rows[-1]['after']:.3f}", flush=True)
+    # a base teacher that was imported, not bootstrapped, is scored by stage 1 before its first update
+    boot["metrics"].setdefault(f"teacher.eval.avg@{k}", teacher_rows[0]["before"])
 
     def submit(seed: int, name: str, arm: dict, extra: list[str], where: str, validate: bool = False):
         teacher = rl_teacher[seed] if arm["teacher"] == "rl" else base_t
@@ -312,7 +323,19 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     budget = cfg0.student_step_budget()
     table = arms(cfg0)
     chosen, selection, reuse, sweep_jobs = [], [], {}, []
-    if sweep:
+    if sweep and not sweep.get("stages", True):
+        # only direct GRPO's rate is chosen on validation; the stages keep the preset's rates
+        g_jobs = {lr: submit(seeds[0], "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True)
+                  for lr in sweep["rl"]}
+        g_val, best_g, g_ext = choose(g_jobs, lambda lr: submit(seeds[0], "direct GRPO", direct(lr, budget), [],
+                                                                 f"sweep/direct-lr{lr:g}", True),
+                                      lambda job: job.result()["val"])
+        selection = [{"what": "direct GRPO lr", "values": g_val, "chosen": best_g, "extended": g_ext}]
+        print("[select] direct GRPO lr: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in g_val.items()) + f" -> {best_g:g}",
+              flush=True)
+        chosen, reuse, sweep_jobs = [f"direct_grpo.optim.lr={best_g}"], {"direct GRPO": g_jobs[best_g]}, list(g_jobs.values())
+        table["direct GRPO"] = direct(best_g, budget)
+    elif sweep:
         # Selection on the validation split of the first seed, never on eval. The 2a/2b learning rate is
         # swept on the full arm (stage 3 at the preset's rate), then stage 3's on the full arm at the chosen
         # 2a/2b rate; direct GRPO sweeps its own. Every arm then runs at the chosen values.
@@ -354,14 +377,14 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         table["direct GRPO"] = direct(best_g, budget)
     else:
         table["direct GRPO"] = direct(cfg0.direct_grpo.optim.lr, budget)
-    names = [n for n in table if only is None or n in only]
+    names = [n for n in table if only is None or n in only or arm_key(n) in only]
     jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], chosen, _slug(n))
             for s in seeds for n in names]
     rows = [j.result() for j in jobs]
     # stage runs this command made or found published: bootstrap, stage 1, every arm once (sweep points included)
     outs = [j.result() for j in {id(j): j for j in [*t_jobs, *jobs, *sweep_jobs]}.values()]
-    reused = int(boot_reused) + sum(o["stages_reused"] for o in outs)
-    stages = {"reused": reused, "run": 1 + sum(o["stages"] for o in outs) - reused}
+    reused = boot["stages"] * int(boot_reused) + sum(o["stages_reused"] for o in outs)
+    stages = {"reused": reused, "run": boot["stages"] + sum(o["stages"] for o in outs) - reused}
     for seed in seeds:
         # the base student, for reference (no training; C2 against the same RL teacher)
         rows.append(
@@ -384,7 +407,24 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
             "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
             "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows, "stages": stages,
             "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
+            "base_stages": " + ".join(s["stage"] for s in workflow.plan(
+                load_config(base, overrides + ["workflow.stages=[]", "workflow.baseline=false"]), storage.join(root, "base"))),
             "params": {"teacher": boot["metrics"].get("teacher.params"), "student": boot["metrics"].get("student.params")}}
+
+
+def base_models(base: str, overrides: list[str], root: str) -> tuple[dict, bool, str, str]:
+    """The base models every seed shares, like a pretrained checkpoint: the preset's setup stages (``bootstrap``,
+    or ``import`` and ``prune`` for a real checkpoint) run once at seed 0. Returns (their metrics in one
+    manifest-like dict, whether all were already published, the base teacher URI, the base student URI)."""
+    cfg = load_config(base, overrides + ["seed=0", "workflow.stages=[]", "workflow.baseline=false"])
+    merged, reused, wall = {}, True, 0.0
+    for step in workflow.plan(cfg, root):  # with no workflow stage planned, only the setup stages remain
+        manifest, skipped = workflow.run_stage(cfg, root, step["stage"], step["inputs"])
+        merged |= manifest["metrics"]
+        reused &= skipped
+        wall += manifest.get("wall_time_s") or 0.0
+    return ({"metrics": merged, "wall_time_s": wall, "stages": len(workflow.plan(cfg, root))}, reused,
+            workflow.base_uri(cfg, root, "teacher"), workflow.base_uri(cfg, root, "student"))
 
 
 def next_lr(lr: float, up: bool) -> float:
@@ -409,6 +449,11 @@ def choose(jobs: dict, make, val, max_extend: int = 2) -> tuple[dict, float, lis
         added.append(nxt)
         best = max(scores, key=scores.get)
     return dict(sorted(scores.items())), best, added
+
+
+def arm_key(name: str) -> str:
+    """An arm's name as a command-line word: "no warmup (no 2a)" -> no-warmup-no-2a."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def _slug(name: str) -> str:
@@ -487,7 +532,7 @@ def render(result: dict) -> str:
         f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
         f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.",
         "",
-        f"Base models (bootstrap, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
+        f"Base models ({result.get('base_stages', 'bootstrap')}, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
         f"student {result['bootstrap'].get(f'student.eval.avg@{k}', float('nan')):.3f}. "
         f"Stage 1 ({lab_t} labeled examples): teacher avg@{k} "
         + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f}" for r in t)
