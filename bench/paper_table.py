@@ -300,7 +300,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     k = cfg0.eval.samples
     boot, boot_reused, base_t, base_s = base_models(base, overrides, storage.join(root, "base"))
     print(f"[base] teacher avg@{k} {boot['metrics'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}  "
-          f"student {boot['metrics'][f'student.eval.avg@{k}']:.3f}", flush=True)
+          f"student {boot['metrics'].get(f'student.eval.avg@{k}', float('nan')):.3f}", flush=True)
     # stage 1 once per seed; every arm with an RL'd teacher reads it
     t_arm = {"teacher": "base", "stages": ["teacher_rl"], "set": []}
     t_jobs = [pool.submit(run_arm_summary, base, overrides + [f"seed={s}"], storage.join(root, f"seed{s}", "teacher"),
@@ -391,7 +391,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
             {
                 "arm": "base student (no training)",
                 "seed": seed,
-                f"avg@{k}": boot["metrics"][f"student.eval.avg@{k}"],
+                f"avg@{k}": boot["metrics"].get(f"student.eval.avg@{k}", float("nan")),  # nan: a base given as a path
                 f"pass@{k}": boot["metrics"].get(f"student.eval.pass@{k}"),
                 "greedy": boot["metrics"].get("student.eval.greedy"),
                 "student_steps": 0,
@@ -515,6 +515,10 @@ def _reused(result: dict) -> str:
             "the wall time is not a from-scratch time)")
 
 
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"  # base models given as paths: their stage metrics are not at hand
+
+
 def render(result: dict) -> str:
     k = result["k"]
     rows = summary(result)
@@ -530,9 +534,9 @@ def render(result: dict) -> str:
         f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall{_reused(result)}.  ",
         f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out eval problems (k = {k} samples each); "
         f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
-        f"teacher {result['params']['teacher']:,} parameters, student {result['params']['student']:,}.",
+        f"teacher {_count(result['params']['teacher'])} parameters, student {_count(result['params']['student'])}.",
         "",
-        f"Base models ({result.get('base_stages', 'bootstrap')}, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
+        f"Base models ({result.get('base_stages') or 'given as paths'}, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
         f"student {result['bootstrap'].get(f'student.eval.avg@{k}', float('nan')):.3f}. "
         f"Stage 1 ({lab_t} labeled examples): teacher avg@{k} "
         + ", ".join(f"seed {r['seed']}: {r['before']:.3f} -> {r['after']:.3f}" for r in t)

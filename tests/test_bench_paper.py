@@ -139,7 +139,30 @@ def test_paired_interval_matches_a_hand_computation():
     assert not common.paired([0.3, 0.5, 0.4], [0.1, 0.2, 0.3])["resolved"]
 
 
-@pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"]])  # 1-digit tasks: too few distinct problems
+def test_only_some_arms_and_only_direct_grpos_rate(tmp_path):
+    """--arms runs only the named arms (by key); --sweep direct chooses only direct GRPO's rate on validation
+    (the stages keep the preset's); the base models may be given as paths (a real preset's published import/prune)."""
+    sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16", "sampling.max_new_tokens=24"] for a in ("--set", o)]
+    bench = load("paper_table")
+    args = ["--preset", "cpu", "--seeds", "0", "--lrs", "0.001", "0.0003", "--sweep", "direct", *sets,
+            "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert bench.main([*args, "--arms", "no-warmup-no-2a", "direct-grpo", "--root", str(tmp_path / "runs")]) == 0
+    result = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
+    assert {r["arm"] for r in result["rows"]} == {"no warmup (no 2a)", "direct GRPO", "base student (no training)"}
+    assert [s["what"] for s in result["selection"]] == ["direct GRPO lr"]
+    assert {float(v) for v in result["selection"][0]["values"]} >= {0.001, 0.0003}  # JSON keys: strings
+    assert result["chosen"] == [f"direct_grpo.optim.lr={result['selection'][0]['chosen']}"]
+    # the same base models given as paths: no setup stage runs under the new root, the same numbers come out
+    base = tmp_path / "runs" / "base" / "bootstrap"
+    assert bench.main([*args, "--arms", "direct-grpo", "--root", str(tmp_path / "again"), "--set",
+                       f"models.teacher.source={base / 'teacher'}", "--set", f"models.student.source={base / 'student'}"]) == 0
+    again = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
+    assert not (tmp_path / "again" / "base").exists() or not any((tmp_path / "again" / "base").iterdir())
+    assert again["selection"] == result["selection"]
+
+
+@pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"],  # 1-digit tasks: too few problems
+                                 ["--arms", "full", "no-such-arm"]])
 def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "paper_table.py"), "--preset", "cpu", *bad, "--root", str(tmp_path)],
@@ -148,7 +171,7 @@ def test_bad_preset_or_override_is_a_one_line_error(tmp_path, bad):
         text=True,
         check=False,
     )
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and bad[1].split("=")[0] in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and bad[-1].split("=")[0] in proc.stderr
     assert not (tmp_path / "base").exists()  # nothing ran
 
 
