@@ -178,3 +178,20 @@ def test_plateaued_warmup_stops_early_and_distillation_takes_its_steps(small_cfg
     plain = small_cfg(*warm, "kl_warmup.c2_patience=2")
     c = onpolicy_distill.main(StageRun("onpolicy_distill", plain, root, inputs=inputs), t, w)
     assert (c["steps"], c["student_steps"], c["unused_warmup_steps"]) == (1, 1, 0)
+
+
+def test_the_workflow_keeps_equal_student_budgets_when_2a_stops_early(small_cfg, tmp_path):
+    """Through the workflow: 2a stops after 1 of its 4 steps, 2b does 1 + 3, so the student's steps (1 + 4 + 2)
+    equal direct GRPO's (the configured 4 + 1 + 2) and the headline says the budgets are equal."""
+    from stages import workflow
+
+    cfg = small_cfg("kl_warmup.steps=4", "kl_warmup.c2_every=1", "kl_warmup.c2_patience=1", "kl_warmup.c2_min_delta=0.5",
+                    "kl_warmup.optim.lr=1e-12", "onpolicy_distill.steps=1", "onpolicy_distill.take_unused_warmup=true",
+                    "promote.enabled=false")
+    root = str(tmp_path / "run")
+    h = workflow.run(cfg, root)["headline"]
+    steps = {s: artifacts.read_manifest(f"{root}/{s}")["student_steps"] for s in ("kl_warmup", "onpolicy_distill")}
+    assert steps == {"kl_warmup": 1, "onpolicy_distill": 4}
+    assert h["workflow_student_steps"] == h["direct_grpo_steps"] == cfg.student_step_budget() == 4 + 1 + 2
+    assert h["equal_budgets"] is True
+    assert workflow.all_published(cfg, root)  # a rerun skips every stage
