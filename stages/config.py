@@ -404,7 +404,7 @@ class WarmupConfig(Strict):
     """Forward KL(teacher || student), full vocabulary, on teacher rollouts. ``form: seq_sft`` is the
     sequence-level control: cross-entropy on the teacher's sampled tokens only (hard labels)."""
 
-    steps: int = Field(50, ge=0, description="update steps (fewer when c2_target stops it early)")
+    steps: int = Field(50, ge=0, description="update steps: the most it runs (fewer when c2_target or c2_patience stops it)")
     # topk: forward KL over the teacher's stored top-k + a tail bucket, trained from stage teacher_data's
     # Parquet (the teacher is not loaded for training)
     form: Literal["token_kl", "seq_sft", "topk"] = Field(
@@ -414,13 +414,23 @@ class WarmupConfig(Strict):
         32, gt=0, description="prompts per step, completed by the teacher (topk: stored rollouts per step)")
     c2_target: float | None = Field(None, gt=0, description="stop early when KL(student||teacher) falls below")
     c2_every: int = Field(10, gt=0, description="steps between C2 measurements (and early-stop checks)")
+    c2_patience: int | None = Field(
+        None, gt=0, description="stop early once C2 has not improved on its best (the value before training included) "
+                                "by more than c2_min_delta for this many measurements in a row (null: never)")
+    c2_min_delta: float = Field(
+        0.02, ge=0, lt=1, description="the relative drop of C2 below its best that counts as an improvement for "
+                                      "c2_patience (0.02: 2%)")
     optim: Optim = Field(Optim(lr=1e-3), description="this stage's optimizer")
 
 
 class DistillConfig(Strict):
     """On-policy reverse KL on student rollouts with the teacher's dense per-token reward."""
 
-    steps: int = Field(50, ge=0, description="update steps")
+    steps: int = Field(50, ge=0, description="update steps (more with take_unused_warmup)")
+    take_unused_warmup: bool = Field(
+        False, description="add the steps an early-stopped kl_warmup left unused (its steps minus the steps it did, "
+                           "from its manifest) to steps, keeping the student's total; none when the student input is "
+                           "not a kl_warmup output or it ran all its steps")
     prompts_per_step: int = Field(32, gt=0, description="prompts per step, completed by the student")
     form: Literal["sampled", "full"] = Field(
         "sampled", description="sampled: per-token reward on the sampled tokens | full: analytic reverse KL over the vocabulary")
@@ -589,6 +599,11 @@ class Config(Strict):
         own = getattr(self, stage).model_dump(exclude=NOT_HASHED.get(stage)) if hasattr(self, stage) else {}
         if "steps" in own and stage != "bootstrap":
             own["steps"] = self.steps(stage)
+        # options added after stages were published: absent while off, so earlier stage hashes stay valid
+        if stage == "kl_warmup" and own.get("c2_patience") is None:  # c2_min_delta means nothing without it
+            own = {k: v for k, v in own.items() if k not in ("c2_patience", "c2_min_delta")}
+        if stage == "onpolicy_distill" and not own.get("take_unused_warmup"):
+            own.pop("take_unused_warmup", None)
         if stage in ("bootstrap", "prune"):
             own = {stage: own, "models": self.models.model_dump()}
         if stage == "import":  # a conversion: only what it converts (a task or sampling change does not redo it)

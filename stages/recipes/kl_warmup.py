@@ -3,8 +3,10 @@
     loss = mean over completion tokens of  KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
 
 Prompts only (no answers). It brings the student within a small KL of the teacher (the paper's
-condition C2), measured as KL(student || teacher) on student rollouts before and after; it stops
-early once that falls below ``kl_warmup.c2_target``.
+condition C2), measured as KL(student || teacher) on student rollouts before and after and every
+``kl_warmup.c2_every`` steps. ``kl_warmup.steps`` is the most it runs: it stops early once C2 falls below
+``kl_warmup.c2_target``, or (``kl_warmup.c2_patience``) once C2 has stopped improving (:func:`c2_stop`);
+stage 2b can take the steps it left unused (``onpolicy_distill.take_unused_warmup``).
 
 ``kl_warmup.form`` picks how the teacher's distribution reaches the loss, one function each (:data:`FORMS`):
 
@@ -58,18 +60,47 @@ def main(run: StageRun, teacher_uri: str, student_uri: str, teacher_data_uri: st
                "completion_len": float(ro.completion.sum()) / len(ro), "samples_per_s": len(ro) / (time.perf_counter() - t0)}
         if (step + 1) % w.c2_every == 0:
             out["c2"] = form.c2(f"c2-{step}")
-            out["stop"] = w.c2_target is not None and out["c2"] < w.c2_target
+            # the best C2 and the count of measurements without improvement live in the trainer's state:
+            # a resumed run decides as the uninterrupted one would
+            reason = c2_stop(trainer.state, out["c2"], w.c2_target, w.c2_patience, w.c2_min_delta)
+            out["stop"] = reason is not None
+            if reason:
+                trainer.state["stop_reason"] = reason
         return out
 
     with run.tracking(trainer, {"prompts": run.task.problems("prompts")}):
         if "c2_before" not in trainer.state:  # a resumed run keeps the value measured before any update
             trainer.state["c2_before"] = form.c2("c2")
+            trainer.state["c2_best"], trainer.state["c2_stale"] = trainer.state["c2_before"], 0
         history = trainer.fit(step_fn)
         metrics = {f"eval.{k}": v for k, v in eval_metrics(run.rollout_maker, student, tok, run.task.problems("eval")).items()}
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": form.c2("c2")}
-        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
-                 "stopped_early": trainer.step < w.steps, "c2_estimator": form.c2_estimator}
+        stopped = trainer.step < w.steps
+        # max_steps: what onpolicy_distill.take_unused_warmup adds to stage 2b is max_steps - steps
+        extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step, "max_steps": w.steps,
+                 "stopped_early": stopped, "stop_reason": trainer.state.get("stop_reason") if stopped else None,
+                 "c2_estimator": form.c2_estimator}
         return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)
+
+
+def c2_stop(state: dict, c2: float, target: float | None, patience: int | None, min_delta: float) -> str | None:
+    """Record one C2 measurement in ``state`` and say whether stage 2a stops: ``"c2_target"`` (C2 fell below
+    ``target``), ``"c2_plateau"`` (``patience`` measurements in a row without improving on the best by more
+    than ``min_delta``, relative), or None. ``state`` holds ``c2_best`` and ``c2_stale`` (JSON, kept in the
+    trainer's resume state); the caller seeds ``c2_best`` with the value before training.
+
+    The best moves only on an improvement: a slow steady decline, each step below ``min_delta``, still
+    resets the count once it adds up to more than ``min_delta`` below the best."""
+    best = state.get("c2_best")
+    if best is None or c2 < best - min_delta * abs(best):
+        state["c2_best"], state["c2_stale"] = c2, 0
+    else:
+        state["c2_stale"] = state.get("c2_stale", 0) + 1
+    if target is not None and c2 < target:
+        return "c2_target"
+    if patience is not None and state["c2_stale"] >= patience:
+        return "c2_plateau"
+    return None
 
 
 def token_kl(run: StageRun, teacher_uri: str, student_uri: str, _data_uri: str | None = None) -> Form:

@@ -8,20 +8,28 @@ Full-vocabulary form (``onpolicy_distill.form: full``; TRL GKD beta=1):
 
 Prompts only (no answers): the reward is the teacher, not a verifier.
 
+``onpolicy_distill.take_unused_warmup``: when the student input is a kl_warmup output that stopped early
+(C2 reached its target or stopped improving), this stage runs ``steps`` plus the steps the warmup left
+unused (:func:`unused_warmup_steps`), so the student's total, and the equal-budget comparison with direct
+GRPO, stays what the config plans.
+
     python -m stages onpolicy_distill --config tiny --root runs/demo \
         --teacher runs/demo/teacher_rl/model --student runs/demo/kl_warmup/model
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
-from .. import cost
+from .. import artifacts, cost, storage
 from ..losses import floor_teacher_logp, policy_loss, reverse_kl_advantages
 from ..rollout import decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
 from ..scoring import eval_metrics, student_teacher_kl
 from ..teacher import open_teacher, sampled_c2
+
+log = logging.getLogger("stages")
 
 
 def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
@@ -30,7 +38,11 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
     # teacher.engine local: the model in this process; server: log-probs served by vLLM (never loaded here)
     scorer, teacher = open_teacher(run, teacher_uri, tok, student)
     prompts = run.task.problems("prompts")
-    trainer = run.trainer("student", student, d.optim, d.steps)  # restored from its last saved state, if any
+    taken = unused_warmup_steps(student_uri, cfg.kl_warmup.steps) if d.take_unused_warmup else 0
+    if taken:
+        log.info("onpolicy_distill: %d steps + %d left unused by kl_warmup", d.steps, taken)
+    # the whole count from the start: the LR schedule and a resumed run see the same number
+    trainer = run.trainer("student", student, d.optim, d.steps + taken)  # restored from its last saved state, if any
     chunk = cfg.logprob_chunk
 
     def c2(label: str = "c2") -> float:  # KL(student || teacher) on student rollouts
@@ -84,5 +96,20 @@ def main(run: StageRun, teacher_uri: str, student_uri: str) -> dict:
         metrics |= {"c2_before": trainer.state["c2_before"], "c2_after": c2()}
         extra = {"steps": trainer.step, "labeled_examples": 0, "student_steps": trainer.step,
                  "teacher_engine": scorer.engine, "c2_estimator": "full" if teacher is not None else "sampled",
-                 "teacher_logp_floored": trainer.state.get("teacher_floored", 0)}
+                 "teacher_logp_floored": trainer.state.get("teacher_floored", 0), "unused_warmup_steps": taken}
         return run.publish({"model": student}, tok, metrics=metrics, extra=extra, history=history)
+
+
+def unused_warmup_steps(student_uri: str, configured: int) -> int:
+    """The steps stage 2a left unused when ``student_uri`` is its published output: its most (``max_steps``
+    in its manifest; ``configured``, this config's ``kl_warmup.steps``, for a manifest written before that
+    was recorded) minus the steps it did. 0 when the input is not a kl_warmup output (no warmup planned, an
+    explicit checkpoint) or the warmup ran to the end. The input digest in the stage hash covers the manifest,
+    so a 2a that ends differently re-runs 2b."""
+    if storage.uri_kind(student_uri) not in ("local", "s3"):  # a hub id or registry version: no manifest of 2a
+        return 0
+    found = artifacts.find_manifest(student_uri)
+    if found is None or found[1].get("stage") != "kl_warmup" or not found[1].get("stopped_early"):
+        return 0
+    m = found[1]
+    return max(0, int(m.get("max_steps", configured)) - int(m.get("student_steps", m.get("steps", 0))))
