@@ -20,6 +20,10 @@ Arms, equal student update steps (the labeled examples and teacher tokens each c
     no warmup           no 2a: its steps go to 2b                            (paper: -1.7)
     no on-policy 2b     no 2b: its steps go to 2a                            (paper: -3.3)
     warmup only         control: 2a for the whole student budget, no RL, no on-policy data
+    2a until C2 plateaus  2a stops once C2 stops falling (kl_warmup.c2_patience); 2b takes the steps it left
+    no 2a, 2b steps as full's   control: no 2a and its steps NOT given to 2b (the student does fewer steps)
+    half 2a, rest to 2b         control: half of 2a's steps, the other half to 2b
+    2a at a third of its rate   control: 2a's learning rate / 3
     direct GRPO         the baseline, at its own chosen learning rate
 
 and at equal teacher tokens (about the full arm's: a 2a step has the teacher generate and score, about two
@@ -70,6 +74,16 @@ def arms(cfg) -> dict[str, dict]:
         f"full, 2b {other}": {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": [f"onpolicy_distill.form={other}"]},
         "raw teacher (no 1)": {"teacher": "base", "stages": [WARM, DISTILL, RL], "set": []},
         "no warmup (no 2a)": {"teacher": "rl", "stages": [DISTILL, RL], "set": [f"onpolicy_distill.steps={w + d}"]},
+        # 2a for at most w steps, stopped once C2 stops falling (2 measurements without a 2% drop, one every
+        # ceil(w / 6) steps); 2b takes the steps 2a left (the paper's purpose of the warmup: C2, not a count)
+        # issue 27's controls for "no 2a beats full": is it 2a's steps, its length or its rate?
+        NO2A_SAME_2B: {"teacher": "rl", "stages": [DISTILL, RL], "set": []},  # 2a's steps are not given to 2b
+        HALF_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
+                  "set": [f"kl_warmup.steps={w // 2}", f"onpolicy_distill.steps={d + w - w // 2}"]},
+        SLOW_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": [], "scale": {"kl_warmup.optim.lr": 1 / 3}},
+        PLATEAU: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
+                  "set": [f"kl_warmup.c2_every={max(1, math.ceil(w / 6))}", "kl_warmup.c2_patience=2",
+                          "onpolicy_distill.take_unused_warmup=true"]},
         "no on-policy (no 2b)": {"teacher": "rl", "stages": [WARM, RL], "set": [f"kl_warmup.steps={w + d}"]},
         "warmup only": {"teacher": "rl", "stages": [WARM], "set": [f"kl_warmup.steps={budget}"]},
         EQ_NO2B: {"teacher": "rl", "stages": [WARM, RL], "set": [f"kl_warmup.steps={w_eq}"]},
@@ -78,6 +92,8 @@ def arms(cfg) -> dict[str, dict]:
 
 
 EQ_NO2B, EQ_WARM = "no 2b, = full's teacher tokens", "warmup only, = full's teacher tokens"
+PLATEAU = "2a until C2 plateaus"
+NO2A_SAME_2B, HALF_2A, SLOW_2A = "no 2a, 2b steps as full's", "half 2a, rest to 2b", "2a at a third of its rate"
 MECHANISM_ARMS = ("full", "no on-policy (no 2b)", EQ_WARM)
 
 
@@ -93,15 +109,24 @@ def direct(lr: float, budget: int) -> dict:
 
 def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: str, arm: dict) -> dict:
     """Run one arm's stages (skipping published ones); return its manifests and config."""
-    cfg = load_config(base, overrides + arm["set"] + [
+    sets = overrides + arm["set"] + [
         f"models.teacher.source={teacher}", f"models.student.source={student}",
-        f"workflow.stages=[{','.join(arm['stages'])}]", f"workflow.baseline={'true' if arm.get('direct') else 'false'}"])
+        f"workflow.stages=[{','.join(arm['stages'])}]", f"workflow.baseline={'true' if arm.get('direct') else 'false'}"]
+    cfg = load_config(base, sets)
+    if arm.get("scale"):  # a setting relative to the value in force (the chosen learning rate, say)
+        cfg = load_config(base, sets + [f"{key}={_get(cfg, key) * f:.3g}" for key, f in arm["scale"].items()])
     results, reused = {}, 0
     for step in workflow.plan(cfg, root):
         manifest, skipped = workflow.run_stage(cfg, root, step["stage"], step["inputs"])
         results[step["stage"]] = manifest
         reused += skipped
     return {"cfg": cfg, "results": results, "reused": reused}
+
+
+def _get(cfg, dotted: str):
+    for key in dotted.split("."):
+        cfg = getattr(cfg, key)
+    return cfg
 
 
 def run_arm_summary(*a) -> dict:
@@ -169,6 +194,8 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
     if DISTILL in res:
         t_tok += stage_tokens(storage.join(root, DISTILL), cfg.onpolicy_distill.prompts_per_step)
     row["teacher_tokens"] = t_tok
+    if WARM in res:  # 2a's steps actually run (fewer when C2 stopped it)
+        row["warmup_steps"] = res[WARM].get("student_steps")
     for s in (WARM, DISTILL):
         if s in res:
             row[f"c2_before_{s}"] = res[s]["metrics"].get("c2_before")
@@ -212,9 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--select-only", action="store_true",
                    help="only the learning-rate selection (first seed): the values to put in a preset, e.g. "
                         "--preset stages/configs/tiny.yaml for the demo")
-    p.add_argument("--sweep", choices=("all", "direct"), default="all",
+    p.add_argument("--sweep", choices=("all", "direct", "none"), default="all",
                    help="which learning rates are chosen on validation: all (2a/2b, stage 3, direct GRPO) or only direct "
-                        "GRPO's (the stages keep the preset's rates: cheaper, for a preset whose rates are already chosen)")
+                        "GRPO's (the stages keep the preset's rates: cheaper, for a preset whose rates are already chosen) "
+                        "or none (every arm at the preset's rates and --set values, e.g. those a full run chose)")
     p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                    help="only these arms (names or their slugs: full, no-warmup-no-2a, no-on-policy-no-2b, "
                         "raw-teacher-no-1, direct-grpo, ...); default: all")
@@ -262,7 +290,7 @@ def main(argv=None) -> int:
             only = ("full", "direct GRPO") if args.select_only else args.arms  # the selection's rows come from the sweep
             if args.select_only and args.sweep == "direct":
                 only = ("direct GRPO",)
-            result = run_table(base, overrides, seeds, root, pool, sweep=sweep, only=only)
+            result = run_table(base, overrides, seeds, root, pool, sweep=None if args.sweep == "none" else sweep, only=only)
             stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
     finally:
         pool.shutdown()
@@ -482,7 +510,7 @@ def summary(result: dict) -> list[dict]:
         rs = sorted((r for r in result["rows"] if r["arm"] == name), key=lambda r: r["seed"])
         s = {"arm": name, "n": len(rs)}
         for key in (f"avg@{k}", f"pass@{k}", "greedy", "c2_final", "student_wall_s", "teacher_tokens",
-                    "c2_after_kl_warmup", "c2_after_onpolicy_distill"):
+                    "c2_after_kl_warmup", "c2_after_onpolicy_distill", "warmup_steps"):
             s[key] = aggregate(rs, key)[:2]
         s["student_steps"] = rs[0]["student_steps"]
         s["labeled_student"] = rs[0]["labeled_student"]
@@ -565,8 +593,8 @@ def render(result: dict) -> str:
             f"## {title}",
             "",
             f"| arm | avg@{k} mean ± std | Δ vs full, paired [95% CI] | ordering | paper (MATH) | per seed | pass@{k} | C2 final "
-            "| C2 after 2a | C2 after 2b | student steps | labeled (student) | teacher tokens | student wall s |",
-            "|" + "---|" * 14,
+            "| C2 after 2a | C2 after 2b | 2a steps | student steps | labeled (student) | teacher tokens | student wall s |",
+            "|" + "---|" * 15,
         ]
         for r in rows:
             if r["arm"] not in names:
@@ -574,7 +602,8 @@ def render(result: dict) -> str:
             delta, res = _delta(r)
             out.append(f"| {r['arm']} | {_f(r[f'avg@{k}'])} | {delta} | {res} | {PAPER.get(r['arm'], '')} | "
                        f"{', '.join(f'{v:.3f}' for v in r['per_seed'])} | {_f(r[f'pass@{k}'])} | {_f(r['c2_final'])} | "
-                       f"{_f(r['c2_after_kl_warmup'])} | {_f(r['c2_after_onpolicy_distill'])} | {r['student_steps']} | "
+                       f"{_f(r['c2_after_kl_warmup'])} | {_f(r['c2_after_onpolicy_distill'])} | {_f(r['warmup_steps'], 1)} | "
+                       f"{r['student_steps']} | "
                        f"{r['labeled_student']} | {_f(r['teacher_tokens'], 0)} | {_f(r['student_wall_s'], 0)} |")
         return out + [""]
 

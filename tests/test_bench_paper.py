@@ -159,6 +159,14 @@ def test_only_some_arms_and_only_direct_grpos_rate(tmp_path):
     again = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
     assert not (tmp_path / "again" / "base").exists() or not any((tmp_path / "again" / "base").iterdir())
     assert again["selection"] == result["selection"]
+    # --sweep none: every arm at the preset's (and --set) rates; the plateau arm keeps the student budget equal
+    none = [a for a in args if a not in ("--sweep", "direct")] + ["--sweep", "none", "--set", "kl_warmup.steps=4"]
+    assert bench.main([*none, "--arms", "full", "2a-until-c2-plateaus", "--root", str(tmp_path / "runs")]) == 0
+    plateau = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
+    assert plateau["selection"] == [] and plateau["chosen"] == []
+    rows = {r["arm"]: r for r in plateau["rows"]}
+    assert rows["2a until C2 plateaus"]["student_steps"] == rows["full"]["student_steps"]
+    assert 1 <= rows["2a until C2 plateaus"]["warmup_steps"] <= rows["full"]["warmup_steps"] == 4
 
 
 @pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"],  # 1-digit tasks: too few problems
