@@ -24,6 +24,7 @@ Arms, equal student update steps (the labeled examples and teacher tokens each c
     no 2a, 2b steps as full's   control: no 2a and its steps NOT given to 2b (the student does fewer steps)
     half 2a, rest to 2b         control: half of 2a's steps, the other half to 2b
     2a at a third of its rate   control: 2a's learning rate / 3
+    full, 2b's rate warmed up   2b's learning rate rises linearly over its first sixth of steps (the hand-over from 2a)
     direct GRPO         the baseline, at its own chosen learning rate
 
 and at equal teacher tokens (about the full arm's: a 2a step has the teacher generate and score, about two
@@ -81,6 +82,9 @@ def arms(cfg) -> dict[str, dict]:
         HALF_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
                   "set": [f"kl_warmup.steps={w // 2}", f"onpolicy_distill.steps={d + w - w // 2}"]},
         SLOW_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": [], "scale": {"kl_warmup.optim.lr": 1 / 3}},
+        # the 2a -> 2b hand-over: 2b starts a fresh AdamW at its full rate, and its first steps undo part of 2a
+        WARM_2B: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
+                  "set": [f"onpolicy_distill.optim.warmup_steps={max(1, d // 6)}"]},
         PLATEAU: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
                   "set": [f"kl_warmup.c2_every={max(1, math.ceil(w / 6))}", "kl_warmup.c2_patience=2",
                           "onpolicy_distill.take_unused_warmup=true"]},
@@ -93,6 +97,7 @@ def arms(cfg) -> dict[str, dict]:
 
 EQ_NO2B, EQ_WARM = "no 2b, = full's teacher tokens", "warmup only, = full's teacher tokens"
 PLATEAU = "2a until C2 plateaus"
+WARM_2B = "full, 2b's rate warmed up"
 NO2A_SAME_2B, HALF_2A, SLOW_2A = "no 2a, 2b steps as full's", "half 2a, rest to 2b", "2a at a third of its rate"
 MECHANISM_ARMS = ("full", "no on-policy (no 2b)", EQ_WARM)
 
@@ -561,8 +566,9 @@ def render(result: dict) -> str:
         f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. Git: {m['git']}. "
         f"One torch thread per process, {result['wall_s'] / 60:.1f} min wall{_reused(result)}.  ",
         f"Seeds {result['seeds']}; avg@{k} on {result['eval_problems']} held-out eval problems (k = {k} samples each); "
-        f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
-        f"teacher {_count(result['params']['teacher'])} parameters, student {_count(result['params']['student'])}.",
+        + (f"learning rates chosen on {result['validation_problems']} validation problems (seed {result['seeds'][0]}); "
+           if result.get("selection") else "learning rates given, not chosen here (--sweep none); ")
+        + f"teacher {_count(result['params']['teacher'])} parameters, student {_count(result['params']['student'])}.",
         "",
         f"Base models ({result.get('base_stages') or 'given as paths'}, shared by all seeds): teacher avg@{k} {result['bootstrap'].get(f'teacher.eval.avg@{k}', float('nan')):.3f}, "  # noqa: E501
         f"student {result['bootstrap'].get(f'student.eval.avg@{k}', float('nan')):.3f}. "
@@ -575,6 +581,9 @@ def render(result: dict) -> str:
         "| what | avg@%d on validation per value | chosen |" % k,
         "|---|---|---|",
     ]
+    if not result.get("selection"):  # --sweep none: no selection section, the rates in force instead
+        given = ", ".join(f"`{o}`" for o in result["overrides"] if "lr=" in o) or "the preset's"
+        lines[-4:] = [f"Learning rates (given): {given}.", ""]
     for sel in result.get("selection", []):
         ext = f" (grid extended past its edge: {', '.join(f'{v:g}' for v in sel['extended'])})" if sel.get("extended") else ""
         lines.append(
@@ -582,11 +591,12 @@ def render(result: dict) -> str:
             + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
             + f"{ext} | {sel['chosen']:g} |"
         )
-    lines += [
-        "",
-        "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".",
-        "",
-    ]
+    if result.get("selection"):
+        lines += [
+            "",
+            "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".",
+            "",
+        ]
 
     def table(title: str, names) -> list[str]:
         out = [
@@ -609,7 +619,8 @@ def render(result: dict) -> str:
 
     all_names = [r["arm"] for r in rows]
     lines += table("Equal student steps", [n for n in all_names if n not in (EQ_NO2B, EQ_WARM)])
-    lines += table("Equal teacher tokens (about the full arm's)", [n for n in all_names if n in EQUAL_TOKENS])
+    if len(set(all_names) & set(EQUAL_TOKENS)) > 1:
+        lines += table("Equal teacher tokens (about the full arm's)", [n for n in all_names if n in EQUAL_TOKENS])
     lines += ["Δ vs full: mean over seeds of (arm - full) on the same seed, with a 95% t-interval over seeds; "
               "**resolved** when the interval excludes 0, else within noise.",
               "Teacher tokens: completion tokens the teacher generated and scored (2a: 2 per token) or scored (2b).",
