@@ -12,17 +12,14 @@ attention supports); the stages run here, in the main venv, and talk to it over 
 About 3-4 minutes on 2 busy cores (server start ~30-90 s included)."""
 
 import json
-import os
-import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-from conftest import TEST_OVERRIDES, free_port
+from conftest import TEST_OVERRIDES, vllm_server
 
 from stages import artifacts, storage
 from stages.config import TinyArch, load_config
@@ -46,32 +43,8 @@ def served(tmp_path_factory):
     tok = char_tokenizer()
     save(tiny_qwen3(TinyArch(hidden_size=128, layers=2, heads=2, kv_heads=1, intermediate_size=256), tok, 1), tok, d / "teacher")
     save(tiny_qwen3(TinyArch(hidden_size=32, layers=2, heads=4, kv_heads=2, intermediate_size=64), tok, 2), tok, d / "student")
-    port = free_port()
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(d / "teacher"), "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--max-logprobs", "64",
-         "--logprobs-mode", "processed_logprobs", "--gpu-memory-utilization", "0.2", "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # a fixed 1 GiB KV cache: the default share of RAM fails when other processes hold memory
-        env={**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if requests.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("vLLM server did not start:\n" + (d / "server.log").read_text()[-3000:])
-            time.sleep(1)
+    with vllm_server(d / "teacher", d, max_logprobs=64) as url:
         yield url, d / "teacher", d / "student"
-    finally:
-        os.killpg(proc.pid, 15)  # its own session: the engine-core child goes too
-        proc.wait(timeout=60)
-        log.close()
 
 
 def cfg_for(url: str, engine: str, *extra):
