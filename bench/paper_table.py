@@ -358,13 +358,17 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
     budget = cfg0.student_step_budget()
     table = arms(cfg0)
     chosen, selection, reuse, sweep_jobs = [], [], {}, []
+
+    def val(job):
+        return job.result()["val"]
+
+    def g_job(lr):  # one point of direct GRPO's sweep, on the first seed's validation split
+        return submit(seeds[0], "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True)
+
     if sweep and not sweep.get("stages", True):
         # only direct GRPO's rate is chosen on validation; the stages keep the preset's rates
-        g_jobs = {lr: submit(seeds[0], "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True)
-                  for lr in sweep["rl"]}
-        g_val, best_g, g_ext = choose(g_jobs, lambda lr: submit(seeds[0], "direct GRPO", direct(lr, budget), [],
-                                                                 f"sweep/direct-lr{lr:g}", True),
-                                      lambda job: job.result()["val"])
+        g_jobs = {lr: g_job(lr) for lr in sweep["rl"]}
+        g_val, best_g, g_ext = choose(g_jobs, g_job, val)
         selection = [{"what": "direct GRPO lr", "values": g_val, "chosen": best_g, "extended": g_ext}]
         print("[select] direct GRPO lr: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in g_val.items()) + f" -> {best_g:g}",
               flush=True)
@@ -380,14 +384,8 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         def lr_set(dl, rl):
             return [f"kl_warmup.optim.lr={dl}", f"onpolicy_distill.optim.lr={dl}", f"student_rl.optim.lr={rl}"]
 
-        def val(job):
-            return job.result()["val"]
-
         def d_job(dl):
             return submit(s0, "full", full, lr_set(dl, rl_default), f"sweep/full-d{dl:g}-rl{rl_default:g}", True)
-
-        def g_job(lr):
-            return submit(s0, "direct GRPO", direct(lr, budget), [], f"sweep/direct-lr{lr:g}", True)
 
         d_jobs = {dl: d_job(dl) for dl in sweep["distill"]}
         g_jobs = {lr: g_job(lr) for lr in sweep["rl"]}
