@@ -114,14 +114,22 @@ def direct(lr: float, budget: int) -> dict:
     }
 
 
-def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: str, arm: dict) -> dict:
-    """Run one arm's stages (skipping published ones); return its manifests and config."""
+def arm_config(base: str, overrides: list[str], teacher: str, student: str, arm: dict):
+    """One arm's config: the preset, the table's overrides, the arm's own, its base models given as checkpoints."""
     sets = overrides + arm["set"] + [
-        f"models.teacher.source={teacher}", f"models.student.source={student}",
+        # an imported preset's import settings (import_from, layers) no longer apply to a checkpoint source
+        f"models.teacher.source={teacher}", "models.teacher.import_from=null", "models.teacher.layers=null",
+        f"models.student.source={student}",
         f"workflow.stages=[{','.join(arm['stages'])}]", f"workflow.baseline={'true' if arm.get('direct') else 'false'}"]
     cfg = load_config(base, sets)
     if arm.get("scale"):  # a setting relative to the value in force (the chosen learning rate, say)
         cfg = load_config(base, sets + [f"{key}={_get(cfg, key) * f:.3g}" for key, f in arm["scale"].items()])
+    return cfg
+
+
+def run_arm(base: str, overrides: list[str], root: str, teacher: str, student: str, arm: dict) -> dict:
+    """Run one arm's stages (skipping published ones); return its manifests and config."""
+    cfg = arm_config(base, overrides, teacher, student, arm)
     results, reused = {}, 0
     for step in workflow.plan(cfg, root):
         manifest, skipped = workflow.run_stage(cfg, root, step["stage"], step["inputs"])

@@ -363,7 +363,8 @@ class Heal(Strict):
     loss: Literal["forward_kl", "sft"] = Field(
         "forward_kl", description="forward_kl: KL(teacher || student) per token, full vocabulary; sft: cross-entropy "
         "on the answer's tokens")
-    optim: Optim = Field(Optim(lr=3e-4, warmup_steps=3), description="the healing optimizer")
+    optim: Optim = Field(Optim(lr=3e-5, warmup_steps=3), description="the healing optimizer (3e-4 undid what the "
+                         "cut kept of SmolLM2's arithmetic, 3e-5 restored it: bench/results/smollm2-cpu.md)")
 
 
 class Prune(Strict):
@@ -373,8 +374,17 @@ class Prune(Strict):
     layers: list[int] | None = Field(
         None, min_length=1, description="the teacher's decoder layers the student keeps, in order (negative: from the end)")
     every: int | None = Field(
-        3, gt=0, description="when layers is null: keep layers 0, n, 2n, ... and the last one")
+        3, gt=0, description="when layers and drop are null: keep layers 0, n, 2n, ... and the last one")
+    drop: list[int] | None = Field(
+        None, min_length=1, description="instead of layers: the teacher's decoder layers the student loses, all others "
+        "kept (negative: from the end); bench/prune_probe.py measures what losing each one costs")
     heal: Heal = Field(Heal(), description="the short healing step after the cut")
+
+    @model_validator(mode="after")
+    def _one_choice(self):
+        if self.layers is not None and self.drop is not None:
+            raise ValueError("prune: give layers (kept) or drop (removed), not both")
+        return self
 
 
 Aggregation = Literal["token-mean", "seq-mean", "dr_grpo"]

@@ -44,6 +44,22 @@ def resolve_layers(spec, n_layers: int) -> list[int]:
     return keep
 
 
+def kept_layers(p, n_layers: int) -> list[int]:
+    """The layers a ``prune`` config (``layers``, ``drop`` or ``every``) keeps of an ``n_layers``-layer teacher."""
+    if p.layers is not None:
+        return resolve_layers(p.layers, n_layers)
+    if p.drop is not None:
+        drop = [i + n_layers if i < 0 else i for i in p.drop]
+        bad = [i for i in drop if not 0 <= i < n_layers]
+        if bad:
+            raise PruneError(f"prune.drop {p.drop}: the model has layers 0..{n_layers - 1}")
+        keep = [i for i in range(n_layers) if i not in set(drop)]
+        if not keep:
+            raise PruneError(f"prune.drop {p.drop}: removes all {n_layers} layers")
+        return keep
+    return every_nth(n_layers, p.every)
+
+
 def cut_layers(model, keep: list[int]):
     """A new model of ``model``'s class with only the decoder layers ``keep`` (in that order)."""
     cfg = copy.deepcopy(model.config)

@@ -139,6 +139,18 @@ def test_paired_interval_matches_a_hand_computation():
     assert not common.paired([0.3, 0.5, 0.4], [0.1, 0.2, 0.3])["resolved"]
 
 
+def test_every_arm_configures_on_the_real_preset():
+    """The real preset (import + prune) takes every arm with its base models given as checkpoints: its import
+    settings are dropped with its import source (no model is loaded)."""
+    bench = load("paper_table")
+    base = str(REPO / "stages" / "configs" / "smollm2-cpu.yaml")
+    cfg0 = bench.load_config(base, [])
+    for name, arm in [*bench.arms(cfg0).items(), ("direct GRPO", bench.direct(1e-5, 24))]:
+        cfg = bench.arm_config(base, [], "/runs/base/import/teacher", "/runs/base/prune/student", arm)
+        assert cfg.models.teacher.source == "/runs/base/import/teacher" and cfg.models.teacher.import_from is None, name
+        assert cfg.models.student.source == "/runs/base/prune/student", name
+
+
 def test_only_some_arms_and_only_direct_grpos_rate(tmp_path):
     """--arms runs only the named arms (by key); --sweep direct chooses only direct GRPO's rate on validation
     (the stages keep the preset's); the base models may be given as paths (a real preset's published import/prune)."""

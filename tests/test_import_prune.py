@@ -9,10 +9,11 @@ import zipfile
 
 import pytest
 import torch
+from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stages import models, pruning, sources
-from stages.config import ConfigError, load_config
+from stages.config import ConfigError, Prune, load_config
 from stages.engines.hf import HFSampler
 from stages.prompting import encode
 from stages.tasks import make_task
@@ -56,6 +57,15 @@ def test_layer_choice_settings():
     for bad in ([4], [2, 1], [1, 1]):
         with pytest.raises(pruning.PruneError):
             pruning.resolve_layers(bad, 4)
+    # prune.drop: every layer but these; exclusive with prune.layers
+    assert pruning.kept_layers(Prune(drop=[1, -1]), 5) == [0, 2, 3]
+    assert pruning.kept_layers(Prune(layers=[0, -1]), 5) == [0, 4]
+    assert pruning.kept_layers(Prune(every=2), 5) == [0, 2, 4]
+    for bad in ([5], [0, 1, 2, 3, 4]):
+        with pytest.raises(pruning.PruneError, match="prune.drop"):
+            pruning.kept_layers(Prune(drop=bad), 5)
+    with pytest.raises(ValidationError, match="not both"):
+        Prune(layers=[0], drop=[1])
 
 
 # ------------------------------------------------------------------ GGUF sources

@@ -1,7 +1,8 @@
 """Stage prune: the base student derived from the base teacher, as the paper's students are smaller
 models of the teacher's family, with the same tokenizer and chat template.
 
-1. Cut: keep ``prune.layers`` of the teacher's decoder layers (or every ``prune.every``-th and the last),
+1. Cut: keep ``prune.layers`` of the teacher's decoder layers (or all but ``prune.drop``, or every ``prune.every``-th
+   and the last),
    ``stages/pruning.py``: a fresh model of the teacher's class with the cut config, so layer indices,
    the layer count and tied embeddings are right for any architecture.
 2. Heal: a cut model has lost the thread (it rambles, it does not stop); ``prune.heal.steps`` steps on text
@@ -21,7 +22,7 @@ import logging
 import time
 
 from ..losses import sft_loss
-from ..pruning import GENERIC_PROMPTS, cut_layers, every_nth, n_params
+from ..pruning import GENERIC_PROMPTS, cut_layers, kept_layers, n_params
 from ..rollout import decode, token_logprobs, vocab_kl
 from ..runtime import StageRun
 from ..scoring import eval_metrics
@@ -35,7 +36,7 @@ def main(run: StageRun, teacher_uri: str) -> dict:
     teacher, tok = run.load_model(teacher_uri, "teacher")
     teacher.requires_grad_(False).eval()
     n = teacher.config.num_hidden_layers
-    keep = p.layers if p.layers is not None else every_nth(n, p.every)
+    keep = kept_layers(p, n)
     student = cut_layers(teacher, keep).to(run.device)
     student.requires_grad_(True)
     log.info("prune: %d of %d layers kept (%s): %d -> %d parameters", len(keep), n, keep, n_params(teacher), n_params(student))
