@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     def cut(drops) -> torch.nn.Module:
         return cut_layers(teacher, [i for i in range(n) if i not in drops]).eval().requires_grad_(False)
 
-    out: dict = {"machine": machine(), "config": a.config, "teacher": a.teacher, "layers": n,
+    out: dict = {"machine": machine(), "config": a.config, "teacher_path": a.teacher, "layers": n,
                  "validation_problems": len(probs), "single": [], "drops": []}
     # one autocast region per model: a region caches the bf16 copy of every weight it casts until it closes
     with torch.no_grad(), autocast(cfg, run.device):
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
 def render(r: dict, args: str) -> str:
     t = r["teacher"]
     lines = [f"# Which layers of the real teacher a student can lose (`python bench/prune_probe.py {args}`)", "",
-             f"{r['config']}, teacher {r['teacher']} ({r['layers']} layers), {r['validation_problems']} VALIDATION "
+             f"{r['config']}, teacher {r['teacher_path']} ({r['layers']} layers), {r['validation_problems']} VALIDATION "
              f"problems, no healing. Machine: {r['machine']}.", "",
              "Teacher (all layers): " + ", ".join(f"{k} {v}" for k, v in t.items()), ""]
     if r["single"]:
