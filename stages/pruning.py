@@ -49,11 +49,10 @@ def kept_layers(p, n_layers: int) -> list[int]:
     if p.layers is not None:
         return resolve_layers(p.layers, n_layers)
     if p.drop is not None:
-        drop = [i + n_layers if i < 0 else i for i in p.drop]
-        bad = [i for i in drop if not 0 <= i < n_layers]
-        if bad:
+        drop = {i + n_layers if i < 0 else i for i in p.drop}
+        if not drop <= set(range(n_layers)):
             raise PruneError(f"prune.drop {p.drop}: the model has layers 0..{n_layers - 1}")
-        keep = [i for i in range(n_layers) if i not in set(drop)]
+        keep = [i for i in range(n_layers) if i not in drop]
         if not keep:
             raise PruneError(f"prune.drop {p.drop}: removes all {n_layers} layers")
         return keep
