@@ -295,34 +295,68 @@ def save_state(stage_uri: str, name: str, step: int, state_dir: Path, meta: dict
     """Publish a training state for ``name`` at ``step``; ``latest.json`` is written last.
 
     The state it replaces stays (``previous.json`` points at it) until the next save, so a state found
-    corrupted on resume can fall back one save instead of starting over.
+    corrupted on resume can fall back one save instead of starting over. Each save writes a folder of its own
+    (``step-<n>-<random>``, named in the pointer), so a run stalled past its lease whose upload was already in
+    flight when the lock was taken over never overwrites the new holder's state, and on :class:`LockLost` it
+    removes what this save wrote (its folder; a pointer only while it still holds this save's bytes).
     """
     store = store_for(stage_uri)
     base = join(stage_uri, RESUME, name)
-    step_uri = join(base, f"step-{step:08d}")
-    files = {}
-    for path in sorted(p for p in state_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(state_dir).as_posix()
-        files[rel] = sha256_file(path)
-        fence(stage_uri)  # a run whose stage lock was taken over writes nothing (stages/lock.py)
-        store.put_file(path, join(step_uri, rel))
-    keep = {f"step-{step:08d}"}
-    old = store.read_bytes(join(base, "latest.json"))
+    part = f"step-{step:08d}-{os.urandom(4).hex()}"
+    written: dict[str, bytes] = {}
     try:
-        old_step = json.loads(old)["step"] if old is not None else None
-    except (ValueError, KeyError, TypeError):
-        old_step = None  # a corrupted pointer is not worth keeping
-    fence(stage_uri)
-    if old_step is not None and old_step != step:
-        store.write_bytes(join(base, "previous.json"), old)
-        keep.add(f"step-{old_step:08d}")
-    fence(stage_uri)
-    store.write_bytes(join(base, "latest.json"), dumps({"step": step, "files": files, **meta}).encode())
-    fence(stage_uri)
+        files = {}
+        for path in sorted(p for p in state_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(state_dir).as_posix()
+            files[rel] = sha256_file(path)
+            fence(stage_uri)  # a run whose stage lock was taken over writes nothing (stages/lock.py)
+            store.put_file(path, join(base, part, rel))
+        keep = {part}
+        old = store.read_bytes(join(base, "latest.json"))
+        try:
+            old_part = _state_part(json.loads(old)) if old is not None else None
+        except (ValueError, KeyError, TypeError):
+            old_part = None  # a corrupted pointer is not worth keeping
+        if old_part is not None and old_part != part:
+            fence(stage_uri)
+            written[join(base, "previous.json")] = old
+            store.write_bytes(join(base, "previous.json"), old)
+            keep.add(old_part)
+        pointer = dumps({"step": step, "dir": part, "files": files, **meta}).encode()
+        fence(stage_uri)
+        written[join(base, "latest.json")] = pointer
+        store.write_bytes(join(base, "latest.json"), pointer)
+        fence(stage_uri)
+    except LockLost:
+        _unwrite(store, join(base, part), written)
+        raise
     for uri in store.list(base):  # states older than the previous one are garbage
-        part = uri[len(base) + 1 :].split("/", 1)[0]
-        if part.startswith("step-") and part not in keep:
-            store.delete_prefix(join(base, part))
+        other = uri[len(base) + 1 :].split("/", 1)[0]
+        if other.startswith("step-") and other not in keep:
+            fence(stage_uri)
+            store.delete_prefix(join(base, other))
+
+
+def _state_part(meta: dict) -> str:
+    """The folder a resume pointer names (pointers written before per-save folders name only the step)."""
+    return meta.get("dir") or f"step-{int(meta['step']):08d}"
+
+
+def _unwrite(store, folder: str, written: dict[str, bytes]) -> None:
+    """Best effort, after this process lost its stage lock mid-save: remove this save's own folder (no other
+    writer uses its name) and each pointer it wrote that still holds exactly its bytes (conditionally, by
+    ETag, on S3), so the new holder's files are never touched."""
+    try:
+        store.delete_prefix(folder)
+        for uri, data in written.items():
+            if hasattr(store, "read_with_etag"):
+                got = store.read_with_etag(uri)
+                if got is not None and got[0] == data:
+                    store.delete_if(uri, got[1])
+            elif store.read_bytes(uri) == data:
+                store.delete_many([uri])
+    except Exception as e:  # noqa: BLE001 - the error that matters is the lost lock, raised next
+        log.warning("%s: could not remove what this save wrote after losing the stage lock (%s)", folder, e)
 
 
 def load_state(stage_uri: str, name: str, dest: Path, check=None) -> dict | None:
@@ -341,7 +375,7 @@ def load_state(stage_uri: str, name: str, dest: Path, check=None) -> dict | None
             if raw is None:
                 continue
             meta = _parse_json(raw, uri, "resume pointer")
-            step_uri = join(base, f"step-{int(meta['step']):08d}")
+            step_uri = join(base, _state_part(meta))
             shutil.rmtree(dest, ignore_errors=True)
             for rel, digest in meta["files"].items():
                 try:
