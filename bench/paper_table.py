@@ -184,7 +184,9 @@ def _pool(workers: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    # a fresh process per arm: a worker that ran a real-model arm keeps its allocator's peak (~12 GB on
+    # smollm2-cpu), and two such workers at once do not fit in 24 GB
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1)
 
 
 def stage_tokens(stage_uri: str, per_step: int) -> float:
