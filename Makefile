@@ -106,7 +106,7 @@ REAL_TABLE = --preset stages/configs/smollm2-cpu.yaml --seeds 0 1 \
 	--set student_rl.prompts_per_step=4 --set direct_grpo.prompts_per_step=4 --set sampling.batch_size=32
 bench-paper-real: $(VENV)/.installed real-model
 	$(VENV)/bin/python bench/paper_table.py $(REAL_TABLE) --out bench/results
-	$(VENV)/bin/python bench/c2_curves.py --root runs/bench-paper-smollm2-cpu --out bench/results/c2_curves_smollm2-cpu.png
+	$(VENV)/bin/python bench/c2_curves.py --table bench/results/paper_table_smollm2-cpu.json --out bench/results/c2_curves_smollm2-cpu.png
 
 bench-speed: $(VENV)/.installed
 	$(VENV)/bin/python bench/speed_vs_trl.py --out bench/results

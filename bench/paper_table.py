@@ -223,11 +223,25 @@ def arm_row(name: str, out: dict, root: str, k: int) -> dict:
 
 def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri: str, validate: bool = False):
     """KL(student || teacher) per token of a final model against the seed's RL teacher (same draws everywhere)
-    and, with ``validate``, (c2, the model's avg@k on the validation split); else (c2, None)."""
+    and, with ``validate``, (c2, the model's avg@k on the validation split); else (c2, None).
+
+    Kept in ``<root>/_scores/<key>.json``, the key a hash of everything the numbers depend on (both models'
+    manifests, the config, ``validate``): a rerun that skips the published stages skips these passes too."""
+    import hashlib
+
+    from stages import artifacts
     from stages.runtime import StageRun
     from stages.scoring import eval_metrics, student_teacher_kl
 
     cfg = load_config(base, overrides)
+    digests = [artifacts.manifest_sha256(found[0]) if (found := artifacts.find_manifest(u)) else u
+               for u in (teacher, student_uri)]
+    key = hashlib.sha256(json.dumps([digests, cfg.model_dump(mode="json"), validate], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:24]
+    store, cache = storage.store_for(root), storage.join(root, "_scores", f"{key}.json")
+    if (raw := store.read_bytes(cache)) is not None:
+        got = json.loads(raw)
+        return got["c2"], got["val"]
     run = StageRun("c2", cfg, root)  # publishes nothing: only its loading and sampling are used
     try:
         t, s, tok = run.load_teacher_student(teacher, student_uri)
@@ -237,9 +251,10 @@ def c2_of(base: str, overrides: list[str], root: str, teacher: str, student_uri:
             if validate
             else None
         )
-        return c2, val
     finally:
         shutil.rmtree(run.work, ignore_errors=True)
+    store.write_bytes(cache, storage.dumps({"c2": c2, "val": val, "teacher": teacher, "student": student_uri}).encode())
+    return c2, val
 
 
 def main(argv=None) -> int:

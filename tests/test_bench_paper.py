@@ -92,6 +92,53 @@ def test_the_same_command_twice_gives_identical_results(table, tmp_path):
     assert first["selection"] == again["selection"]
 
 
+def test_a_rerun_on_the_same_root_reads_the_kept_scores(table, tmp_path):
+    """A rerun of the same command on the same root trains nothing (every stage published) and recomputes no C2
+    or validation score: it reads <arm root>/_scores. Proved by planting a value there and finding it in the rows."""
+    tmp, first = table
+    full = [r for r in first["rows"] if r["arm"] == "full" and r["seed"] == 1][0]
+    kept = list((tmp / "runs" / "seed1" / "full" / "_scores").glob("*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["c2"] == full["c2_final"]
+    original = kept[0].read_text()
+    try:
+        kept[0].write_text(json.dumps({**json.loads(original), "c2": 123.0}))
+        bench = load("paper_table")
+        assert bench.main([*ARGS, "--root", str(tmp / "runs"), "--out", str(tmp_path), "--workers", "1",
+                           "--arms", "full"]) == 0
+    finally:
+        kept[0].write_text(original)
+    again = json.loads((tmp_path / "paper_table_paper-cpu.json").read_text())
+    row = [r for r in again["rows"] if r["arm"] == "full" and r["seed"] == 1][0]
+    assert row["c2_final"] == 123.0 and row["stages_reused"] == row["stages"]
+
+
+def test_c2_curves_read_every_arm_of_a_real_table_root(table):
+    """bench/c2_curves.py on the table's real result: each arm's folder comes from its rows (the first seed's full
+    arm and direct GRPO were run by the selection, under sweep/), each arm's 2b curve starts after its 2a steps,
+    stage 3's reward after both, the eval markers sit at the stages' ends, every value is the mean over seeds."""
+    _, result = table
+    c2c = load("c2_curves")
+    curves = c2c.curves(c2c.table_arms(result))
+    where = {(r["arm"], r["seed"]): Path(r["final_model"]).parent.parent for r in result["rows"] if r.get("final_model")}
+    assert "sweep" in where[("full", 0)].parts and "sweep" not in where[("full", 1)].parts
+
+    def rows(seed, stage, arm="full"):
+        f = where[(arm, seed)] / stage / "metrics.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+    assert {"full", "no-warmup-no-2a", "no-on-policy-no-2b", "direct-grpo"} <= set(curves)
+    w, d, r = (len(rows(0, s)) for s in ("kl_warmup", "onpolicy_distill", "student_rl"))
+    full = curves["full"]
+    assert w and d and r and sorted(full["2b"]) == list(range(w + 1, w + d + 1))
+    assert sorted(full["3"]) == list(range(w + d + 1, w + d + r + 1))
+    assert sorted(full["eval"]) == [w, w + d, w + d + r] and 0 in full["2a"] and w in full["2a"]
+    assert full["2b"][w + 1] == pytest.approx((rows(0, "onpolicy_distill")[0]["kl"] + rows(1, "onpolicy_distill")[0]["kl"]) / 2)
+    finals = [r for r in result["rows"] if r["arm"] == "full"]
+    assert full["eval"][w + d + r] == pytest.approx(sum(x["avg@2"] for x in finals) / len(finals))
+    assert not curves["no-warmup-no-2a"]["2a"] and min(curves["no-warmup-no-2a"]["2b"]) == 1
+    assert sorted(curves["direct-grpo"]["3"]) == list(range(1, len(rows(0, "direct_grpo", "direct GRPO")) + 1))
+
+
 def test_a_best_value_at_the_grid_edge_extends_the_grid():
     """A sweep whose best value is an edge of its grid found no optimum: the grid grows past that edge
     (1-3-10 steps, at most twice) and the choice is made again; an interior best stops it."""
