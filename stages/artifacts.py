@@ -24,6 +24,7 @@ from .storage import (
     ArtifactError,
     CorruptManifest,
     LockLost,
+    S3Store,
     StorageUnavailable,
     dumps,
     finite,
@@ -317,7 +318,7 @@ def save_state(stage_uri: str, name: str, step: int, state_dir: Path, meta: dict
             old_part = _state_part(json.loads(old)) if old is not None else None
         except (ValueError, KeyError, TypeError):
             old_part = None  # a corrupted pointer is not worth keeping
-        if old_part is not None and old_part != part:
+        if old_part is not None:  # never this save's own folder: each save's name is new
             fence(stage_uri)
             written[join(base, "previous.json")] = old
             store.write_bytes(join(base, "previous.json"), old)
@@ -349,7 +350,7 @@ def _unwrite(store, folder: str, written: dict[str, bytes]) -> None:
     try:
         store.delete_prefix(folder)
         for uri, data in written.items():
-            if hasattr(store, "read_with_etag"):
+            if isinstance(store, S3Store):
                 got = store.read_with_etag(uri)
                 if got is not None and got[0] == data:
                     store.delete_if(uri, got[1])
