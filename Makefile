@@ -100,7 +100,7 @@ bench-paper: $(VENV)/.installed
 # issue 27 item 3: the fair table on the real model (smollm2-cpu at half its prompts per step, 2 seeds, rates chosen
 # on validation); a rerun skips every published stage, so it can be completed over several runs
 REAL_TABLE = --preset stages/configs/smollm2-cpu.yaml --seeds 0 1 \
-	--arms full no-warmup-no-2a no-on-policy-no-2b raw-teacher-no-1 direct-grpo \
+	--arms full no-warmup-no-2a no-on-policy-no-2b raw-teacher-no-1 direct-grpo full-2b-s-rate-warmed-up \
 	--distill-lrs 1e-5 3e-5 1e-4 --lrs 3e-6 1e-5 3e-5 \
 	--set teacher_rl.prompts_per_step=4 --set kl_warmup.prompts_per_step=8 --set onpolicy_distill.prompts_per_step=8 \
 	--set student_rl.prompts_per_step=4 --set direct_grpo.prompts_per_step=4 --set sampling.batch_size=32

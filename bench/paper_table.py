@@ -26,7 +26,7 @@ Arms, equal student update steps (the labeled examples and teacher tokens each c
     no 2a, 2b steps as full's   control: no 2a and its steps NOT given to 2b (the student does fewer steps)
     half 2a, rest to 2b         control: half of 2a's steps, the other half to 2b
     2a at a third of its rate   control: 2a's learning rate / 3
-    full, 2b's rate warmed up   2b's learning rate rises linearly over its first sixth of steps (the hand-over from 2a)
+    full, 2b's rate warmed up   2b's rate rises linearly over its first sixth of steps, at least 2 (the hand-over from 2a)
 
 and at equal teacher tokens (about the full arm's: a 2a step has the teacher generate and score, about two
 2b steps' worth): "no 2b" and "warmup only" with w + d/2 warmup steps. Per seed, every arm is compared with
@@ -83,9 +83,10 @@ def arms(cfg) -> dict[str, dict]:
         HALF_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
                   "set": [f"kl_warmup.steps={w // 2}", f"onpolicy_distill.steps={d + w - w // 2}"]},
         SLOW_2A: {"teacher": "rl", "stages": [WARM, DISTILL, RL], "set": [], "scale": {"kl_warmup.optim.lr": 1 / 3}},
-        # the 2a -> 2b hand-over: 2b starts a fresh AdamW at its full rate, and its first steps undo part of 2a
+        # the 2a -> 2b hand-over: 2b starts a fresh AdamW at its full rate, and its first steps undo part of 2a;
+        # at least 2 steps (a 1-step warmup is none: the first step already runs at the full rate)
         WARM_2B: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
-                  "set": [f"onpolicy_distill.optim.warmup_steps={max(1, d // 6)}"]},
+                  "set": [f"onpolicy_distill.optim.warmup_steps={max(2, math.ceil(d / 6))}"]},
         PLATEAU: {"teacher": "rl", "stages": [WARM, DISTILL, RL],
                   "set": [f"kl_warmup.c2_every={max(1, math.ceil(w / 6))}", "kl_warmup.c2_patience=2",
                           "onpolicy_distill.take_unused_warmup=true"]},
@@ -275,6 +276,9 @@ def main(argv=None) -> int:
                    help="which learning rates are chosen on validation: all (2a/2b, stage 3, direct GRPO) or only direct "
                         "GRPO's (the stages keep the preset's rates: cheaper, for a preset whose rates are already chosen) "
                         "or none (every arm at the preset's rates and --set values, e.g. those a full run chose)")
+    p.add_argument("--per-arm-rates", action="store_true",
+                   help="each arm also gets its OWN 2a/2b learning rate, chosen on validation over --distill-lrs like the "
+                        "full arm's (at stage 3's rate in force), instead of sharing the full arm's (issue 27)")
     p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                    help="only these arms (names or their slugs: full, no-warmup-no-2a, no-on-policy-no-2b, "
                         "raw-teacher-no-1, direct-grpo, ...); default: all")
@@ -322,7 +326,8 @@ def main(argv=None) -> int:
             only = ("full", "direct GRPO") if args.select_only else args.arms  # the selection's rows come from the sweep
             if args.select_only and args.sweep == "direct":
                 only = ("direct GRPO",)
-            result = run_table(base, overrides, seeds, root, pool, sweep=None if args.sweep == "none" else sweep, only=only)
+            result = run_table(base, overrides, seeds, root, pool, sweep=None if args.sweep == "none" else sweep, only=only,
+                               own_rates=args.distill_lrs if args.per_arm_rates else None)
             stem_name = f"{'selection' if args.select_only else 'paper_table'}_{cfg0.name}"
     finally:
         pool.shutdown()
@@ -354,8 +359,11 @@ def distinct_problems(ops: list[str], lo: int, hi: int) -> int:
     return ("add" in ops) * n * (n + 1) // 2 + ("mul" in ops) * n * 8
 
 
-def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool, sweep: dict | None, only) -> dict:
-    """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed."""
+def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool, sweep: dict | None, only,
+              own_rates: list[float] | None = None) -> dict:
+    """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed.
+    With ``own_rates``, every arm (the full one too when its rate was not swept already) has its own 2a/2b rate
+    chosen on validation over that grid, at the stage 3 / direct GRPO rates in force."""
     cfg0 = load_config(base, overrides)
     k = cfg0.eval.samples
     boot, boot_reused, base_t, base_s = base_models(base, overrides, storage.join(root, "base"))
@@ -439,7 +447,27 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         names = [n for n in table if n not in CONTROLS]
     else:
         names = [n for n in table if n in only or arm_key(n) in only]
-    jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], chosen, _slug(n))
+    own, where = {}, {n: _slug(n) for n in names}
+    if own_rates:
+        # issue 27: the ablations share the full arm's 2a/2b rate, which favours the full arm; here each arm's
+        # own rate is chosen on the first seed's validation split like the full arm's (same grid, same extension)
+        rest = [c for c in chosen if not c.startswith((f"{WARM}.", f"{DISTILL}."))]
+
+        def own_job(n: str, dl: float):
+            return submit(seeds[0], n, table[n], rest + [f"{WARM}.optim.lr={dl}", f"{DISTILL}.optim.lr={dl}"],
+                          f"sweep/{_slug(n)}-d{dl:g}", True)
+
+        swept = [n for n in names if n != "direct GRPO" and not (n == "full" and "full" in reuse)]
+        grids = {n: {dl: own_job(n, dl) for dl in own_rates} for n in swept}  # all submitted before any wait
+        for n, grid in grids.items():
+            vals, best, ext = choose(grid, lambda dl, n=n: own_job(n, dl), val)
+            selection.append({"what": f"2a/2b lr ({n}, its own)", "values": vals, "chosen": best, "extended": ext})
+            print(f"[select] 2a/2b lr ({n}, its own): " + ", ".join(f"{v:g}: {x:.3f}" for v, x in vals.items())
+                  + f" -> {best:g}", flush=True)
+            own[n], where[n], reuse[n] = rest + [f"{WARM}.optim.lr={best}", f"{DISTILL}.optim.lr={best}"], \
+                f"{_slug(n)}-d{best:g}", grid[best]
+            sweep_jobs += list(grid.values())
+    jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], own.get(n, chosen), where[n])
             for s in seeds for n in names]
     rows = [j.result() for j in jobs]
     # stage runs this command made or found published: bootstrap, stage 1, every arm once (sweep points included)
@@ -466,7 +494,8 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         )
     return {"k": k, "eval_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("eval", 0)),
             "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
-            "selection": selection, "chosen": chosen, "teacher": teacher_rows, "rows": rows, "stages": stages,
+            "selection": selection, "chosen": chosen, "own_rates": {n: o[-1].split("=")[1] for n, o in own.items()},
+            "teacher": teacher_rows, "rows": rows, "stages": stages,
             "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
             "base_stages": " + ".join(s["stage"] for s in workflow.plan(
                 load_config(base, overrides + ["workflow.stages=[]", "workflow.baseline=false"]), storage.join(root, "base"))),
@@ -620,9 +649,13 @@ def render(result: dict) -> str:
             + f"{ext} | {sel['chosen']:g} |"
         )
     if result.get("selection"):
+        in_force = result.get("chosen") or [o for o in result["overrides"] if "lr=" in o]
+        own = result.get("own_rates") or {}
         lines += [
             "",
-            "Every arm of every seed runs at the chosen values: " + ", ".join(f"`{c}`" for c in result.get("chosen", [])) + ".",
+            "Every arm of every seed runs at " + (", ".join(f"`{c}`" for c in in_force) or "the preset's rates")
+            + (f"; 2a/2b at each arm's own chosen rate ({', '.join(f'{n}: {v}' for n, v in own.items())})" if own else "")
+            + ".",
             "",
         ]
 

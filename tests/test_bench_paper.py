@@ -198,6 +198,15 @@ def test_every_arm_configures_on_the_real_preset():
         assert cfg.models.student.source == "/runs/base/prune/student", name
 
 
+@pytest.mark.parametrize("steps,warm", [(30, 5), (8, 2), (3, 2)])
+def test_the_warmed_2b_arm_really_warms_up_on_short_2b_stages(steps, warm):
+    """A sixth of 2b's steps, at least 2: a 1-step warmup runs its first step at the full rate (no warmup at all),
+    which is what a sixth of the real preset's 8 steps would give."""
+    bench = load("paper_table")
+    base, sets = str(REPO / "stages" / "configs" / "smollm2-cpu.yaml"), [f"onpolicy_distill.steps={steps}"]
+    cfg = bench.arm_config(base, sets, "/t", "/s", bench.arms(bench.load_config(base, sets))[bench.WARM_2B])
+    assert cfg.onpolicy_distill.optim.warmup_steps == warm
+
 def test_only_some_arms_and_only_direct_grpos_rate(tmp_path):
     """--arms runs only the named arms (by key); --sweep direct chooses only direct GRPO's rate on validation
     (the stages keep the preset's); the base models may be given as paths (a real preset's published import/prune)."""
@@ -226,6 +235,27 @@ def test_only_some_arms_and_only_direct_grpos_rate(tmp_path):
     rows = {r["arm"]: r for r in plateau["rows"]}
     assert rows["2a until C2 plateaus"]["student_steps"] == rows["full"]["student_steps"]
     assert 1 <= rows["2a until C2 plateaus"]["warmup_steps"] <= rows["full"]["warmup_steps"] == 4
+
+
+def test_per_arm_rates_choose_each_arms_own_2a_2b_rate_on_validation(tmp_path):
+    """--per-arm-rates (issue 27): each arm's own 2a/2b rate is the best on validation over the grid, and every
+    seed of that arm runs at it (not at the full arm's)."""
+    sets = [a for o in TEST_OVERRIDES + ["task.sizes.validation=16", "sampling.max_new_tokens=24"] for a in ("--set", o)]
+    bench = load("paper_table")
+    assert bench.main(["--preset", "cpu", "--seeds", "0", "1", "--sweep", "none", "--per-arm-rates", "--distill-lrs",
+                       "0.01", "0.0003", "--arms", "full", "no-warmup-no-2a", *sets, "--root", str(tmp_path / "runs"),
+                       "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    result = json.loads((tmp_path / "out" / "paper_table_paper-cpu.json").read_text())
+    sel = {s["what"]: s for s in result["selection"]}
+    assert set(sel) == {"2a/2b lr (full, its own)", "2a/2b lr (no warmup (no 2a), its own)"}
+    for arm in ("full", "no warmup (no 2a)"):
+        s = sel[f"2a/2b lr ({arm}, its own)"]
+        assert {float(v) for v in s["values"]} == {0.01, 0.0003}  # two values: no edge to extend past
+        assert s["values"][str(s["chosen"])] == max(s["values"].values())
+        assert result["own_rates"][arm] == str(s["chosen"])
+        for r in (r for r in result["rows"] if r["arm"] == arm):  # both seeds
+            assert f"onpolicy_distill.optim.lr={s['chosen']}" in r["overrides"], (arm, r["seed"])
+    assert "own chosen rate" in (tmp_path / "out" / "paper_table_paper-cpu.md").read_text()
 
 
 @pytest.mark.parametrize("bad", [["--set", "kl_warmup.stepz=3"], ["--digits", "1"],  # 1-digit tasks: too few problems
