@@ -359,6 +359,16 @@ def distinct_problems(ops: list[str], lo: int, hi: int) -> int:
     return ("add" in ops) * n * (n + 1) // 2 + ("mul" in ops) * n * 8
 
 
+def distill_lr(dl: float) -> list[str]:
+    """The overrides that set 2a's and 2b's learning rate (one value for both)."""
+    return [f"{WARM}.optim.lr={dl}", f"{DISTILL}.optim.lr={dl}"]
+
+
+def announce(sel: dict) -> None:
+    print(f"[select] {sel['what']}: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
+          + f" -> {sel['chosen']:g}", flush=True)
+
+
 def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool, sweep: dict | None, only,
               own_rates: list[float] | None = None) -> dict:
     """Bootstrap once, stage 1 per seed, the learning-rate selection (on validation, first seed), every arm per seed.
@@ -403,8 +413,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         g_jobs = {lr: g_job(lr) for lr in sweep["rl"]}
         g_val, best_g, g_ext = choose(g_jobs, g_job, val)
         selection = [{"what": "direct GRPO lr", "values": g_val, "chosen": best_g, "extended": g_ext}]
-        print("[select] direct GRPO lr: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in g_val.items()) + f" -> {best_g:g}",
-              flush=True)
+        announce(selection[0])
         chosen, reuse, sweep_jobs = [f"direct_grpo.optim.lr={best_g}"], {"direct GRPO": g_jobs[best_g]}, list(g_jobs.values())
         table["direct GRPO"] = direct(best_g, budget)
     elif sweep:
@@ -415,7 +424,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         rl_default = cfg0.student_rl.optim.lr
 
         def lr_set(dl, rl):
-            return [f"kl_warmup.optim.lr={dl}", f"onpolicy_distill.optim.lr={dl}", f"student_rl.optim.lr={rl}"]
+            return distill_lr(dl) + [f"{RL}.optim.lr={rl}"]
 
         def d_job(dl):
             return submit(s0, "full", full, lr_set(dl, rl_default), f"sweep/full-d{dl:g}-rl{rl_default:g}", True)
@@ -435,8 +444,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
                      {"what": "stage 3 lr (full arm)", "values": r_val, "chosen": best_r, "extended": r_ext},
                      {"what": "direct GRPO lr", "values": g_val, "chosen": best_g, "extended": g_ext}]
         for sel in selection:
-            print(f"[select] {sel['what']}: " + ", ".join(f"{v:g}: {x:.3f}" for v, x in sel["values"].items())
-                  + f" -> {sel['chosen']:g}", flush=True)
+            announce(sel)
         chosen = lr_set(best_d, best_r) + [f"direct_grpo.optim.lr={best_g}"]
         reuse = {"full": r_jobs[best_r], "direct GRPO": g_jobs[best_g]}  # the first seed's rows, already run
         sweep_jobs = [*d_jobs.values(), *r_jobs.values(), *g_jobs.values()]
@@ -447,27 +455,30 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         names = [n for n in table if n not in CONTROLS]
     else:
         names = [n for n in table if n in only or arm_key(n) in only]
-    own, where = {}, {n: _slug(n) for n in names}
+    own = {}  # arm -> its own 2a/2b rate
     if own_rates:
         # issue 27: the ablations share the full arm's 2a/2b rate, which favours the full arm; here each arm's
         # own rate is chosen on the first seed's validation split like the full arm's (same grid, same extension)
         rest = [c for c in chosen if not c.startswith((f"{WARM}.", f"{DISTILL}."))]
 
         def own_job(n: str, dl: float):
-            return submit(seeds[0], n, table[n], rest + [f"{WARM}.optim.lr={dl}", f"{DISTILL}.optim.lr={dl}"],
-                          f"sweep/{_slug(n)}-d{dl:g}", True)
+            return submit(seeds[0], n, table[n], rest + distill_lr(dl), f"sweep/{_slug(n)}-d{dl:g}", True)
 
         swept = [n for n in names if n != "direct GRPO" and not (n == "full" and "full" in reuse)]
         grids = {n: {dl: own_job(n, dl) for dl in own_rates} for n in swept}  # all submitted before any wait
         for n, grid in grids.items():
-            vals, best, ext = choose(grid, lambda dl, n=n: own_job(n, dl), val)
-            selection.append({"what": f"2a/2b lr ({n}, its own)", "values": vals, "chosen": best, "extended": ext})
-            print(f"[select] 2a/2b lr ({n}, its own): " + ", ".join(f"{v:g}: {x:.3f}" for v, x in vals.items())
-                  + f" -> {best:g}", flush=True)
-            own[n], where[n], reuse[n] = rest + [f"{WARM}.optim.lr={best}", f"{DISTILL}.optim.lr={best}"], \
-                f"{_slug(n)}-d{best:g}", grid[best]
+            vals, own[n], ext = choose(grid, lambda dl, n=n: own_job(n, dl), val)
+            selection.append({"what": f"2a/2b lr ({n}, its own)", "values": vals, "chosen": own[n], "extended": ext})
+            announce(selection[-1])
+            reuse[n] = grid[own[n]]
             sweep_jobs += list(grid.values())
-    jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], own.get(n, chosen), where[n])
+
+    def arm_sets(n: str) -> tuple[list[str], str]:  # an arm's rate overrides and its folder
+        if n in own:
+            return rest + distill_lr(own[n]), f"{_slug(n)}-d{own[n]:g}"
+        return chosen, _slug(n)
+
+    jobs = [reuse[n] if s == seeds[0] and n in reuse else submit(s, n, table[n], *arm_sets(n))
             for s in seeds for n in names]
     rows = [j.result() for j in jobs]
     # stage runs this command made or found published: bootstrap, stage 1, every arm once (sweep points included)
@@ -494,7 +505,7 @@ def run_table(base: str, overrides: list[str], seeds: list[int], root: str, pool
         )
     return {"k": k, "eval_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("eval", 0)),
             "validation_problems": min(cfg0.eval.problems, cfg0.task.sizes.get("validation", 0)),
-            "selection": selection, "chosen": chosen, "own_rates": {n: o[-1].split("=")[1] for n, o in own.items()},
+            "selection": selection, "chosen": chosen, "own_rates": {n: str(lr) for n, lr in own.items()},
             "teacher": teacher_rows, "rows": rows, "stages": stages,
             "bootstrap": {"wall_s": boot.get("wall_time_s"), **boot["metrics"]},
             "base_stages": " + ".join(s["stage"] for s in workflow.plan(
